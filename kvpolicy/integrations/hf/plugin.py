@@ -1,0 +1,1 @@
+"""Placeholder: the Hugging Face integration plugin."""

@@ -1,0 +1,346 @@
+"""`Policy`: extractor → scorer → selector, plus when it runs, what it protects and its budget.
+
+A policy is built from component objects or from registry names with configs, serialises to
+JSON (`Policy.config`), and is attached to a model through the model-adapter hook, so this
+module never imports transformers (the HF integration is itself a plugin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import attrs
+import torch
+
+from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.registry import Registry, default_registry
+from kvpolicy.types import (
+    Budget,
+    ComponentKind,
+    ComponentRef,
+    LayerView,
+    Parametric,
+    PolicyConfig,
+    Protection,
+    Requirements,
+    Schedule,
+    Selection,
+    Stateful,
+    config_to_dict,
+)
+
+ComponentLike = str | ComponentRef | tuple[str, Mapping[str, Any]] | Any
+
+
+def _as_component(kind: ComponentKind, value: ComponentLike, registry: Registry) -> Any:
+    """A component object from a name, a ``(name, config)`` pair, a ComponentRef or an object."""
+    if isinstance(value, str):
+        return registry.create(kind, value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return registry.create(kind, value[0], value[1])
+    if isinstance(value, ComponentRef):
+        return registry.create(kind, value.name, value.config)
+    if isinstance(value, Mapping):
+        if "name" not in value:
+            raise InvalidConfigError(f"{kind} given as a mapping needs a 'name' key, got {sorted(value)}")
+        return registry.create(kind, value["name"], value.get("config"))
+    for attr in ("name", "config", "requirements"):
+        if not hasattr(value, attr):
+            raise InvalidConfigError(f"{kind} object {value!r} lacks `{attr}`; see kvpolicy.types for the protocol")
+    return value
+
+
+class Policy:
+    """A KV-cache eviction policy assembled from three components.
+
+    Parameters
+    ----------
+    extractor, scorer, selector:
+        Registry names (``"stft"``), ``(name, config_dict)`` pairs, `ComponentRef`s or objects.
+    schedule, every:
+        When the policy updates; ``every=n`` is shorthand for ``Schedule("every_n", every=n)``.
+    protect, sinks, recent:
+        Tokens never evicted; ``sinks`` / ``recent`` are shorthand for a `Protection`.
+    budget:
+        Tokens kept per layer and KV head: ``512``, ``0.25``, ``"25%"``, a `Budget`, or None.
+    skip_layers:
+        Layers never evicted.
+    """
+
+    def __init__(
+        self,
+        extractor: ComponentLike,
+        scorer: ComponentLike,
+        selector: ComponentLike,
+        *,
+        schedule: Schedule | None = None,
+        every: int | None = None,
+        protect: Protection | None = None,
+        sinks: int | None = None,
+        recent: int | None = None,
+        budget: Budget | int | float | str | None = None,
+        skip_layers: tuple[int, ...] | list[int] = (),
+        registry: Registry | None = None,
+    ) -> None:
+        self.registry = registry or default_registry()
+        self.extractor = _as_component("extractor", extractor, self.registry)
+        self.scorer = _as_component("scorer", scorer, self.registry)
+        self.selector = _as_component("selector", selector, self.registry)
+        if schedule is not None and every is not None:
+            raise InvalidConfigError("give either schedule or every, not both")
+        self.schedule = schedule or (Schedule("every_n", every=every) if every is not None else Schedule())
+        protect = protect or Protection()
+        self.protect = attrs.evolve(
+            protect,
+            **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None},
+        )
+        self.budget = Budget.parse(budget)
+        self.skip_layers = tuple(int(i) for i in skip_layers)
+        self._check_budget()
+
+    # ----------------------------------------------------------------- construction & JSON
+
+    def _check_budget(self) -> None:
+        wants_budget = getattr(self.selector, "needs_budget", True)
+        if wants_budget and not self.budget.is_set and self.schedule.kind != "never":
+            raise InvalidBudgetError(
+                f"selector {self.selector.name!r} needs a budget (e.g. budget=512 or budget=0.25); "
+                "threshold-style selectors are the ones that work without one"
+            )
+        if not wants_budget and self.budget.is_set:
+            raise InvalidBudgetError(
+                f"selector {self.selector.name!r} decides the cache size itself and takes no budget; "
+                f"got {self.budget}. Use a top_k selector for a fixed budget."
+            )
+        if self.budget.tokens is not None and self.budget.tokens < self.protect.minimum:
+            raise InvalidBudgetError(
+                f"budget of {self.budget.tokens} tokens is smaller than the {self.protect.minimum} tokens "
+                f"the policy must protect ({self.protect.sinks} sinks + {max(self.protect.recent, 1)} recent)"
+            )
+
+    @property
+    def config(self) -> PolicyConfig:
+        """This policy as data; `Policy.from_config` rebuilds it by name."""
+        return PolicyConfig(
+            extractor=ComponentRef(self.extractor.name, config_to_dict(self.extractor.config)),
+            scorer=ComponentRef(self.scorer.name, config_to_dict(self.scorer.config)),
+            selector=ComponentRef(self.selector.name, config_to_dict(self.selector.config)),
+            schedule=self.schedule,
+            protect=self.protect,
+            budget=self.budget,
+            skip_layers=self.skip_layers,
+        )
+
+    def to_json(self, **kwargs: Any) -> str:
+        return self.config.to_json(**kwargs)
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig, registry: Registry | None = None) -> Policy:
+        return cls(
+            config.extractor,
+            config.scorer,
+            config.selector,
+            schedule=config.schedule,
+            protect=config.protect,
+            budget=config.budget,
+            skip_layers=config.skip_layers,
+            registry=registry,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, registry: Registry | None = None) -> Policy:
+        return cls.from_config(PolicyConfig.from_json(text), registry)
+
+    def __repr__(self) -> str:
+        return (
+            f"Policy({self.extractor.name} → {self.scorer.name} → {self.selector.name}, "
+            f"schedule={self.schedule.kind}"
+            + (f"/{self.schedule.every}" if self.schedule.kind == "every_n" else "")
+            + f", budget={self.budget.tokens or self.budget.ratio}, sinks={self.protect.sinks}, "
+            f"recent={self.protect.recent})"
+        )
+
+    # ----------------------------------------------------------------- what the forward pass must compute
+
+    @property
+    def requirements(self) -> Requirements:
+        """The union of what the three components declared."""
+        if self.schedule.kind == "never":
+            return Requirements()
+        return self.extractor.requirements | self.scorer.requirements | self.selector.requirements
+
+    # ----------------------------------------------------------------- runtime
+
+    def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, updates: int) -> bool:
+        """Whether a layer should update now (called between forward calls).
+
+        ``new_tokens`` entered since the last update, ``cached`` are in the layer now, ``seen``
+        entered in all, ``prefill_done`` is true once the prompt has been consumed, ``updates``
+        counts this layer's earlier updates.
+        """
+        kind = self.schedule.kind
+        if kind == "never" or new_tokens <= 0:
+            return False
+        if kind == "after_prefill":
+            return prefill_done and updates == 0
+        if kind == "every_n":
+            return new_tokens >= self.schedule.every
+        capacity = self.budget.capacity(seen)
+        return capacity is None or cached > capacity + self.schedule.slack
+
+    def protected_mask(self, view: LayerView) -> torch.Tensor:
+        """``[batch, kv_heads, tokens]`` bool: sinks, the recent window and the newest token."""
+        positions = view.positions
+        newest = view.seen - 1
+        protected = positions >= newest - max(self.protect.recent, 1) + 1
+        if self.protect.sinks:
+            protected |= positions < self.protect.sinks
+        return protected
+
+    def plan(self, view: LayerView) -> Selection | None:
+        """Run extract → score → select on one layer; None means keep everything."""
+        if view.layer in self.skip_layers or self.schedule.kind == "never":
+            return None
+        features = self.extractor.extract(view)
+        _check_leading(features, view, f"extractor {self.extractor.name!r} features", extra_dims=1)
+        scores = self.scorer.score(features, view)
+        _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
+        protected = self.protected_mask(view)
+        selection = self.selector.select(scores, protected, self.budget, view)
+        if selection.indices.shape[:2] != scores.shape[:2]:
+            raise ShapeError(
+                f"selector {self.selector.name!r} returned indices {tuple(selection.indices.shape)}; "
+                f"expected [batch={view.batch}, kv_heads={view.kv_heads}, kept]"
+            )
+        return selection
+
+    # ----------------------------------------------------------------- learnable parameters
+
+    def parametric(self) -> dict[str, Parametric]:
+        """Components with learnable parameters, by role."""
+        parts = {"extractor": self.extractor, "scorer": self.scorer, "selector": self.selector}
+        return {role: c for role, c in parts.items() if isinstance(c, Parametric)}
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.num_params for c in self.parametric().values())
+
+    def get_flat(self) -> torch.Tensor:
+        parts = [c.get_flat().detach().reshape(-1).float() for c in self.parametric().values()]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def set_flat(self, vector: torch.Tensor) -> None:
+        """Set all learnable parameters from ``[num_params]``, or from ``[batch, num_params]`` to
+        give each batch row its own parameters (a population evaluated as one batch)."""
+        vector = torch.as_tensor(vector, dtype=torch.float32)
+        if vector.dim() not in (1, 2) or vector.shape[-1] != self.num_params:
+            raise ShapeError(
+                f"policy has {self.num_params} parameters; expected a vector [{self.num_params}] or "
+                f"a population [members, {self.num_params}], got {tuple(vector.shape)}"
+            )
+        offset = 0
+        for component in self.parametric().values():
+            component.set_flat(vector[..., offset : offset + component.num_params])
+            offset += component.num_params
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Frozen, saved state of `Stateful` components, keyed ``role.name``."""
+        parts = {"extractor": self.extractor, "scorer": self.scorer, "selector": self.selector}
+        out: dict[str, torch.Tensor] = {}
+        for role, component in parts.items():
+            if isinstance(component, Stateful):
+                out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
+        return out
+
+    # ----------------------------------------------------------------- persistence
+
+    def save(self, path: str) -> None:
+        """Write config, parameters and buffers to one safetensors file, atomically."""
+        from kvpolicy.checkpoint import save_policy
+
+        save_policy(self, path)
+
+    @classmethod
+    def load(cls, path: str, registry: Registry | None = None) -> Policy:
+        from kvpolicy.checkpoint import load_policy
+
+        return load_policy(path, registry)
+
+    # ----------------------------------------------------------------- models
+
+    def attach(self, model: Any) -> AbstractContextManager[Any]:
+        """``with policy.attach(model) as handle:`` — plain ``model.generate`` then runs the policy."""
+        return self.registry.model_adapter(model).attach(self)
+
+    def generate(self, model: Any, inputs: Any, **generate_kwargs: Any) -> Any:
+        """Generate with this policy attached; returns the adapter's result (tokens + report)."""
+        return self.registry.model_adapter(model).generate(self, inputs, **generate_kwargs)
+
+
+def _check_leading(tensor: torch.Tensor, view: LayerView, what: str, extra_dims: int) -> None:
+    expected = (view.batch, view.kv_heads, view.tokens)
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[:3]) != expected or tensor.dim() != 3 + extra_dims:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        dims = "[batch, kv_heads, tokens" + (", features]" if extra_dims else "]")
+        raise ShapeError(f"{what} have shape {shape}; expected {dims} with leading dims {expected}")
+
+
+def build(
+    preset_or_config: str | PolicyConfig | Mapping[str, Any] | None = None,
+    *,
+    registry: Registry | None = None,
+    extractor: ComponentLike | None = None,
+    scorer: ComponentLike | None = None,
+    selector: ComponentLike | None = None,
+    budget: Budget | int | float | str | None = ...,  # type: ignore[assignment]
+    schedule: Schedule | None = None,
+    every: int | None = None,
+    sinks: int | None = None,
+    recent: int | None = None,
+    skip_layers: tuple[int, ...] | None = None,
+) -> Policy:
+    """Build a policy from a preset name, a `PolicyConfig` / its dict, or components alone.
+
+    Overrides replace the preset's values: ``build("h2o", budget=256, recent=32)``. Component
+    overrides given as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the preset's
+    config of that component; a name or object replaces it.
+    """
+    registry = registry or default_registry()
+    if preset_or_config is None:
+        if extractor is None or scorer is None or selector is None:
+            raise InvalidConfigError("without a preset, build() needs extractor, scorer and selector")
+        base = None
+    elif isinstance(preset_or_config, str):
+        base = registry.preset(preset_or_config).config
+    elif isinstance(preset_or_config, PolicyConfig):
+        base = preset_or_config
+    else:
+        base = PolicyConfig.from_dict(preset_or_config)
+
+    def merged(role: str, override: ComponentLike | None) -> ComponentLike:
+        if base is None:
+            return override
+        ref: ComponentRef = getattr(base, role)
+        if override is None:
+            return ref
+        if isinstance(override, Mapping) and "name" not in override:
+            return ComponentRef(ref.name, {**ref.config, **override})
+        return override
+
+    protect = base.protect if base is not None else Protection()
+    if sinks is not None or recent is not None:
+        protect = attrs.evolve(protect, **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None})
+    if every is not None:
+        schedule = Schedule("every_n", every=every)
+    return Policy(
+        merged("extractor", extractor),
+        merged("scorer", scorer),
+        merged("selector", selector),
+        schedule=schedule or (base.schedule if base is not None else None),
+        protect=protect,
+        budget=(base.budget if base is not None else None) if budget is ... else budget,
+        skip_layers=skip_layers if skip_layers is not None else (base.skip_layers if base is not None else ()),
+        registry=registry,
+    )

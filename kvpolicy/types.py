@@ -1,0 +1,495 @@
+"""Value types and component protocols (layer 0).
+
+Configs are frozen attrs classes with validators, serialisable to JSON. Tensors appear only in
+`eq=False` state objects (`LayerView`, `Selection`). Tensor dimensions are always named
+``batch, kv_heads, tokens, head_dim`` (and ``queries`` for attention rows).
+
+The four component kinds form the pipeline run on each layer when a policy updates::
+
+    FeatureExtractor.extract(view)            -> features  [batch, kv_heads, tokens, features]
+    Scorer.score(features, view)              -> scores    [batch, kv_heads, tokens]  (higher = keep)
+    Selector.select(scores, protected, budget, view) -> Selection (indices of kept tokens)
+
+and an Optimizer searches the flat parameter vector of any `Parametric` component.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import attrs
+import torch
+
+from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+
+ComponentKind = Literal["extractor", "scorer", "selector", "optimizer"]
+COMPONENT_KINDS: tuple[ComponentKind, ...] = ("extractor", "scorer", "selector", "optimizer")
+
+
+# --------------------------------------------------------------------------- config helpers
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of an attrs config (nested configs become dicts, tuples lists)."""
+    return json.loads(json.dumps(attrs.asdict(config, recurse=True)))
+
+
+def config_from_dict(config_cls: type, data: Mapping[str, Any] | None) -> Any:
+    """Build ``config_cls`` from a dict, turning unknown keys and bad values into a clear error."""
+    data = dict(data or {})
+    try:
+        attrs.resolve_types(config_cls)  # string annotations (postponed evaluation) → classes
+    except NameError:
+        pass
+    fields = {f.name: f for f in attrs.fields(config_cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InvalidConfigError(
+            f"{config_cls.__name__} has no field(s) {', '.join(unknown)}; "
+            f"its fields are: {', '.join(fields) or 'none'}."
+        )
+    for name, value in list(data.items()):
+        nested = fields[name].type
+        if isinstance(nested, type) and attrs.has(nested) and isinstance(value, Mapping):  # nested config
+            data[name] = config_from_dict(nested, value)
+        elif isinstance(value, list):
+            data[name] = tuple(value)
+    try:
+        return config_cls(**data)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidConfigError):
+            raise
+        raise InvalidConfigError(f"invalid {config_cls.__name__}: {exc}") from exc
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be >= 0, got {value}")
+
+
+positive = _positive
+non_negative = _non_negative
+
+
+@attrs.frozen
+class EmptyConfig:
+    """Config of a component that has nothing to configure."""
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+@attrs.frozen
+class Requirements:
+    """What a component needs the forward pass to compute, so the integration computes no more.
+
+    Attributes
+    ----------
+    keys:
+        The cached keys themselves (`LayerView.keys`).
+    attention_window:
+        Attention rows (post-softmax, averaged over each GQA group) of up to this many of the
+        newest queries since the last update, in `LayerView.attention`. 0 = none.
+    accumulated_attention:
+        For every cached token, the attention it received summed over all queries so far
+        (H2O), in `LayerView.accumulated_attention`.
+    token_ids:
+        The token id of every cached token (FastGen's special / punctuation classes).
+    """
+
+    keys: bool = False
+    attention_window: int = attrs.field(default=0, validator=_non_negative)
+    accumulated_attention: bool = False
+    token_ids: bool = False
+
+    def __or__(self, other: Requirements) -> Requirements:
+        return Requirements(
+            keys=self.keys or other.keys,
+            attention_window=max(self.attention_window, other.attention_window),
+            accumulated_attention=self.accumulated_attention or other.accumulated_attention,
+            token_ids=self.token_ids or other.token_ids,
+        )
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.attention_window > 0 or self.accumulated_attention
+
+
+# --------------------------------------------------------------------------- policy-level configs
+
+
+@attrs.frozen
+class Budget:
+    """How many tokens each layer keeps per KV head: an absolute count, a ratio of the tokens
+    seen, or neither (the selector decides, e.g. NAMM's threshold)."""
+
+    tokens: int | None = attrs.field(default=None, validator=_positive)
+    ratio: float | None = attrs.field(default=None)
+
+    @ratio.validator
+    def _check_ratio(self, attribute: attrs.Attribute, value: float | None) -> None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise InvalidBudgetError(f"Budget.ratio must be in (0, 1], got {value}")
+        if value is not None and self.tokens is not None:
+            raise InvalidBudgetError("give a Budget either tokens or ratio, not both")
+
+    @property
+    def is_set(self) -> bool:
+        return self.tokens is not None or self.ratio is not None
+
+    def capacity(self, seen: int) -> int | None:
+        """Tokens to keep per head after ``seen`` tokens have entered the layer (None = no cap)."""
+        if self.tokens is not None:
+            return min(self.tokens, seen)
+        if self.ratio is not None:
+            return max(1, min(seen, round(self.ratio * seen)))
+        return None
+
+    @classmethod
+    def parse(cls, value: Budget | int | float | str | None) -> Budget:
+        """``512`` → 512 tokens, ``0.25`` or ``"25%"`` → ratio, ``None`` → no budget."""
+        if isinstance(value, Budget):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if text.endswith("%"):
+                    return cls(ratio=float(text[:-1]) / 100)
+                value = float(text) if "." in text else int(text)
+            except ValueError:
+                raise InvalidBudgetError(
+                    f"cannot read budget {value!r}: use a token count (512), a ratio (0.25) or a percentage (25%)"
+                ) from None
+        if isinstance(value, bool):
+            raise InvalidBudgetError(f"budget must be a number, got {value!r}")
+        if isinstance(value, int):
+            return cls(tokens=value)
+        if isinstance(value, float):
+            if value.is_integer() and value > 1:
+                return cls(tokens=int(value))
+            return cls(ratio=value)
+        raise InvalidBudgetError(f"cannot read budget {value!r}")
+
+
+ScheduleKind = Literal["every_n", "after_prefill", "every_step", "never"]
+
+
+@attrs.frozen
+class Schedule:
+    """When a policy updates (extract → score → select → gather), always between forward calls.
+
+    ``every_n``: whenever ``every`` new tokens have entered the cache since the last update
+    (NAMM: 512); ``every_step``: after every forward call (greedy, H2O); ``after_prefill``: once,
+    after the prompt (SnapKV); ``never``: keep everything (baseline).
+
+    ``slack`` lets a budgeted cache grow that many tokens past its budget before evicting back
+    down, so the gather runs once per ``slack`` tokens instead of on every decode step.
+    """
+
+    kind: ScheduleKind = attrs.field(
+        default="every_n", validator=attrs.validators.in_(("every_n", "after_prefill", "every_step", "never"))
+    )
+    every: int = attrs.field(default=512, validator=_positive)
+    slack: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen
+class Protection:
+    """Tokens no selector may evict: the first ``sinks`` positions (attention sinks) and the
+    ``recent`` newest positions. The newest token is always protected."""
+
+    sinks: int = attrs.field(default=0, validator=_non_negative)
+    recent: int = attrs.field(default=0, validator=_non_negative)
+
+    @property
+    def minimum(self) -> int:
+        """Tokens that are always kept once enough have been seen."""
+        return self.sinks + max(self.recent, 1)
+
+
+@attrs.frozen
+class ComponentRef:
+    """A component named in the registry, with its config as plain JSON data."""
+
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    config: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda d: dict(d or {}))
+
+    def __hash__(self) -> int:  # dicts are unhashable; refs are compared by value
+        return hash((self.name, json.dumps(self.config, sort_keys=True, default=str)))
+
+
+@attrs.frozen
+class PolicyConfig:
+    """A whole policy as data: three components, when it runs, what it protects, its budget.
+
+    ``skip_layers`` lists layers the policy never evicts (e.g. L2-norm leaves the first layers
+    uncompressed). Round-trips through JSON (`to_json` / `from_json`).
+    """
+
+    extractor: ComponentRef
+    scorer: ComponentRef
+    selector: ComponentRef
+    schedule: Schedule = Schedule()
+    protect: Protection = Protection()
+    budget: Budget = Budget()
+    skip_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicyConfig:
+        if not isinstance(data, Mapping):
+            raise InvalidConfigError(f"a policy config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        missing = [k for k in ("extractor", "scorer", "selector") if k not in data]
+        if missing:
+            raise InvalidConfigError(f"policy config lacks {', '.join(missing)}")
+        for key in ("extractor", "scorer", "selector"):
+            ref = data[key]
+            data[key] = ComponentRef(ref) if isinstance(ref, str) else config_from_dict(ComponentRef, ref)
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PolicyConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidConfigError(f"policy config is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+# --------------------------------------------------------------------------- runtime state
+
+
+@attrs.define(eq=False)
+class LayerView:
+    """What the policy sees of one layer's cache when it updates (built by the integration).
+
+    Attributes
+    ----------
+    layer, num_layers:
+        Index of this layer and the model's layer count.
+    positions:
+        ``[batch, kv_heads, tokens]`` int64 absolute position of every cached token, ascending.
+    seen:
+        Tokens that have entered this layer so far (newest absolute position + 1).
+    keys:
+        ``[batch, kv_heads, tokens, head_dim]`` when a component asked for keys.
+    attention:
+        ``[batch, kv_heads, queries, tokens]`` float32 attention rows of the newest queries since
+        the last update (oldest first), GQA-averaged; tokens that did not exist for a query have 0.
+    query_positions:
+        ``[queries]`` absolute positions of those queries.
+    accumulated_attention:
+        ``[batch, kv_heads, tokens]`` attention each token received, summed over all queries.
+    token_ids:
+        ``[batch, kv_heads, tokens]`` int64 token id of every cached token.
+    state:
+        Per-token state owned by components, each tensor ``[batch, kv_heads, tokens', ...]`` with
+        ``tokens'`` the token count after the previous update (new tokens are appended by the
+        component that owns the state; see `extend_tokens`). The integration gathers every
+        entry together with the keys on eviction, so nothing stays misaligned.
+    """
+
+    layer: int
+    num_layers: int
+    positions: torch.Tensor
+    seen: int
+    keys: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    accumulated_attention: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.positions.shape[2]
+
+
+def extend_tokens(tensor: torch.Tensor, tokens: int, fill: float = 0.0) -> torch.Tensor:
+    """Pad per-token state ``[batch, kv_heads, tokens', ...]`` with ``fill`` up to ``tokens``."""
+    missing = tokens - tensor.shape[2]
+    if missing < 0:
+        raise ShapeError(f"per-token state has {tensor.shape[2]} tokens, more than the cache's {tokens}")
+    if missing == 0:
+        return tensor
+    pad = tensor.new_full((*tensor.shape[:2], missing, *tensor.shape[3:]), fill)
+    return torch.cat([tensor, pad], dim=2)
+
+
+@attrs.define(eq=False)
+class Selection:
+    """Which tokens a layer keeps: ``indices [batch, kv_heads, kept]`` into the current tokens,
+    ascending per head. ``valid`` (same shape, bool) marks padding slots when heads keep different
+    counts; padded slots are masked out of attention and count as evicted."""
+
+    indices: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> int:
+        return self.indices.shape[-1]
+
+
+@attrs.frozen
+class CacheReport:
+    """What a policy did to a model's cache, measured (not estimated) by the integration.
+
+    ``kept[layer][head]`` is the number of tokens that head keeps (mean over the batch);
+    ``kept_fraction`` is kept ÷ seen averaged over every layer and KV head, evicting or not;
+    bytes count keys and values as stored (dtype included) against a full cache of ``seen``
+    tokens. ``evicting_layers`` are the layers the policy manages; ``notes`` says why any
+    other layer was left alone (e.g. sliding-window layers that trim themselves).
+    """
+
+    seen: int
+    kept: tuple[tuple[float, ...], ...]
+    kv_bytes: int
+    full_kv_bytes: int
+    policy_seconds: float
+    updates: int
+    evicting_layers: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def per_layer_fraction(self) -> tuple[float, ...]:
+        return tuple(sum(h) / len(h) / self.seen if self.seen and h else 1.0 for h in self.kept)
+
+    @property
+    def kept_fraction(self) -> float:
+        layers = self.per_layer_fraction
+        return sum(layers) / len(layers) if layers else 1.0
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.full_kv_bytes - self.kv_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = config_to_dict(self)
+        data.update(
+            kept_fraction=self.kept_fraction,
+            per_layer_fraction=list(self.per_layer_fraction),
+            bytes_saved=self.bytes_saved,
+        )
+        return data
+
+    def summary(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"tokens seen {self.seen}; cache kept {self.kept_fraction:.1%} "
+            f"({self.kv_bytes / mib:.2f} MiB of {self.full_kv_bytes / mib:.2f} MiB, "
+            f"{self.bytes_saved / mib:.2f} MiB saved); {self.updates} updates, "
+            f"{self.policy_seconds * 1000:.1f} ms in the policy"
+        )
+
+
+# --------------------------------------------------------------------------- component protocols
+
+
+@runtime_checkable
+class Component(Protocol):
+    """What every component has: a name, a frozen config and declared requirements."""
+
+    name: ClassVar[str]
+    config: Any
+
+    @property
+    def requirements(self) -> Requirements: ...
+
+
+@runtime_checkable
+class FeatureExtractor(Component, Protocol):
+    """Turns a layer's cache into per-token features ``[batch, kv_heads, tokens, features]``."""
+
+    def extract(self, view: LayerView) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Scorer(Component, Protocol):
+    """Scores every cached token from its features: ``[batch, kv_heads, tokens]``, higher = keep."""
+
+    def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Selector(Component, Protocol):
+    """Chooses the tokens to keep from scores, never dropping ``protected`` ones."""
+
+    def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection: ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """A black-box minimiser mirroring pycma: ``ask`` / ``tell`` / ``stop`` / ``result``.
+
+    Optimizers minimise a *loss*; whoever maximises a fitness negates it once, before `tell`.
+    ``state_dict`` / ``load_state_dict`` make runs resumable.
+    """
+
+    name: ClassVar[str]
+    config: Any
+
+    def ask(self) -> torch.Tensor: ...
+
+    def tell(self, solutions: torch.Tensor, losses: torch.Tensor) -> None: ...
+
+    def stop(self) -> bool: ...
+
+    @property
+    def result(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Parametric(Protocol):
+    """A component with learnable parameters exposed as one flat vector (for optimizers)."""
+
+    @property
+    def num_params(self) -> int: ...
+
+    def get_flat(self) -> torch.Tensor: ...
+
+    def set_flat(self, vector: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A component with frozen, non-learned buffers (e.g. calibrated normalisation statistics)
+    that must be saved with it."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+PROTOCOLS: dict[ComponentKind, type] = {
+    "extractor": FeatureExtractor,
+    "scorer": Scorer,
+    "selector": Selector,
+    "optimizer": Optimizer,
+}

@@ -1,0 +1,126 @@
+"""Generic selectors: ``top_k`` (fixed budget, per head or shared by a layer's heads) and
+``threshold`` (NAMM's rule: negative score evicts, the cache size is emergent)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpolicy import hookimpl
+from kvpolicy.errors import InvalidBudgetError
+from kvpolicy.types import Budget, LayerView, Requirements, Selection, non_negative
+
+_KEEP = float("inf")
+
+
+def _sorted_selection(indices: torch.Tensor, valid: torch.Tensor | None = None) -> Selection:
+    """Sort kept indices ascending per head (positions stay increasing); padding goes last."""
+    if valid is None:
+        return Selection(indices.sort(dim=-1).values)
+    key = torch.where(valid, indices, indices.new_full((), torch.iinfo(indices.dtype).max))
+    key, order = key.sort(dim=-1)
+    valid = valid.gather(-1, order)
+    indices = torch.where(valid, key, torch.zeros_like(key))
+    return Selection(indices, valid)
+
+
+@attrs.frozen
+class TopKConfig:
+    """``shared_across_heads``: the layer's heads share ``budget × kv_heads`` slots, each head
+    keeping at least ``min_per_head`` (Ada-KV, Feng et al. 2024); heads then keep different
+    counts, stored padded to the largest with the padding masked out."""
+
+    shared_across_heads: bool = False
+    min_per_head: int = attrs.field(default=0, validator=non_negative)
+
+
+class TopKSelector:
+    """Keep the highest-scored tokens within the budget; protected tokens always."""
+
+    name: ClassVar[str] = "top_k"
+    Config = TopKConfig
+    needs_budget: ClassVar[bool] = True
+
+    def __init__(self, config: TopKConfig | None = None) -> None:
+        self.config = config or TopKConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
+        batch, heads, tokens = scores.shape
+        capacity = budget.capacity(view.seen)
+        if capacity is None:
+            raise InvalidBudgetError("top_k needs a budget (tokens or ratio)")
+        capacity = min(capacity, tokens)
+        keyed = scores.float().masked_fill(protected, _KEEP)
+        if not self.config.shared_across_heads:
+            k = max(capacity, int(protected.sum(-1).max()))
+            return _sorted_selection(keyed.topk(k, dim=-1).indices)
+        return self._shared(keyed, protected, capacity, heads, tokens)
+
+    def _shared(
+        self, keyed: torch.Tensor, protected: torch.Tensor, capacity: int, heads: int, tokens: int
+    ) -> Selection:
+        batch = keyed.shape[0]
+        floor = min(max(self.config.min_per_head, int(protected.sum(-1).max())), tokens)
+        total = max(capacity * heads, floor * heads)
+        # Each head's `floor` best are kept first, then the rest of the layer's slots go to the
+        # best remaining tokens of any head.
+        first = keyed.topk(floor, dim=-1).indices if floor else keyed.new_zeros((batch, heads, 0), dtype=torch.long)
+        chosen = torch.zeros_like(protected)
+        chosen.scatter_(-1, first, True)
+        rest = keyed.masked_fill(chosen, -_KEEP).reshape(batch, heads * tokens)
+        extra = total - floor * heads
+        if extra > 0:
+            top = rest.topk(extra, dim=-1).indices
+            flat = chosen.reshape(batch, heads * tokens).clone()
+            flat.scatter_(-1, top, True)
+            chosen = flat.reshape(batch, heads, tokens)
+        counts = chosen.sum(-1)
+        kept = int(counts.max())
+        # indices of chosen tokens, padded per head to `kept`
+        order = torch.where(chosen, torch.arange(tokens).expand_as(chosen), tokens)
+        indices = order.sort(dim=-1).values[..., :kept]
+        valid = indices < tokens
+        return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
+
+
+@attrs.frozen
+class ThresholdConfig:
+    """``threshold``: tokens scoring below it are evicted (NAMM: 0)."""
+
+    threshold: float = 0.0
+
+
+class ThresholdSelector:
+    """NAMM's selection (Cetin et al. 2024): a token whose score is below the threshold is
+    evicted, the newest is always kept, and every head of a layer keeps the same count — the
+    largest any head wants, filled with each head's best-scored tokens — so a layer's cache stays
+    rectangular and its size is emergent rather than budgeted."""
+
+    name: ClassVar[str] = "threshold"
+    Config = ThresholdConfig
+    needs_budget: ClassVar[bool] = False
+
+    def __init__(self, config: ThresholdConfig | None = None) -> None:
+        self.config = config or ThresholdConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
+        wanted = (scores >= self.config.threshold) | protected
+        k = int(wanted.sum(-1).max())
+        keyed = scores.float().masked_fill(protected, _KEEP)
+        return _sorted_selection(keyed.topk(k, dim=-1).indices)
+
+
+@hookimpl
+def kvpolicy_register_selectors(register) -> None:
+    register("top_k", TopKSelector)
+    register("threshold", ThresholdSelector)

@@ -1,0 +1,1 @@
+"""kvpolicy-keydiversity: an example third-party kvpolicy plugin."""

@@ -1,0 +1,57 @@
+"""The generic selectors on hand-computed examples."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy import Budget
+from kvpolicy.types import LayerView
+from kvpolicy_plugins.selectors import ThresholdSelector, TopKConfig, TopKSelector
+
+
+def _view(tokens: int, heads: int) -> LayerView:
+    return LayerView(layer=0, num_layers=1, positions=torch.arange(tokens).expand(1, heads, tokens).clone(), seen=tokens)
+
+
+def test_top_k_per_head_keeps_best_plus_protected():
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 0.0, 3.0, 2.0], [0.0, 9.0, 8.0, 7.0, 1.0, 2.0]]])
+    protected = torch.zeros(1, 2, 6, dtype=torch.bool)
+    protected[..., -1] = True
+    selection = TopKSelector().select(scores, protected, Budget(tokens=3), _view(6, 2))
+    assert selection.indices.tolist() == [[[0, 2, 5], [1, 2, 5]]]
+    assert selection.valid is None
+
+
+def test_top_k_ratio_budget():
+    scores = torch.arange(8.0).expand(1, 1, 8)
+    selection = TopKSelector().select(scores, torch.zeros(1, 1, 8, dtype=torch.bool), Budget(ratio=0.25), _view(8, 1))
+    assert selection.indices.tolist() == [[[6, 7]]]
+
+
+def test_top_k_shared_across_heads_gives_slots_to_the_best_tokens_anywhere():
+    # head 0 has three strong tokens, head 1 none; budget 2 per head = 4 slots for the layer,
+    # at least 1 per head.
+    scores = torch.tensor([[[9.0, 8.0, 7.0, 0.0], [0.1, 0.3, 0.2, 0.0]]])
+    protected = torch.zeros(1, 2, 4, dtype=torch.bool)
+    selector = TopKSelector(TopKConfig(shared_across_heads=True, min_per_head=1))
+    selection = selector.select(scores, protected, Budget(tokens=2), _view(4, 2))
+    assert selection.indices.tolist() == [[[0, 1, 2], [1, 0, 0]]]
+    assert selection.valid.tolist() == [[[True, True, True], [True, False, False]]]
+    assert int(selection.valid.sum()) == 4
+
+
+def test_threshold_keeps_non_negative_and_equalises_heads():
+    scores = torch.tensor([[[1.0, -1.0, -2.0, 0.5], [-3.0, -1.0, -0.5, -4.0]]])
+    protected = torch.zeros(1, 2, 4, dtype=torch.bool)
+    protected[..., -1] = True
+    selection = ThresholdSelector().select(scores, protected, Budget(), _view(4, 2))
+    # head 0 wants {0, 3}; head 1 wants only the newest {3}; both keep 2 → head 1 adds its best (2)
+    assert selection.indices.tolist() == [[[0, 3], [2, 3]]]
+
+
+def test_threshold_with_zero_scores_keeps_everything():
+    scores = torch.zeros(2, 3, 7)
+    protected = torch.zeros(2, 3, 7, dtype=torch.bool)
+    selection = ThresholdSelector().select(scores, protected, Budget(), _view(7, 3))
+    assert selection.indices.shape == (2, 3, 7)
+    assert torch.equal(selection.indices, torch.arange(7).expand(2, 3, 7))

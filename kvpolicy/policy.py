@@ -196,7 +196,7 @@ class Policy:
         newest = view.seen - 1
         protected = positions >= newest - max(self.protect.recent, 1) + 1
         if self.protect.sinks:
-            protected |= positions < self.protect.sinks
+            protected |= (positions < self.protect.sinks) & (positions >= 0)  # padded slots sit at -1
         return protected
 
     def plan(self, view: LayerView) -> Selection | None:

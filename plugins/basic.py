@@ -94,8 +94,12 @@ class RandomScorer:
         return Requirements()
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
+        # One draw per (head, token), shared by every batch row, so a row's scores do not depend
+        # on its place in the batch.
         generator = torch.Generator().manual_seed(hash((self.config.seed, view.layer, view.seen)) & 0x7FFF_FFFF)
-        return torch.rand(features.shape[:3], generator=generator).to(features.device)
+        batch, heads, tokens = features.shape[:3]
+        scores = torch.rand((heads, tokens), generator=generator)
+        return scores.expand(batch, heads, tokens).to(features.device)
 
 
 @hookimpl

@@ -15,6 +15,17 @@ from kvpolicy.types import Budget, LayerView, Requirements, Selection, non_negat
 _KEEP = float("inf")
 
 
+def protect(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Scores as float32 with every protected token ranked above any unprotected one.
+
+    Finite-ises the scores first (+inf → float max, NaN and -inf → float min) so a scorer that
+    pins tokens with +inf can never tie with, and displace, a protected token.
+    """
+    finite = torch.finfo(torch.float32)
+    keyed = scores.float().nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
+    return keyed.masked_fill(protected, _KEEP)
+
+
 def _sorted_selection(indices: torch.Tensor, valid: torch.Tensor | None = None) -> Selection:
     """Sort kept indices ascending per head (positions stay increasing); padding goes last."""
     if valid is None:
@@ -56,7 +67,7 @@ class TopKSelector:
         if capacity is None:
             raise InvalidBudgetError("top_k needs a budget (tokens or ratio)")
         capacity = min(capacity, tokens)
-        keyed = scores.float().masked_fill(protected, _KEEP)
+        keyed = protect(scores, protected)
         if not self.config.shared_across_heads:
             k = max(capacity, int(protected.sum(-1).max()))
             return _sorted_selection(keyed.topk(k, dim=-1).indices)
@@ -116,7 +127,7 @@ class ThresholdSelector:
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         wanted = (scores >= self.config.threshold) | protected
         k = int(wanted.sum(-1).max())
-        keyed = scores.float().masked_fill(protected, _KEEP)
+        keyed = protect(scores, protected)
         return _sorted_selection(keyed.topk(k, dim=-1).indices)
 
 

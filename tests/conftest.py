@@ -6,12 +6,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=50, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+from kvpolicy.testing import load_profile
+
+load_profile()  # derandomised and bounded under CI, random locally
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,71 @@
+"""The model adapter: which transformers models kvpolicy drives, and `generate` in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kvpolicy.errors import ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.attach import Attachment, GenerationResult
+
+#: ``config.model_type`` → family name, for every family tested with kvpolicy
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma3_text": "Gemma 3 (text)",
+    "phi3": "Phi-3",
+}
+
+
+def supported_list() -> str:
+    return ", ".join(f"{name} ({key})" for key, name in SUPPORTED_FAMILIES.items())
+
+
+class HFAdapter:
+    """Attaches policies to one transformers causal LM."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+
+    def describe(self) -> str:
+        family = SUPPORTED_FAMILIES.get(self.model_type, "unsupported")
+        return f"transformers {type(self.model).__name__} ({family})"
+
+    def _check(self) -> str:
+        if self.model_type not in SUPPORTED_FAMILIES:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} (model_type {self.model_type!r}) is not supported; "
+                f"supported families: {supported_list()}"
+            )
+        if not hasattr(self.model, "generate") or not hasattr(self.model, "lm_head"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a causal LM with a head; attach to the *ForCausalLM model"
+            )
+        return SUPPORTED_FAMILIES[self.model_type]
+
+    def attach(self, policy: Any) -> Attachment:
+        return Attachment(self.model, policy, self._check())
+
+    def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:
+        """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"input_ids": inputs if inputs.dim() == 2 else inputs.unsqueeze(0)}
+        elif isinstance(inputs, Mapping):
+            inputs = dict(inputs)
+        else:
+            raise ShapeError(
+                f"inputs must be a tokenizer output (mapping) or input_ids tensor, got {type(inputs).__name__}"
+            )
+        if "input_ids" not in inputs:
+            raise ShapeError(f"inputs lack input_ids; got keys {sorted(inputs)}")
+        prompt = inputs["input_ids"]
+        with self.attach(policy) as handle:
+            output = self.model.generate(**inputs, **generate_kwargs)
+            report = handle.report()
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return GenerationResult(sequences=sequences, new_tokens=sequences[:, prompt.shape[1] :], report=report)

@@ -1,0 +1,344 @@
+"""Attaching a policy to a transformers model, and the handle that drives it.
+
+``with policy.attach(model) as handle:`` registers kvpolicy's attention and mask functions,
+switches the model's attention implementation to them, and adds two torch hooks on the model:
+before each forward call it gives the new tokens their absolute ``position_ids`` (after eviction
+RoPE needs the true positions, not the shrunken cache length) and refuses padded batches; after
+each forward call — between calls, never inside ``cache.update`` — every layer whose schedule is
+due runs ``policy.plan`` and keeps the selected tokens. ``model.generate`` is wrapped so that it
+starts from a fresh evicting cache and knows where the prompt ends (``after_prefill`` fires once
+the prompt is consumed, chunked prefill included). Leaving the block undoes all of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import time
+import weakref
+from contextlib import AbstractContextManager
+from typing import Any
+
+import attrs
+import torch
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from kvpolicy.errors import AttachError, InvalidConfigError, ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.attention import (
+    SUPPORTED_IMPLEMENTATIONS,
+    make_attention_function,
+    make_mask_function,
+)
+from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_types
+from kvpolicy.integrations.hf.report import build_report
+from kvpolicy.types import CacheReport
+
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NAMES = itertools.count()
+_LOCK = threading.Lock()
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier 5.x), read from forward's signature."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _given_cache(kwargs: dict[str, Any]) -> Any:
+    for key in ("cache", "past_key_values"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+@attrs.frozen(eq=False)
+class GenerationResult:
+    """What `Policy.generate` returns: ``sequences`` (prompt + new tokens), ``new_tokens`` and the cache report."""
+
+    sequences: torch.Tensor
+    new_tokens: torch.Tensor
+    report: CacheReport
+
+
+class Attachment(AbstractContextManager):
+    """One policy attached to one model (see the module docstring). ``__enter__`` returns a `Handle`."""
+
+    def __init__(self, model: torch.nn.Module, policy: Any, family: str) -> None:
+        self.model = model
+        self.policy = policy
+        self.family = family
+        self.config = model.config.get_text_config(decoder=True)
+        self.num_layers = self.config.num_hidden_layers
+        types = layer_types(self.config)
+        skip = set(policy.skip_layers)
+        bad = sorted(i for i in skip if not 0 <= i < self.num_layers)
+        if bad:
+            raise InvalidConfigError(f"skip_layers {bad} do not exist: the model has layers 0..{self.num_layers - 1}")
+        evicts = policy.schedule.kind != "never"
+        self.managed = tuple(i for i, t in enumerate(types) if t == "full_attention" and i not in skip and evicts)
+        self.requirements = policy.requirements
+        self.records_statistics = self.requirements.needs_attention
+        self.notes = self._notes(types, skip)
+        self.name = ""
+        self.implementation = ""
+        self.active_cache: EvictingCache | None = None
+        self.cache: EvictingCache | None = None
+        self._hooks: list[Any] = []
+        self._saved_implementations: list[tuple[Any, Any]] = []
+        self._had_generate = False
+        self._entered = False
+
+    def _notes(self, types: list[str], skip: set[int]) -> tuple[str, ...]:
+        notes = []
+        sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+        if sliding:
+            notes.append(
+                f"{len(sliding)} of {len(types)} layers use sliding-window attention and trim themselves to their "
+                f"window; the policy evicts only the {len(types) - len(sliding)} full-attention layers"
+            )
+        if skip:
+            notes.append(f"layers {sorted(skip)} are skipped by the policy and keep every token")
+        if self.policy.schedule.kind == "never":
+            notes.append("schedule 'never': every token is kept")
+        return tuple(notes)
+
+    # ----------------------------------------------------------------- enter / exit
+
+    def __enter__(self) -> Handle:
+        if self._entered:
+            raise AttachError("this attachment is already in use; call policy.attach(model) again for a new one")
+        with _LOCK:
+            if self.model in _ATTACHED:
+                raise AttachError(
+                    f"a policy is already attached to this {type(self.model).__name__} "
+                    f"({_ATTACHED[self.model].policy!r}); leave its `with` block before attaching another"
+                )
+            implementation = self.model.config._attn_implementation
+            if implementation not in SUPPORTED_IMPLEMENTATIONS:
+                raise UnsupportedModelError(
+                    f"attention implementation {implementation!r} is not supported; load the model with "
+                    f"attn_implementation in {SUPPORTED_IMPLEMENTATIONS}"
+                )
+            self.implementation = implementation
+            self.name = f"kvpolicy_{next(_NAMES)}"
+            while (
+                self.name in AttentionInterface._global_mapping or self.name in AttentionMaskInterface._global_mapping
+            ):
+                self.name = f"kvpolicy_{next(_NAMES)}"
+            _ATTACHED[self.model] = self
+        AttentionInterface.register(self.name, make_attention_function(self))
+        AttentionMaskInterface.register(self.name, make_mask_function(self))
+        self._saved_implementations = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self._configs()]
+        self.model.config._attn_implementation = self.name
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._after_forward),
+        ]
+        self._had_generate = "generate" in self.model.__dict__
+        self._original_generate = self.model.generate
+        self.model.generate = self._generate
+        self._entered = True
+        return Handle(self)
+
+    def _configs(self) -> list[Any]:
+        """The model's config and every sub-config (their attention implementation is switched together)."""
+        seen, stack, out = set(), [self.model.config], []
+        while stack:
+            config = stack.pop()
+            if id(config) in seen:
+                continue
+            seen.add(id(config))
+            out.append(config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if sub is not None:
+                    stack.append(sub)
+        return out
+
+    def __exit__(self, *exc_info: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for config, value in self._saved_implementations:
+            config.__dict__["_attn_implementation_internal"] = value
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)
+        if self._had_generate:
+            self.model.generate = self._original_generate
+        else:
+            self.model.__dict__.pop("generate", None)
+        self.active_cache = None
+        with _LOCK:
+            if _ATTACHED.get(self.model) is self:
+                del _ATTACHED[self.model]
+
+    # ----------------------------------------------------------------- caches
+
+    def new_cache(self) -> EvictingCache:
+        return EvictingCache(self.config, self.managed, self.requirements)
+
+    def _own(self, cache: Any) -> bool:
+        return (
+            isinstance(cache, EvictingCache)
+            and cache.managed == self.managed
+            and cache.requirements == self.requirements
+        )
+
+    # ----------------------------------------------------------------- hooks around every forward call
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        cache = _given_cache(kwargs)
+        if not self._own(cache):
+            self.active_cache = None
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        inputs = input_ids if input_ids is not None else embeds
+        if inputs is None:
+            raise ShapeError("the model was called with neither input_ids nor inputs_embeds")
+        batch, new = inputs.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if isinstance(mask, dict) or mask.dim() != 2:
+                raise UnsupportedModelError("with a policy attached, pass a 2-D attention_mask [batch, tokens] or none")
+            if not bool(mask.all()):
+                raise UnsupportedModelError(
+                    "padded batches (attention_mask with zeros) are not supported with a policy attached: after "
+                    "eviction the 2-D mask no longer lines up with the kept tokens. Run rows of different lengths "
+                    "one at a time, or batch rows of equal length without padding."
+                )
+            kwargs["attention_mask"] = None
+        if self.requirements.token_ids and input_ids is None:
+            raise UnsupportedModelError("this policy needs token ids; call the model with input_ids, not inputs_embeds")
+        positions = cache.begin_forward(new, input_ids, inputs.device)
+        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+        self.active_cache = cache
+        self.cache = cache
+        return args, kwargs
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        cache, self.active_cache = self.active_cache, None
+        if cache is not None:
+            self.update(cache)
+
+    def update(self, cache: EvictingCache) -> None:
+        """Between forward calls: every due layer runs extract → score → select and keeps its choice."""
+        start = time.perf_counter()
+        updated = False
+        with torch.no_grad():
+            for index in cache.managed:
+                layer = cache.layers[index]
+                if not isinstance(layer, EvictingLayer) or layer.positions is None:
+                    continue
+                due = self.policy.is_due(
+                    new_tokens=layer.new_tokens,
+                    cached=layer.cached(),
+                    seen=layer.seen,
+                    prefill_done=cache.prefill_done,
+                    updates=layer.updates,
+                )
+                if not due:
+                    continue
+                view = layer.view(index, self.num_layers, self.requirements)
+                selection = self.policy.plan(view)
+                layer.state = view.state
+                if selection is not None:
+                    layer.gather(selection)
+                layer.finish_update()
+                updated = True
+        cache.policy_seconds += time.perf_counter() - start
+        cache.updates += int(updated)
+
+    # ----------------------------------------------------------------- generate
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        given = _given_cache(kwargs)
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        if given is None:
+            cache = self.new_cache()
+        elif not self._own(given):
+            raise AttachError(
+                f"model.generate got a {type(given).__name__}; with a policy attached, leave the cache to kvpolicy "
+                "(or pass handle.cache after handle.reset())"
+            )
+        elif given.seen:
+            raise AttachError(
+                "model.generate cannot continue from a cache that already holds tokens (transformers would slice the "
+                "prompt by the evicted cache's length); feed the continuation with handle.feed instead"
+            )
+        else:
+            cache = given
+        for option in ("assistant_model", "prompt_lookup_num_tokens"):
+            if kwargs.get(option) is not None:
+                raise UnsupportedModelError(f"{option} (assisted decoding) is not supported with a policy attached")
+        if int(kwargs.get("num_beams", 1) or 1) > 1:
+            raise UnsupportedModelError("beam search is not supported with a policy attached; use greedy or sampling")
+        inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if inputs is None and kwargs.get("inputs_embeds") is not None:
+            inputs = kwargs["inputs_embeds"]
+        if inputs is None:
+            raise ShapeError("model.generate needs input_ids (or inputs_embeds) with a policy attached")
+        cache.prompt_end = inputs.shape[1]
+        kwargs[cache_keyword(self.model)] = cache
+        self.cache = cache
+        return self._original_generate(*args, **kwargs)
+
+
+class Handle:
+    """What ``with policy.attach(model) as handle`` gives: the cache in use, feeding, resetting, reporting."""
+
+    def __init__(self, attachment: Attachment) -> None:
+        self._attachment = attachment
+
+    @property
+    def policy(self) -> Any:
+        return self._attachment.policy
+
+    @property
+    def cache(self) -> EvictingCache:
+        """The cache of the latest ``model.generate`` or `feed` (a fresh one if neither ran yet)."""
+        if self._attachment.cache is None:
+            self._attachment.cache = self._attachment.new_cache()
+        return self._attachment.cache
+
+    def reset(self) -> None:
+        """Start over with a fresh, empty cache."""
+        self._attachment.cache = self._attachment.new_cache()
+
+    def feed(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Run ``input_ids [batch, tokens]`` through the model on the handle's cache, in chunks of
+        ``chunk_size`` with eviction between them; returns the logits of the last forward
+        ``[batch, chunk, vocab]``. Calls continue the same sequence until `reset`."""
+        attachment = self._attachment
+        if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
+            raise AttachError("handle.feed works only inside its `with policy.attach(model)` block")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
+            raise ShapeError(
+                f"feed takes integer input_ids [batch, tokens] with tokens >= 1; got {tuple(ids.shape)} {ids.dtype}"
+            )
+        if chunk_size is not None and chunk_size < 1:
+            raise InvalidConfigError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        cache = self.cache
+        if cache.seen and cache.layers and isinstance(cache.layers[0], EvictingLayer):
+            batch = cache.layers[0].keys.shape[0] if cache.layers[0].keys is not None else ids.shape[0]
+            if batch != ids.shape[0]:
+                raise ShapeError(f"the cache holds a batch of {batch}; feed got {ids.shape[0]} rows (call reset first)")
+        ids = ids.to(attachment.model.device, torch.long)
+        cache.prompt_end = cache.seen + ids.shape[1]
+        keyword = cache_keyword(attachment.model)
+        logits = None
+        with torch.no_grad():
+            for chunk in ids.split(chunk_size or ids.shape[1], dim=1):
+                output = attachment.model(input_ids=chunk, use_cache=True, **{keyword: cache})
+                logits = output.logits
+        return logits
+
+    def report(self) -> CacheReport:
+        """Tokens seen, kept per layer and head, KV bytes stored vs a full cache, time in the policy."""
+        return build_report(self.cache, self._attachment.notes)

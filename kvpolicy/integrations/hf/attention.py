@@ -1,0 +1,140 @@
+"""The attention function and mask function kvpolicy registers while a policy is attached.
+
+Both are registered under the attachment's own name (``kvpolicy_<n>``) in transformers'
+`AttentionInterface` and `AttentionMaskInterface` when a policy attaches, and removed when it
+detaches; transformers' own entries are never touched. The mask function is the model's original
+one (sdpa or eager): without a mask function under the new name, transformers builds no causal
+mask at all and multi-token chunks over a cache would silently attend to the wrong tokens.
+
+The attention function computes the output with the model's original implementation whenever
+the layer's cache lines up with the mask transformers built (always, while nothing has been
+evicted, so a keep-all policy gives identical logits). A layer whose physical length differs from
+the mask's (layers evict differently) or that has padded slots gets its own mask: every valid
+cached token plus the new tokens causally. On top of the output it records only the statistics
+the policy declared (`kvpolicy.types.Requirements`); a key-only policy costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvpolicy.errors import AttachError, UnsupportedModelError
+from kvpolicy.integrations.hf.cache import EvictingLayer
+from kvpolicy.integrations.hf.statistics import attention_columns, visibility
+
+if TYPE_CHECKING:
+    from kvpolicy.integrations.hf.attach import Attachment
+
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def original_attention(implementation: str, module: torch.nn.Module) -> Callable[..., Any]:
+    """The function transformers would call for ``implementation`` in ``module``'s model."""
+    if implementation == "eager":
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward to fall back on")
+        return function
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def original_mask(implementation: str) -> Callable[..., Any]:
+    return ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+
+
+def _repeat_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def masked_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention over every valid cached token and the new tokens causally: ``[batch, queries, heads, head_dim]``."""
+    heads, new = query.shape[1], query.shape[2]
+    groups = heads // key.shape[1]
+    mask = visibility(key.shape[2] - new, new, valid, key.device)
+    if mask.shape[1] != 1:
+        mask = _repeat_heads(mask, groups)
+    keys, values = _repeat_heads(key, groups), _repeat_heads(value, groups)
+    if softcap:
+        scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, values)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch.Tensor, None]]:
+    """The attention function of one attachment (a closure: it reads the cache in use)."""
+
+    def kvpolicy_attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        original = original_attention(attachment.implementation, module)
+        cache = attachment.active_cache
+        layer_idx = getattr(module, "layer_idx", None)
+        layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
+        if not isinstance(layer, EvictingLayer):
+            return original(module, query, key, value, attention_mask, **kwargs)
+
+        new, tokens = query.shape[2], key.shape[2]
+        past = tokens - new
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        softcap = kwargs.get("softcap")
+        if attention_mask is None and new > 1 and past > 0:
+            raise AttachError(
+                f"no causal mask reached the attention of layer {layer_idx} for a {new}-token chunk over "
+                f"{past} cached tokens: the mask function {attachment.name!r} is not registered in "
+                "transformers' AttentionMaskInterface"
+            )
+        mask_fits = attention_mask is None or attention_mask.shape[-1] == tokens
+        if layer.valid is None and mask_fits:
+            output, weights = original(module, query, key, value, attention_mask, **kwargs)
+        else:
+            output, weights = masked_attention(module, query, key, value, layer.valid, scaling, softcap), None
+
+        if layer_idx in cache.managed and attachment.records_statistics:
+            start = time.perf_counter()
+            requirements = cache.requirements
+            layer.scaling, layer.softcap = scaling, softcap
+            if requirements.attention_window:
+                positions = torch.arange(layer.seen - new, layer.seen, device=query.device)
+                layer.remember_queries(query, positions, requirements.attention_window)
+            if requirements.accumulated_attention:
+                columns = attention_columns(query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap)
+                layer.add_accumulated(columns)
+            cache.policy_seconds += time.perf_counter() - start
+        return output, weights
+
+    return kvpolicy_attention
+
+
+def make_mask_function(attachment: Attachment) -> Callable[..., Any]:
+    """The mask function of one attachment: the model's original one, under kvpolicy's name."""
+    mask = original_mask(attachment.implementation)
+
+    def kvpolicy_mask(*args: Any, **kwargs: Any) -> Any:
+        return mask(*args, **kwargs)
+
+    return kvpolicy_mask

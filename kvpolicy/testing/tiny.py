@@ -1,0 +1,98 @@
+"""Tiny random-weight causal LMs for fast tests: 2 layers, grouped-query attention, head_dim 16,
+seeded, sdpa attention, fp32. One builder per supported family (`tiny_model(family)`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvpolicy.errors import UnknownComponentError
+
+VOCAB = 256
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM, LlamaConfig(**_COMMON)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM, MistralConfig(**_COMMON, sliding_window=None)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM, Qwen2Config(**_COMMON, use_sliding_window=False)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM, Qwen3Config(**_COMMON, use_sliding_window=False)
+
+
+def _gemma3():
+    """Hybrid: layer 0 slides over an 8-token window, layer 1 attends fully."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        **_COMMON, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16
+    )
+    return Gemma3ForCausalLM, config
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    common = {k: v for k, v in _COMMON.items() if k != "head_dim"}  # Phi-3 derives head_dim = hidden / heads
+    return Phi3ForCausalLM, Phi3Config(**common, sliding_window=None)
+
+
+BUILDERS: dict[str, Callable[[], tuple[type, object]]] = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma3": _gemma3,
+    "phi3": _phi3,
+}
+FAMILIES = tuple(BUILDERS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A seeded random-weight model of ``family`` in eval mode (fp32)."""
+    if family not in BUILDERS:
+        raise UnknownComponentError("tiny model family", family, BUILDERS)
+    model_cls, config = BUILDERS[family]()
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():  # random init leaves small weights; scale up so attention is not near-uniform
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+def random_ids(batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """``[batch, tokens]`` token ids avoiding the special ids 0–2."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, tokens), generator=generator)

@@ -1,0 +1,100 @@
+"""Evaluations per minute of NAMM evolution on this machine, per executor and prompt length, and
+a projection of what a paper-sized run costs here and on a GPU.
+
+One evaluation = one member (a `namm-bam` parameter vector drawn around zero with σ = 0.065, as
+in CMA-ES generation 0) scored on one item of the ``needle`` task. Each executor is warmed up
+first (model loaded in every worker), then times the same jobs, so the figures are side by side
+from one run. Projections are arithmetic on the measured rate, labelled as projections.
+
+    python benchmarks/bench_evolve.py --lengths 1024 2048 --members 4 --executors inprocess process
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kvpolicy.evolve.config import EvolveConfig
+from kvpolicy.evolve.executors import make_executor
+from kvpolicy.evolve.jobs import Job
+from kvpolicy.evolve.workloads import build_workload
+
+#: design.md section 6: batched prefill of 256 sequences × 1k tokens in 0.39 s on an H200 (bf16)
+GPU_TOKENS_PER_SECOND = 256 * 1024 / 0.39
+
+
+def config_for(model: str, length: int, executor: str, workers: int, threads: int, metric: str) -> EvolveConfig:
+    return EvolveConfig.from_dict(
+        {
+            "model": model,
+            "policy": "namm-bam",
+            "stages": [{"tasks": ["needle"], "generations": 1, "items": 1, "length": length}],
+            "fitness": {"metric": metric},
+            "executor": {"kind": executor, "workers": workers, "threads": threads},
+            "progress": False,
+        }
+    )
+
+
+def measure(config: EvolveConfig, members: int, length: int) -> float:
+    """Evaluations per minute of ``members`` one-member jobs (after a warm-up on every worker)."""
+    workload = build_workload(config)
+    executor = make_executor(config, workload)
+    try:
+        warm = [Job(i, "evaluate", "needle", "train", length, (100 + i,)) for i in range(config.executor.workers)]
+        list(executor.map(warm))
+        params = torch.randn(members, workload.num_params, generator=torch.Generator().manual_seed(0)) * 0.065
+        jobs = [
+            Job(i, "evaluate", "needle", "train", length, (i,), params[i : i + 1], {}, (i,)) for i in range(members)
+        ]
+        start = time.perf_counter()
+        results = list(executor.map(jobs))
+        seconds = time.perf_counter() - start
+    finally:
+        executor.close()
+    kept = sum(float(r.kept.mean()) for _, r in results) / len(results)
+    rate = members / seconds * 60
+    print(f"  {config.executor.kind:>9} x{config.executor.workers}  {length:>5} tokens: {rate:6.2f} evaluations/min "
+          f"({seconds:.1f} s for {members}; mean cache kept {kept:.1%})", flush=True)  # fmt: skip
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--executors", nargs="+", default=["inprocess", "process"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (in-process and workers)")
+    parser.add_argument("--metric", choices=("loglik", "task"), default="loglik")
+    args = parser.parse_args()
+    print(f"model {args.model}, metric {args.metric}, torch threads per process {args.threads}", flush=True)
+    rates: dict[tuple[str, int], float] = {}
+    for length in args.lengths:
+        for kind in args.executors:
+            workers = 1 if kind == "inprocess" else args.workers
+            rates[kind, length] = measure(
+                config_for(args.model, length, kind, workers, args.threads, args.metric), args.members, length
+            )
+    for length in args.lengths:
+        base = rates.get(("inprocess", length))
+        for (kind, n), rate in rates.items():
+            if n == length and base and kind != "inprocess":
+                print(f"ratio {kind}/inprocess at {length} tokens: {rate / base:.2f}x")
+    print("\nPROJECTION (arithmetic on the rates above, not measured):")
+    for length in args.lengths:
+        best = max(rate for (kind, n), rate in rates.items() if n == length)
+        per_gen = 33 * 16  # 32 members + the mean, 16 items per generation
+        hours = per_gen / best / 60
+        gpu_seconds = per_gen * length / GPU_TOKENS_PER_SECOND
+        print(f"  {length} tokens, one generation of 33 x 16 evaluations: {hours:.1f} h here; "
+              f"~{gpu_seconds:.2f} s of batched prefill on an H200 (design.md figure: 680k tokens/s)")  # fmt: skip
+        print(f"    an assumed paper-sized run of 3 stages x 200 generations: {600 * hours / 24:.0f} days here; "
+              f"~{600 * gpu_seconds / 60:.0f} min of GPU prefill (decoding and eviction overheads not included)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

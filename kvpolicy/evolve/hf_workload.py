@@ -1,0 +1,136 @@
+"""The real workload: a transformers model running a learnable policy on kvpolicy's offline tasks.
+
+Each member of the population is the policy with one parameter row (`Policy.set_flat`); every
+item goes through the evaluation harness (`kvpolicy.eval.harness.run_item`: chunked prefill with
+eviction between chunks, then greedy decoding or teacher forcing), which measures the score and
+the cache actually kept. Calibration runs the zero policy (which keeps every token) with the
+extractor collecting its normalisation statistics, then freezes them (Cetin et al. 2024).
+
+Members are evaluated one after another, each with batch 1; evaluating a population as one
+batch (one parameter row per batch row) is the faster path on a GPU and is left for later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpolicy.errors import CheckpointError, InvalidConfigError
+from kvpolicy.evolve.config import EvolveConfig
+from kvpolicy.evolve.jobs import Job, JobResult
+from kvpolicy.evolve.models import load_model_and_tokenizer
+from kvpolicy.policy import Policy, build
+from kvpolicy.types import PolicyConfig
+
+#: ``{"preset": name, ...}`` keys passed to `kvpolicy.build` as overrides
+_BUILD_OVERRIDES = ("extractor", "scorer", "selector", "every", "sinks", "recent", "budget", "skip_layers")
+
+
+def build_policy(spec: Any) -> Policy:
+    """A policy from a preset name, ``{"preset": name, <build overrides>}`` or a PolicyConfig dict."""
+    if isinstance(spec, str):
+        return build(spec)
+    if isinstance(spec, Mapping) and "preset" in spec:
+        unknown = sorted(set(spec) - {"preset", *_BUILD_OVERRIDES})
+        if unknown:
+            raise InvalidConfigError(
+                f"policy overrides {', '.join(unknown)} are not understood; use {', '.join(_BUILD_OVERRIDES)}"
+            )
+        return build(spec["preset"], **{k: v for k, v in spec.items() if k != "preset"})
+    if isinstance(spec, Mapping):
+        return Policy.from_config(PolicyConfig.from_dict(spec))
+    raise InvalidConfigError(f"policy must be a preset name or a config object, got {spec!r}")
+
+
+def load_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor]) -> None:
+    """Install frozen buffers keyed ``role.name`` (the layout of `Policy.buffers`)."""
+    parts = {"extractor": policy.extractor, "scorer": policy.scorer, "selector": policy.selector}
+    for role, component in parts.items():
+        own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}
+        if own:
+            try:
+                component.load_state_dict(own)
+            except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"calibrated buffers do not fit the {role} {component.name!r}: {exc}") from exc
+
+
+class HfWorkload:
+    """Built once per process; the model is loaded on the first job (the parent process of a
+    process pool never loads it)."""
+
+    def __init__(self, config: EvolveConfig) -> None:
+        from kvpolicy.eval.tasks import check_tasks
+
+        self.config = config
+        for stage in config.stages:
+            check_tasks(stage.tasks)
+        self.policy = build_policy(config.policy)
+        if self.policy.num_params == 0:
+            raise InvalidConfigError(
+                f"policy {self.policy!r} has no learnable parameters; evolve a Parametric scorer such as namm-bam"
+            )
+        self.full = build("full")
+        schedule = self.policy.schedule
+        self.chunk_size = schedule.every if schedule.kind == "every_n" else 512
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    @property
+    def num_params(self) -> int:
+        return self.policy.num_params
+
+    def _ensure_model(self) -> tuple[Any, Any]:
+        if self._model is None:
+            self._model, self._tokenizer = load_model_and_tokenizer(self.config.model)
+        return self._model, self._tokenizer
+
+    def _score(self, policy: Policy, task: str, split: str, length: int, seed: int) -> tuple[float, float]:
+        from kvpolicy.eval.harness import run_item
+        from kvpolicy.eval.tasks import make_item
+
+        model, tokenizer = self._ensure_model()
+        item = make_item(task, split, seed, length)
+        result = run_item(policy, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size)
+        return result.score, result.kept_fraction
+
+    def run(self, job: Job) -> JobResult:
+        start = time.perf_counter()
+        if job.kind == "calibrate":
+            return self._calibrate(job, start)
+        load_buffers(self.policy, job.buffers)
+        rows = [None] if job.params is None else list(job.params)
+        scores = torch.zeros(len(rows), len(job.seeds), dtype=torch.float64)
+        kept = torch.ones_like(scores)
+        for r, row in enumerate(rows):
+            if row is not None:
+                self.policy.set_flat(row.float())
+            policy = self.full if row is None else self.policy
+            for i, seed in enumerate(job.seeds):
+                scores[r, i], kept[r, i] = self._score(policy, job.task, job.split, job.length, seed)
+        return JobResult(scores, kept, {}, time.perf_counter() - start)
+
+    def _calibrate(self, job: Job, start: float) -> JobResult:
+        extractor = self.policy.extractor
+        if not (hasattr(extractor, "start_calibration") and hasattr(extractor, "freeze")):
+            return JobResult(torch.ones(1, 0), torch.ones(1, 0), {}, time.perf_counter() - start)
+        self.policy.set_flat(torch.zeros(self.num_params))
+        tasks = job.tasks or (job.task,)
+        extractor.start_calibration()
+        try:
+            for task in tasks:
+                for seed in job.seeds:
+                    self._score(self.policy, task, job.split, job.length, seed)
+        finally:
+            extractor.freeze()
+        count = len(tasks) * len(job.seeds)
+        return JobResult(torch.ones(1, count), torch.ones(1, count), self.policy.buffers(), time.perf_counter() - start)
+
+    def save_result(self, params: torch.Tensor, buffers: dict[str, torch.Tensor], path: Path) -> None:
+        """Write the policy with these parameters and buffers as a policy file (`Policy.save`)."""
+        load_buffers(self.policy, buffers)
+        self.policy.set_flat(params.float())
+        self.policy.save(str(path))

@@ -26,7 +26,13 @@ PARAMS_KEY = "params"
 
 
 def save_policy(policy: Policy, path: str | os.PathLike[str]) -> None:
-    tensors = {PARAMS_KEY: policy.get_flat().contiguous()}
+    params = policy.get_flat()
+    if params.dim() != 1:
+        raise CheckpointError(
+            f"the policy holds a population of {params.shape[0]} parameter sets; save one member: "
+            "policy.set_flat(population[i]) first"
+        )
+    tensors = {PARAMS_KEY: params.contiguous()}
     tensors.update({f"buffer.{k}": v.detach().contiguous().cpu() for k, v in policy.buffers().items()})
     metadata = {"format": FORMAT, "policy": policy.to_json(), "num_params": str(policy.num_params)}
     with atomic_path(path) as tmp:

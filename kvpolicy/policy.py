@@ -228,8 +228,14 @@ class Policy:
         return sum(c.num_params for c in self.parametric().values())
 
     def get_flat(self) -> torch.Tensor:
-        parts = [c.get_flat().detach().reshape(-1).float() for c in self.parametric().values()]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        """``[num_params]``, or ``[members, num_params]`` while a population is loaded."""
+        parts = [c.get_flat().detach().float() for c in self.parametric().values()]
+        if not parts:
+            return torch.zeros(0)
+        if any(p.dim() == 2 for p in parts):
+            members = max(p.shape[0] for p in parts if p.dim() == 2)
+            parts = [p.expand(members, -1) if p.dim() == 1 else p for p in parts]
+        return torch.cat(parts, dim=-1)
 
     def set_flat(self, vector: torch.Tensor) -> None:
         """Set all learnable parameters from ``[num_params]``, or from ``[batch, num_params]`` to

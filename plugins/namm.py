@@ -1,1 +1,78 @@
-"""Placeholder: this plugin is being written; it registers nothing yet."""
+"""NAMM presets — Neural Attention Memory Models (Cetin et al., "An Evolved Universal Transformer
+Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned scorer and the
+``threshold`` selector:
+
+- ``namm-bam``: spectrogram features → BAM (counter-causal attention, 4,172 parameters) →
+  evict every token scoring below 0; every layer updates each 512 tokens; no budget.
+- ``namm-mlp``: the same with the per-token MLP scorer (the paper's ablation).
+
+Both start with zero parameters (nothing is evicted); `calibrate` collects the spectrogram's
+normalisation statistics with that zero policy, as the paper does before evolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from kvpolicy import Policy, hookimpl
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.types import ComponentRef, PolicyConfig, Schedule
+
+UPDATE_EVERY = 512
+
+
+def namm_config(scorer: str) -> PolicyConfig:
+    """stft → ``scorer`` → threshold, updating every 512 tokens, no budget."""
+    return PolicyConfig(
+        extractor=ComponentRef("stft"),
+        scorer=ComponentRef(scorer),
+        selector=ComponentRef("threshold"),
+        schedule=Schedule("every_n", every=UPDATE_EVERY),
+    )
+
+
+def calibrate(policy: Policy, model: Any, inputs: Iterable[Any], **generate_kwargs: Any) -> int:
+    """Collect the extractor's normalisation statistics by running the zero (keep-all) policy over
+    ``inputs`` (tokenised batches), then freeze them. The policy's parameters are restored after.
+
+    Returns the number of batches run. ``generate_kwargs`` go to `Policy.generate`
+    (``max_new_tokens`` defaults to 1: the prompt's attention is what is measured).
+    """
+    extractor = policy.extractor
+    if not (hasattr(extractor, "start_calibration") and hasattr(extractor, "freeze")):
+        raise InvalidConfigError(
+            f"extractor {extractor.name!r} has no calibration statistics; calibrate works with 'stft'"
+        )
+    parametric = policy.parametric().values()
+    saved = [(component, component.get_flat().clone()) for component in parametric]
+    for component, _ in saved:
+        component.set_flat(torch.zeros(component.num_params))
+    generate_kwargs.setdefault("max_new_tokens", 1)
+    runs = 0
+    try:
+        extractor.start_calibration()
+        for batch in inputs:
+            policy.generate(model, batch, **generate_kwargs)
+            runs += 1
+    finally:
+        extractor.freeze()
+        for component, values in saved:
+            component.set_flat(values)
+    return runs
+
+
+@hookimpl
+def kvpolicy_register_policies(register) -> None:
+    register(
+        "namm-bam",
+        namm_config("bam"),
+        description="NAMM with BAM: STFT features, counter-causal attention scorer, threshold (Cetin et al. 2024)",
+    )
+    register(
+        "namm-mlp",
+        namm_config("mlp"),
+        description="NAMM with a per-token MLP scorer (ablation of Cetin et al. 2024)",
+    )

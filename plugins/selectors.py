@@ -126,9 +126,16 @@ class ThresholdSelector:
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         wanted = (scores >= self.config.threshold) | protected
-        k = int(wanted.sum(-1).max())
-        keyed = protect(scores, protected)
-        return _sorted_selection(keyed.topk(k, dim=-1).indices)
+        per_row = wanted.sum(-1).amax(dim=1)  # [batch]: the count the greediest head of each row wants
+        k = int(per_row.max())
+        indices = protect(scores, protected).topk(k, dim=-1).indices  # best first
+        if bool((per_row == k).all()):
+            return _sorted_selection(indices)
+        # Batch rows are independent sequences (e.g. population members): each keeps its own
+        # count; the shorter rows are padded and their padding masked out.
+        rank = torch.arange(k, device=scores.device)
+        valid = (rank < per_row[:, None, None]).expand_as(indices)
+        return _sorted_selection(indices, valid)
 
 
 @hookimpl

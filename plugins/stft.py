@@ -1,1 +1,321 @@
-"""Placeholder: this plugin is being written; it registers nothing yet."""
+"""The ``stft`` extractor: NAMM's attention-spectrogram features.
+
+Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166), section 3: every cached
+token is described by how the attention it receives oscillates over the newest queries. Per token
+and KV head, at each update:
+
+1. its attention series over the queries since the last update, preceded by the last
+   ``n_fft - hop`` values of the previous update (left context, zeros for a new token), is cut
+   into frames of ``n_fft`` (hop ``hop``, periodic Hann window, no centring) aligned so the last
+   frame ends at the newest query; the magnitudes give ``n_fft // 2 + 1`` bins per frame;
+2. the frames are folded into an exponential moving average: frame ``f`` of ``F`` weighs
+   ``(1 - a) a^(F-1-f)`` with ``a = γ^hop`` and counts only if the token existed at the frame's
+   last query; the previous average is decayed by ``γ^(queries since it was last updated)``;
+3. each bin is z-scored with statistics collected once by a calibration pass (the no-eviction
+   policy running with `calibrating` set) and then frozen; they are saved with the policy;
+4. an 8-d sinusoidal embedding of recency (newest position − position, frequencies
+   ``max_freq^(−k / (dims/2))``) is prepended.
+
+With the defaults (n_fft 32, hop 16, γ 0.99, 8-d recency, update every 512) that is 25 features,
+as in the paper. The moving average and the left context live in the layer's per-token state
+(``view.state``), which the integration gathers with the keys on eviction; two consecutive updates
+of whole hops give exactly the features of one update over the joined series.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpolicy import hookimpl
+from kvpolicy.errors import InvalidConfigError, ShapeError
+from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
+
+EMA_KEY = "stft.ema"
+CONTEXT_KEY = "stft.context"
+CLOCK_KEY = "stft.clock"
+
+
+@attrs.frozen
+class StftConfig:
+    """Spectrogram, moving-average, normalisation and recency settings (paper values by default).
+
+    ``window``: newest queries whose attention the forward pass must keep (the update period).
+    ``gamma``: EMA coefficient per query. ``recency_dims``: size of the recency embedding (even;
+    0 drops it). ``normalize``: z-score bins with the calibrated statistics.
+    """
+
+    n_fft: int = attrs.field(default=32, validator=positive)
+    hop: int = attrs.field(default=16, validator=positive)
+    gamma: float = 0.99
+    window: int = attrs.field(default=512, validator=positive)
+    recency_dims: int = 8
+    recency_max_freq: float = attrs.field(default=50000.0, validator=positive)
+    normalize: bool = True
+    eps: float = attrs.field(default=1e-6, validator=positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.hop > self.n_fft:
+            raise InvalidConfigError(f"StftConfig.hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        if not 0.0 < self.gamma <= 1.0:
+            raise InvalidConfigError(f"StftConfig.gamma must be in (0, 1], got {self.gamma}")
+        if self.recency_dims < 0 or self.recency_dims % 2:
+            raise InvalidConfigError(f"StftConfig.recency_dims must be even and >= 0, got {self.recency_dims}")
+        if self.window < self.n_fft - self.hop:
+            raise InvalidConfigError(
+                f"StftConfig.window ({self.window}) must cover at least n_fft - hop = {self.n_fft - self.hop} queries"
+            )
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def context(self) -> int:
+        return self.n_fft - self.hop
+
+    @property
+    def num_features(self) -> int:
+        return self.recency_dims + self.bins
+
+
+def recency_embedding(recency: torch.Tensor, dims: int, max_freq: float) -> torch.Tensor:
+    """``[..., dims]``: sin then cos of ``recency · max_freq^(−k / (dims/2))`` for k < dims/2."""
+    half = dims // 2
+    freqs = max_freq ** (-torch.arange(half, dtype=torch.float32, device=recency.device) / half)
+    angles = recency.to(torch.float32).unsqueeze(-1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def _dft_matrices(n_fft: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hann-windowed real / imaginary one-sided DFT bases ``[n_fft, bins]`` (torch.stft's sign)."""
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    n = torch.arange(n_fft, dtype=torch.float64).unsqueeze(1)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64).unsqueeze(0)
+    angle = 2 * math.pi * n * k / n_fft
+    real = (window.unsqueeze(1) * torch.cos(angle)).to(torch.float32).to(device)
+    imag = (-window.unsqueeze(1) * torch.sin(angle)).to(torch.float32).to(device)
+    return real, imag
+
+
+class StftExtractor:
+    """NAMM attention spectrogram + recency (Cetin et al. 2024): 25 features per token by default.
+
+    `Stateful`: the per-bin normalisation statistics (``mean``, ``var``, ``count``) are saved with
+    the policy. Set ``calibrating = True`` (or call `start_calibration`) while the zero policy runs
+    to collect them, then `freeze`. Until calibrated, bins pass through un-normalised.
+    """
+
+    name: ClassVar[str] = "stft"
+    Config = StftConfig
+    #: Spectrogram values computed at once: tokens are processed in chunks of about this many
+    #: (at least 64 tokens), which bounds memory for large batches and keeps frames in cache.
+    max_elements: ClassVar[int] = 1 << 21
+
+    def __init__(self, config: StftConfig | None = None) -> None:
+        self.config = config or StftConfig()
+        self.calibrating = False
+        bins = self.config.bins
+        self._mean = torch.zeros(bins, dtype=torch.float64)
+        self._var = torch.ones(bins, dtype=torch.float64)
+        self._count = torch.zeros(1, dtype=torch.float64)
+        self._bases: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(attention_window=self.config.window)
+
+    @property
+    def num_features(self) -> int:
+        return self.config.num_features
+
+    # ----------------------------------------------------------------- calibration (Stateful)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._count.item() > 0)
+
+    def start_calibration(self) -> None:
+        """Forget any statistics and collect new ones on every following `extract`."""
+        self._mean.zero_()
+        self._var.fill_(1.0)
+        self._count.zero_()
+        self.calibrating = True
+
+    def freeze(self) -> None:
+        """Stop collecting; the statistics gathered so far are used from now on."""
+        self.calibrating = False
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self._mean.clone(), "var": self._var.clone(), "count": self._count.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = {"mean", "var", "count"} - set(state)
+        if missing:
+            raise KeyError(f"stft statistics lack {sorted(missing)}; expected mean, var and count")
+        bins = self.config.bins
+        for key, size in (("mean", bins), ("var", bins), ("count", 1)):
+            if tuple(state[key].shape) != (size,):
+                raise ValueError(
+                    f"stft statistic {key!r} has shape {tuple(state[key].shape)}, expected ({size},) "
+                    f"for n_fft={self.config.n_fft}"
+                )
+        self._mean = state["mean"].detach().to(torch.float64).cpu().clone()
+        self._var = state["var"].detach().to(torch.float64).cpu().clone()
+        self._count = state["count"].detach().to(torch.float64).cpu().clone()
+        self.calibrating = False
+
+    def _accumulate(self, values: torch.Tensor) -> None:
+        """Merge per-bin mean / variance of ``values [..., bins]`` into the running statistics (Chan et al.)."""
+        flat = values.detach().reshape(-1, values.shape[-1]).to(torch.float64).cpu()
+        n_b = flat.shape[0]
+        if n_b == 0:
+            return
+        mean_b = flat.mean(0)
+        var_b = flat.var(0, unbiased=False)
+        n_a = self._count.item()
+        total = n_a + n_b
+        delta = mean_b - self._mean
+        if n_a == 0:
+            self._mean, self._var = mean_b, var_b
+        else:
+            self._mean = self._mean + delta * (n_b / total)
+            self._var = (self._var * n_a + var_b * n_b + delta.square() * (n_a * n_b / total)) / total
+        self._count.fill_(total)
+
+    # ----------------------------------------------------------------- features
+
+    def _basis(self, device: torch.device) -> torch.Tensor:
+        """``[n_fft, 2 * bins]``: windowed DFT, real columns then imaginary columns."""
+        if device not in self._bases:
+            real, imag = _dft_matrices(self.config.n_fft, device)
+            self._bases[device] = torch.cat([real, imag], dim=1)
+        return self._bases[device]
+
+    def frame_count(self, length: int) -> int:
+        """Frames of ``n_fft`` every ``hop`` that fit in a series of ``length`` values."""
+        n_fft, hop = self.config.n_fft, self.config.hop
+        return (length - n_fft) // hop + 1 if length >= n_fft else 0
+
+    def spectrogram(self, series: torch.Tensor) -> torch.Tensor:
+        """Magnitudes ``[..., frames, bins, tokens]`` of ``series [..., length, tokens]``.
+
+        Frames are right-aligned: the last one ends with the newest value, and the oldest
+        ``(length - n_fft) % hop`` values are left out. When ``hop`` divides ``n_fft`` each frame
+        is assembled from ``n_fft / hop`` blocks, so the series is never copied into frames.
+        """
+        cfg = self.config
+        frames = self.frame_count(series.shape[-2])
+        bins = cfg.bins
+        if frames == 0:
+            return series.new_zeros((*series.shape[:-2], 0, bins, series.shape[-1]))
+        series = series[..., series.shape[-2] - (cfg.n_fft + (frames - 1) * cfg.hop) :, :]
+        basis = self._basis(series.device).T  # [2 * bins, n_fft]
+        if cfg.n_fft % cfg.hop == 0:
+            parts = cfg.n_fft // cfg.hop
+            blocks = series.reshape(*series.shape[:-2], frames + parts - 1, cfg.hop, series.shape[-1])
+            out = basis[:, : cfg.hop].contiguous() @ blocks[..., :frames, :, :]
+            for j in range(1, parts):
+                out += basis[:, j * cfg.hop : (j + 1) * cfg.hop].contiguous() @ blocks[..., j : j + frames, :, :]
+        else:
+            windows = series.unfold(-2, cfg.n_fft, cfg.hop)  # [..., frames, tokens, n_fft]
+            out = (windows @ basis.T).transpose(-1, -2)
+        out = out.square_()
+        return (out[..., :bins, :] + out[..., bins:, :]).sqrt_()
+
+    def _fold(self, series: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, bins]``: spectrogram frames of ``series [batch, kv_heads,
+        length, tokens]`` summed with ``weights [batch, kv_heads, frames, tokens]``, a chunk of
+        tokens at a time so the frames stay in cache."""
+        tokens = series.shape[-1]
+        per_token = max(1, series.shape[0] * series.shape[1] * weights.shape[2] * 2 * self.config.bins)
+        chunk = max(64, self.max_elements // per_token)
+        out = series.new_empty((*series.shape[:2], tokens, self.config.bins))
+        for start in range(0, tokens, chunk):
+            stop = min(start + chunk, tokens)
+            # [batch, kv_heads, frames, bins, chunk]
+            magnitudes = self.spectrogram(series[..., start:stop].contiguous())
+            out[:, :, start:stop] = (magnitudes * weights[:, :, :, None, start:stop]).sum(2).transpose(-1, -2)
+        return out
+
+    def extract(self, view: LayerView) -> torch.Tensor:
+        cfg = self.config
+        if view.attention is None or view.query_positions is None:
+            raise ShapeError(
+                "the stft extractor needs view.attention [batch, kv_heads, queries, tokens] and "
+                "view.query_positions [queries]; the integration provides them when "
+                f"Requirements.attention_window > 0 (this extractor asks for {cfg.window})"
+            )
+        batch, heads, tokens = view.positions.shape
+        attention = view.attention.to(torch.float32)
+        if attention.dim() != 4 or tuple(attention.shape[:2]) != (batch, heads) or attention.shape[3] != tokens:
+            raise ShapeError(
+                f"view.attention has shape {tuple(attention.shape)}; expected [batch={batch}, kv_heads={heads}, "
+                f"queries, tokens={tokens}]"
+            )
+        queries = attention.shape[2]
+        query_positions = view.query_positions.to(device=attention.device, dtype=torch.int64)
+        if query_positions.shape != (queries,):
+            raise ShapeError(f"view.query_positions has shape {tuple(query_positions.shape)}; expected [{queries}]")
+        positions = view.positions.to(attention.device)
+
+        ema = extend_tokens(self._state(view, EMA_KEY, (cfg.bins,), torch.float32), tokens)
+        context = extend_tokens(self._state(view, CONTEXT_KEY, (cfg.context,), torch.float32), tokens)
+        clock = extend_tokens(self._state(view, CLOCK_KEY, (), torch.int64), tokens, fill=-1)
+
+        if queries > 0:
+            newest = int(query_positions[-1])
+            # The left context only continues this series if the previous update ended right before it.
+            adjacent = (clock == int(query_positions[0]) - 1).to(torch.float32)
+            series = torch.cat([(context * adjacent.unsqueeze(-1)).transpose(2, 3), attention], dim=2)
+            frames = self.frame_count(series.shape[2])
+            ends = query_positions[queries - 1 - cfg.hop * torch.arange(frames - 1, -1, -1, device=attention.device)]
+            a = cfg.gamma**cfg.hop
+            weights = (1 - a) * a ** torch.arange(frames - 1, -1, -1, dtype=torch.float32, device=attention.device)
+            exists = positions.unsqueeze(2) <= ends.view(1, 1, frames, 1)  # [batch, kv_heads, frames, tokens]
+            folded = self._fold(series, exists.to(torch.float32) * weights.view(1, 1, frames, 1))
+            elapsed = (newest - clock).clamp_min(0).to(torch.float32)
+            decay = torch.where(clock >= 0, cfg.gamma**elapsed, torch.zeros_like(elapsed))
+            ema = ema * decay.unsqueeze(-1) + folded
+            context = series[:, :, -cfg.context :, :].transpose(2, 3) if cfg.context else context
+            clock = torch.full_like(clock, newest)
+
+        view.state[EMA_KEY] = ema
+        view.state[CONTEXT_KEY] = context.contiguous()
+        view.state[CLOCK_KEY] = clock
+
+        if self.calibrating:
+            self._accumulate(ema)
+        spectral = ema
+        if cfg.normalize and (self.calibrated or self.calibrating):
+            mean = self._mean.to(device=ema.device, dtype=torch.float32)
+            std = self._var.sqrt().clamp_min(cfg.eps).to(device=ema.device, dtype=torch.float32)
+            spectral = (ema - mean) / std
+        if not cfg.recency_dims:
+            return spectral
+        recency = recency_embedding(view.seen - 1 - positions, cfg.recency_dims, cfg.recency_max_freq)
+        return torch.cat([recency, spectral], dim=-1)
+
+    @staticmethod
+    def _state(view: LayerView, key: str, trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The stored per-token state ``key`` (empty on a layer's first update), shape-checked."""
+        batch, heads = view.positions.shape[:2]
+        device = view.attention.device if view.attention is not None else view.positions.device
+        stored = view.state.get(key)
+        if stored is None:
+            return torch.zeros((batch, heads, 0, *trailing), dtype=dtype, device=device)
+        if tuple(stored.shape[:2]) != (batch, heads) or tuple(stored.shape[3:]) != trailing:
+            raise ShapeError(
+                f"per-token state {key!r} has shape {tuple(stored.shape)}; expected "
+                f"[batch={batch}, kv_heads={heads}, tokens, {', '.join(map(str, trailing)) or '-'}]"
+            )
+        return stored.to(device=device, dtype=dtype)
+
+
+@hookimpl
+def kvpolicy_register_extractors(register) -> None:
+    register("stft", StftExtractor, description="NAMM attention spectrogram (STFT + EMA) with recency, 25 features")

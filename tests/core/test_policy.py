@@ -46,8 +46,14 @@ def test_preset_overrides_merge_component_configs(registry):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(512, Budget(tokens=512)), (0.25, Budget(ratio=0.25)), ("25%", Budget(ratio=0.25)), ("128", Budget(tokens=128)),
-     (None, Budget()), (300.0, Budget(tokens=300))],
+    [
+        (512, Budget(tokens=512)),
+        (0.25, Budget(ratio=0.25)),
+        ("25%", Budget(ratio=0.25)),
+        ("128", Budget(tokens=128)),
+        (None, Budget()),
+        (300.0, Budget(tokens=300)),
+    ],
 )
 def test_budget_parsing(value, expected):
     assert Budget.parse(value) == expected
@@ -82,10 +88,20 @@ def test_budget_and_selector_must_agree(registry):
     ("data", "message"),
     [
         ({"extractor": "position", "scorer": "feature"}, "lacks selector"),
-        ({"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": {"tokns": 3}}, "no field.*tokns"),
+        (
+            {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": {"tokns": 3}},
+            "no field.*tokns",
+        ),
         ({"extractor": "position", "scorer": "feature", "selector": "top_k", "schedule": {"kind": "often"}}, "often"),
-        ({"extractor": "position", "scorer": {"name": "feature", "config": {"sign": 3}}, "selector": "top_k",
-          "budget": {"tokens": 9}}, "sign"),
+        (
+            {
+                "extractor": "position",
+                "scorer": {"name": "feature", "config": {"sign": 3}},
+                "selector": "top_k",
+                "budget": {"tokens": 9},
+            },
+            "sign",
+        ),
         ([1, 2], "JSON object"),
     ],
 )

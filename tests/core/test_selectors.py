@@ -10,7 +10,9 @@ from kvpolicy_plugins.selectors import ThresholdSelector, TopKConfig, TopKSelect
 
 
 def _view(tokens: int, heads: int) -> LayerView:
-    return LayerView(layer=0, num_layers=1, positions=torch.arange(tokens).expand(1, heads, tokens).clone(), seen=tokens)
+    return LayerView(
+        layer=0, num_layers=1, positions=torch.arange(tokens).expand(1, heads, tokens).clone(), seen=tokens
+    )
 
 
 def test_top_k_per_head_keeps_best_plus_protected():
@@ -55,3 +57,22 @@ def test_threshold_with_zero_scores_keeps_everything():
     selection = ThresholdSelector().select(scores, protected, Budget(), _view(7, 3))
     assert selection.indices.shape == (2, 3, 7)
     assert torch.equal(selection.indices, torch.arange(7).expand(2, 3, 7))
+
+
+def test_threshold_counts_per_batch_row_so_population_members_do_not_interact():
+    # row 0 wants 1 token per head, row 1 wants 3: row 0 keeps 1 (padded), row 1 keeps 3.
+    scores = torch.tensor([[[-1.0, -2.0, -3.0, 0.0]], [[1.0, 1.0, -3.0, 0.0]]])
+    protected = torch.zeros(2, 1, 4, dtype=torch.bool)
+    protected[..., -1] = True
+    selection = ThresholdSelector().select(scores, protected, Budget(), _view(4, 1))
+    assert selection.valid.sum(-1).tolist() == [[1], [3]]
+    assert selection.indices[0, 0][selection.valid[0, 0]].tolist() == [3]
+    assert selection.indices[1, 0][selection.valid[1, 0]].tolist() == [0, 1, 3]
+
+
+def test_protected_tokens_beat_scores_pinned_at_infinity():
+    scores = torch.full((1, 1, 6), float("inf"))
+    protected = torch.zeros(1, 1, 6, dtype=torch.bool)
+    protected[..., -1] = True
+    selection = TopKSelector().select(scores, protected, Budget(tokens=1), _view(6, 1))
+    assert selection.indices.tolist() == [[[5]]]

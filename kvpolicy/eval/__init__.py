@@ -1,1 +1,39 @@
-"""Placeholder package."""
+"""Offline long-context evaluation: tasks built from real text pip installs, metrics, a harness
+that measures score, cache kept and time per item, full-cache references and reports.
+
+Programmatic use (e.g. by the evolution runner)::
+
+    from kvpolicy.eval import evaluate, get_profile, reference_results
+
+    items = get_profile("ci").items("train")
+    refs = reference_results(items, model, tokenizer, model_name="smollm2-135m-instruct")
+    results = evaluate(policy, items, model, tokenizer, metric="loglik")
+
+See docs/evaluation.md.
+"""
+
+from kvpolicy.eval.harness import evaluate, run_item
+from kvpolicy.eval.items import SPLITS, Item
+from kvpolicy.eval.profiles import PROFILES, Profile, get_profile
+from kvpolicy.eval.references import reference_results
+from kvpolicy.eval.results import ItemResult, ResultStore
+from kvpolicy.eval.run import RunSummary, run_suite
+from kvpolicy.eval.tasks import TASKS, build_suite, make_item
+
+__all__ = [
+    "PROFILES",
+    "SPLITS",
+    "TASKS",
+    "Item",
+    "ItemResult",
+    "Profile",
+    "ResultStore",
+    "RunSummary",
+    "build_suite",
+    "evaluate",
+    "get_profile",
+    "make_item",
+    "reference_results",
+    "run_item",
+    "run_suite",
+]

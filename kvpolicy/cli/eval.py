@@ -1,0 +1,81 @@
+"""``kvpolicy eval``: score one policy on the offline long-context suite against the full cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
+from kvpolicy.eval.items import SPLITS
+from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
+from kvpolicy.eval.report import markdown_table
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``eval`` and ``compare``: which suite, model and scoring."""
+    parser.add_argument("--profile", default="ci", choices=sorted(PROFILES), help="suite size (default: ci)")
+    parser.add_argument("--tasks", help="comma-separated subset of the profile's tasks")
+    parser.add_argument("--lengths", help="comma-separated context lengths in tokens (default: the profile's)")
+    parser.add_argument("--seeds", type=int, help="items per task and length (default: the profile's)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="test for reporting, train for tuning")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped model name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--metric", default="task", choices=METRIC_MODES, help="task metric, loglik, or both")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk; eviction in between")
+    parser.add_argument("--reference-dir", help="where full-cache results are cached (default: user cache)")
+    parser.add_argument("--out", required=True, help="output folder (rerunning resumes it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, help="preset, preset:{json overrides}, or a saved policy file")
+    parser.add_argument("--budget", help="tokens kept per head (256), or a ratio (0.25 / 25%%)")
+    add_suite_arguments(parser)
+
+
+def suite_items(args: argparse.Namespace) -> list:
+    """The items ``args`` select."""
+    profile = get_profile(args.profile)
+    lengths = None
+    if args.lengths:
+        try:
+            lengths = tuple(int(x) for x in args.lengths.split(","))
+        except ValueError:
+            raise InvalidConfigError(f"--lengths takes comma-separated token counts, got {args.lengths!r}") from None
+    if args.seeds is not None and args.seeds <= 0:
+        raise InvalidConfigError(f"--seeds must be a positive count, got {args.seeds}")
+    seeds = tuple(range(args.seeds)) if args.seeds else None
+    return profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {"profile": args.profile, "split": args.split, "tasks": args.tasks, "lengths": args.lengths}
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.eval.policy_spec import parse_policy, policy_label
+    from kvpolicy.eval.run import run_suite
+    from kvpolicy.models import load_model
+
+    policy = parse_policy(args.policy, args.budget)
+    items = suite_items(args)
+    model, tokenizer = load_model(args.model)
+    label = policy_label(args.policy, args.budget)
+    summary = run_suite(
+        policy,
+        items,
+        model,
+        tokenizer,
+        out=args.out,
+        label=label,
+        model_name=args.model,
+        metric=args.metric,
+        chunk_size=args.chunk_size,
+        reference_dir=args.reference_dir,
+        progress=not args.no_progress,
+        settings=settings(args),
+    )
+    print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
+    print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")
+    return 0

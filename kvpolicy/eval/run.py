@@ -1,0 +1,112 @@
+"""One evaluation run on disk: a policy over a suite, with its full-cache reference, resumable.
+
+Writes into ``out``: ``results.jsonl`` (one record per item, appended atomically as each item
+finishes, so a rerun skips what is done), ``results.csv`` (with the full-cache score and the
+normalised score of each item), ``summary.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+import kvpolicy
+from kvpolicy.atomic import atomic_write_text
+from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
+from kvpolicy.eval.items import Item
+from kvpolicy.eval.references import reference_results
+from kvpolicy.eval.report import TaskSummary, markdown_table, per_layer_retention, summarise
+from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
+
+
+@attrs.frozen
+class RunSummary:
+    """What `run_suite` wrote: the label, the per-task rows and the per-layer retention."""
+
+    label: str
+    rows: tuple[TaskSummary, ...]
+    per_layer: tuple[float, ...]
+    out: Path
+
+    @property
+    def overall(self) -> TaskSummary:
+        return self.rows[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "rows": [attrs.asdict(r) for r in self.rows],
+            "per_layer_retention": list(self.per_layer),
+        }
+
+    @classmethod
+    def load(cls, out: str | Path) -> RunSummary:
+        data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+        rows = tuple(TaskSummary(**r) for r in data["rows"])
+        return cls(data["label"], rows, tuple(data["per_layer_retention"]), Path(out))
+
+
+def _is_full_cache(policy: Any) -> bool:
+    return policy.config == kvpolicy.build("full").config
+
+
+def run_suite(
+    policy: Any,
+    items: Sequence[Item],
+    model: Any,
+    tokenizer: Any,
+    *,
+    out: str | Path,
+    label: str,
+    model_name: str,
+    metric: Metric = "task",
+    chunk_size: int = DEFAULT_CHUNK,
+    reference_dir: str | Path | None = None,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Evaluate ``policy`` on ``items`` into ``out`` (resuming) and summarise against the full cache."""
+    out = Path(out)
+    references = reference_results(
+        items,
+        model,
+        tokenizer,
+        model_name=model_name,
+        metric=metric,
+        chunk_size=chunk_size,
+        directory=reference_dir,
+        progress="full cache" if progress else False,
+    )
+    results: list[ItemResult]
+    store = ResultStore(out / "results.jsonl")
+    if _is_full_cache(policy):
+        results = [references[item.uid] for item in items]
+        for result in results:
+            if not store.done(result.uid, result.fingerprint):
+                store.add(result)
+    else:
+        results = evaluate(
+            policy,
+            items,
+            model,
+            tokenizer,
+            metric=metric,
+            chunk_size=chunk_size,
+            done=lambda item: store.get(item.uid) if store.done(item.uid, item.fingerprint) else None,
+            on_result=store.add,
+            progress=label if progress else False,
+            label=label,
+        )
+    rows = tuple(summarise(results, references))
+    summary = RunSummary(label, rows, tuple(per_layer_retention(results)), out)
+    atomic_write_text(out / "results.csv", to_csv(results, references))
+    record = {**summary.to_dict(), "policy": policy.config.to_dict(), "model": model_name, "metric": metric}
+    record["chunk_size"] = chunk_size
+    record.update(settings or {})
+    atomic_write_text(out / "summary.json", json.dumps(record, indent=2, sort_keys=True))
+    atomic_write_text(out / "summary.md", markdown_table(rows, title=label))
+    return summary

@@ -1,0 +1,70 @@
+"""The task registry and suite builder: names → item generators, and reproducible suites.
+
+A suite is every ``(task, length, seed)`` combination for one split. Seeds are independent per
+split; disjointness of train and test comes from their source material, not from the seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval import multikey, needle, passages, perplexity, quote, variables
+from kvpolicy.eval.items import Item, Split, check_split
+
+ItemMaker = Callable[[Split, int, int], Item]
+
+
+@attrs.frozen
+class Task:
+    """A task family: its name, the generator of its items, and what it measures."""
+
+    name: str
+    make: ItemMaker
+    metric: str
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("needle", needle.make_item, "contains", "one fact hidden at a depth of essays (NIAH)"),
+        Task("multikey", multikey.make_multikey, "contains", "one of four same-template needles (RULER MK-NIAH)"),
+        Task("multivalue", multikey.make_multivalue, "f1", "all three values of one key (RULER MV-NIAH)"),
+        Task("passages", passages.make_item, "exact", "which passage holds a quoted sentence (LongBench PR)"),
+        Task("variables", variables.make_item, "contains", "follow a chain of variable assignments (RULER VT)"),
+        Task("quote", quote.make_item, "rouge_l", "complete a sentence of the document (Rouge-L)"),
+        Task("perplexity", perplexity.make_item, "likelihood", "1/perplexity of a KJV continuation"),
+    )
+}
+
+MIN_LENGTH = 256
+MAX_LENGTH = 8192  # SmolLM2's position limit
+
+
+def check_tasks(names: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise InvalidConfigError(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
+    if not names:
+        raise InvalidConfigError(f"no tasks given; tasks are {', '.join(TASKS)}")
+    return names
+
+
+def make_item(task: str, split: Split, seed: int, length: int) -> Item:
+    """The item of ``task`` for ``(split, seed, length)``; same arguments → same bytes."""
+    check_tasks([task])
+    check_split(split)
+    if not MIN_LENGTH <= length <= MAX_LENGTH:
+        raise InvalidConfigError(f"length {length} is outside the supported {MIN_LENGTH}..{MAX_LENGTH} tokens")
+    if seed < 0:
+        raise InvalidConfigError(f"seed must be >= 0, got {seed}")
+    return TASKS[task].make(split, seed, length)
+
+
+def build_suite(tasks: Sequence[str], split: Split, lengths: Sequence[int], seeds: Sequence[int]) -> list[Item]:
+    """Every item of ``tasks × lengths × seeds`` for one split, in a stable order."""
+    return [make_item(t, split, s, n) for t in check_tasks(tasks) for n in lengths for s in seeds]

@@ -1,0 +1,45 @@
+"""``kvpolicy eval`` / ``kvpolicy compare`` argument handling (errors come before any model loads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvpolicy.cli import main
+from kvpolicy.cli.compare import _grid, comparison_table
+from kvpolicy.eval.report import TaskSummary
+from kvpolicy.eval.run import RunSummary
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--policy", "strem_llm", "--budget", "64"], "Did you mean 'streaming_llm'"),
+        (["eval", "--policy", "random", "--budget", "lots"], "cannot read budget"),
+        (["eval", "--policy", "random", "--budget", "64", "--tasks", "needle,sudoku"], "unknown task(s) sudoku"),
+        (["eval", "--policy", "random", "--budget", "64", "--lengths", "1k"], "--lengths takes"),
+        (["compare", "--policy", "full", "--policy", "random", "--budget", "64", "--seeds", "0"], "--seeds must be"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path: Path, capsys) -> None:
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_runs_self_sizing_policies_once() -> None:
+    grid = _grid(["full", "streaming_llm"], ["64", "128"])
+    assert [(spec, budget) for spec, budget, _ in grid] == [
+        ("full", None),
+        ("streaming_llm", "64"),
+        ("streaming_llm", "128"),
+    ]
+
+
+def test_comparison_table_reports_measured_cache_and_normalised_scores() -> None:
+    def row(task: str, normalised: float) -> TaskSummary:
+        return TaskSummary(task, 2, 0.5, 0.1, 1.0, 0.0, normalised, 0.1, -0.5, 0.2, 0.25, 1000.0, 3.0)
+
+    summary = RunSummary("random@64", (row("needle", 0.5), row("all", 0.5)), (0.25,), Path("."))
+    table = comparison_table([summary], ["needle"])
+    assert "| random@64 | 25.0% | 50 | 50.0 ± 10.0 | -50.0 ± 20.0 |" in table

@@ -1,0 +1,128 @@
+"""Result store (atomic, resumable), CSV, summaries with standard errors, policy specs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
+from kvpolicy.eval.policy_spec import parse_policy, policy_label
+from kvpolicy.eval.report import ALL, markdown_table, per_layer_retention, standard_error, summarise
+from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
+
+
+def result(uid: str, task: str, score: float, policy: str = "p", kept: float = 0.5) -> ItemResult:
+    return ItemResult(
+        uid=uid,
+        fingerprint=f"fp-{uid}",
+        task=task,
+        split="test",
+        length=1024,
+        seed=0,
+        policy=policy,
+        metric="exact",
+        score=score,
+        prediction="x",
+        answer_logprob=None,
+        prompt_tokens=1000,
+        tokens_seen=1003,
+        kept_fraction=kept,
+        per_layer_fraction=(kept, kept / 2),
+        kv_bytes=10,
+        full_kv_bytes=20,
+        policy_seconds=0.1,
+        seconds=1.0,
+    )
+
+
+def test_store_appends_atomically_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "results.jsonl"
+    store = ResultStore(path)
+    store.add(result("a", "needle", 1.0))
+    store.add(result("b", "needle", 0.0))
+    assert [json.loads(line)["uid"] for line in path.read_text().splitlines()] == ["a", "b"]
+    assert not list(path.parent.glob(".*.tmp"))  # no temporary left behind
+    reopened = ResultStore(path)
+    assert len(reopened) == 2 and reopened.done("a", "fp-a")
+    assert not reopened.done("a", "changed-item")  # a regenerated item is recomputed, not reused
+    assert reopened.get("b").score == 0.0
+
+
+def test_store_names_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"uid": "a"}\n')
+    with pytest.raises(CheckpointError, match="results.jsonl:1"):
+        ResultStore(path)
+
+
+def test_csv_has_reference_and_normalised_scores() -> None:
+    rows = list(csv.DictReader(io.StringIO(to_csv([result("a", "needle", 0.5)], {"a": result("a", "needle", 1.0)}))))
+    assert rows[0]["reference_score"] == "1.0" and float(rows[0]["normalised_score"]) == 0.5
+    assert rows[0]["per_layer_fraction"] == "0.5000;0.2500"
+
+
+def test_standard_error() -> None:
+    assert standard_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    assert standard_error([1.0]) == 0.0
+
+
+def test_summary_normalises_by_full_cache_and_pairs_the_difference() -> None:
+    runs = [result("a", "needle", 1.0), result("b", "needle", 0.0), result("c", "quote", 0.4)]
+    refs = {"a": result("a", "needle", 1.0), "b": result("b", "needle", 1.0), "c": result("c", "quote", 0.8)}
+    rows = {r.task: r for r in summarise(runs, refs)}
+    assert rows["needle"].score == 0.5 and rows["needle"].reference == 1.0
+    assert rows["needle"].normalised == 0.5 and rows["needle"].delta == -0.5
+    assert rows["needle"].delta_se == pytest.approx(0.5)
+    assert rows["quote"].normalised == pytest.approx(0.5)
+    assert rows[ALL].normalised == pytest.approx(0.5) and rows[ALL].n == 3
+    assert rows[ALL].normalised_se == pytest.approx(math.sqrt(0.5**2 + 0.0) / 2)
+    table = markdown_table(list(rows.values()), title="t")
+    assert "| needle | 2 | 50.0 ± 50.0 | 100.0 ± 0.0 | 50.0 ± 50.0% |" in table
+
+
+def test_summary_without_references_leaves_normalised_empty() -> None:
+    rows = summarise([result("a", "needle", 1.0)], {})
+    assert rows[0].normalised is None and rows[-1].normalised is None
+
+
+def test_per_layer_retention_is_the_mean_per_layer() -> None:
+    assert per_layer_retention([result("a", "t", 1.0, kept=0.4), result("b", "t", 1.0, kept=0.8)]) == pytest.approx(
+        [0.6, 0.3]
+    )
+
+
+def test_policy_specs() -> None:
+    assert parse_policy("streaming_llm", "128").budget.tokens == 128
+    assert parse_policy('streaming_llm:{"sinks": 2}', "64").protect.sinks == 2
+    assert parse_policy("full").schedule.kind == "never"
+    assert policy_label('streaming_llm:{"sinks": 2}', "25%") == "streaming_llm_sinks_2@25%"
+
+
+@pytest.mark.parametrize(
+    ("spec", "budget", "error", "message"),
+    [
+        ("streaming_llm:{oops", "64", InvalidConfigError, "not valid JSON"),
+        ("streaming_llm:[1]", "64", InvalidConfigError, "must be a JSON object"),
+        ('streaming_llm:{"colour": 1}', "64", InvalidConfigError, "accepted: extractor"),
+        ("full", "64", InvalidBudgetError, "takes no budget"),
+        ("strem_llm", "64", UnknownComponentError, "streaming_llm"),
+        ("missing/policy.safetensors", None, InvalidConfigError, "does not exist"),
+    ],
+)
+def test_bad_policy_specs(spec: str, budget: str | None, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        parse_policy(spec, budget)
+
+
+def test_saved_policy_json_round_trips(tmp_path: Path) -> None:
+    policy = parse_policy("streaming_llm", "96")
+    path = tmp_path / "mine.json"
+    path.write_text(policy.to_json())
+    assert parse_policy(str(path)).config == policy.config
+    with pytest.raises(InvalidConfigError, match="keeps its own budget"):
+        parse_policy(str(path), "64")

@@ -7,6 +7,11 @@ first (model loaded in every worker), then times the same jobs, so the figures a
 from one run. Projections are arithmetic on the measured rate, labelled as projections.
 
     python benchmarks/bench_evolve.py --lengths 1024 2048 --members 4 --executors inprocess process
+
+``--batched`` instead compares, in-process and on one item, the members scored one after another
+with the members scored as one batch (``"population_batch": true``, one parameter row per batch row):
+
+    python benchmarks/bench_evolve.py --batched --lengths 1024 --members 4
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from kvpolicy.evolve.workloads import build_workload
 GPU_TOKENS_PER_SECOND = 256 * 1024 / 0.39
 
 
-def config_for(model: str, length: int, executor: str, workers: int, threads: int, metric: str) -> EvolveConfig:
+def config_for(
+    model: str, length: int, executor: str, workers: int, threads: int, metric: str, batched: bool = False
+) -> EvolveConfig:
     return EvolveConfig.from_dict(
         {
             "model": model,
             "policy": "namm-bam",
             "stages": [{"tasks": ["needle"], "generations": 1, "items": 1, "length": length}],
-            "fitness": {"metric": metric},
+            "fitness": {"metric": metric, "population_batch": batched},
             "executor": {"kind": executor, "workers": workers, "threads": threads},
             "progress": False,
         }
@@ -61,6 +68,47 @@ def measure(config: EvolveConfig, members: int, length: int) -> float:
     return rate
 
 
+def measure_population(config: EvolveConfig, params: torch.Tensor, length: int) -> tuple[float, torch.Tensor]:
+    """Evaluations per minute of ``params [members, n]`` on one item, in-process: one job per
+    member, or one job of all members when the config batches the population. Also the kept fractions."""
+    workload = build_workload(config)
+    executor = make_executor(config, workload)
+    members = params.shape[0]
+    try:
+        list(executor.map([Job(0, "evaluate", "needle", "train", length, (100,))]))  # warm-up: load the model
+        if config.fitness.population_batch:
+            jobs = [Job(0, "evaluate", "needle", "train", length, (0,), params, {}, tuple(range(members)))]
+        else:
+            jobs = [
+                Job(i, "evaluate", "needle", "train", length, (0,), params[i : i + 1], {}, (i,)) for i in range(members)
+            ]
+        start = time.perf_counter()
+        results = [r for _, r in sorted(executor.map(jobs), key=lambda pair: pair[0])]
+        seconds = time.perf_counter() - start
+    finally:
+        executor.close()
+    kept = torch.cat([r.kept[:, 0] for r in results])
+    rate = members / seconds * 60
+    mode = "one batch" if config.fitness.population_batch else "one by one"
+    print(f"  {mode:>10}  {length:>5} tokens: {rate:6.2f} evaluations/min ({seconds:.1f} s for {members}; "
+          f"kept per member {', '.join(f'{k:.3f}' for k in kept.tolist())})", flush=True)  # fmt: skip
+    return rate, kept
+
+
+def compare_batched(args: argparse.Namespace) -> None:
+    """One-by-one vs population-as-the-batch, side by side in this run."""
+    for length in args.lengths:
+        rates, kept = {}, {}
+        for batched in (False, True):
+            config = config_for(args.model, length, "inprocess", 1, args.threads, args.metric, batched)
+            params = torch.randn(args.members, build_workload(config).num_params,
+                                 generator=torch.Generator().manual_seed(0)) * 0.065  # fmt: skip
+            rates[batched], kept[batched] = measure_population(config, params, length)
+        same = "identical" if torch.equal(kept[True], kept[False]) else "DIFFERENT"
+        print(f"ratio one batch / one by one at {length} tokens: {rates[True] / rates[False]:.2f}x "
+              f"(kept fractions per member {same})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -70,8 +118,12 @@ def main() -> None:
     parser.add_argument("--executors", nargs="+", default=["inprocess", "process"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (in-process and workers)")
     parser.add_argument("--metric", choices=("loglik", "task"), default="loglik")
+    parser.add_argument("--batched", action="store_true", help="compare one-by-one with population-as-the-batch")
     args = parser.parse_args()
     print(f"model {args.model}, metric {args.metric}, torch threads per process {args.threads}", flush=True)
+    if args.batched:
+        compare_batched(args)
+        return
     rates: dict[tuple[str, int], float] = {}
     for length in args.lengths:
         for kind in args.executors:

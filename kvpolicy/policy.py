@@ -207,6 +207,11 @@ class Policy:
         _check_leading(features, view, f"extractor {self.extractor.name!r} features", extra_dims=1)
         scores = self.scorer.score(features, view)
         _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
+        # Padded slots (heads of a layer keeping different counts) sit at position -1: rank them
+        # below every real token so they never take a real token's place.
+        padded = view.positions < 0
+        if bool(padded.any()):
+            scores = scores.float().masked_fill(padded, float("-inf"))
         protected = self.protected_mask(view)
         selection = self.selector.select(scores, protected, self.budget, view)
         if selection.indices.shape[:2] != scores.shape[:2]:

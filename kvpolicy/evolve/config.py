@@ -50,10 +50,19 @@ class FitnessConfig:
     ``metric``: ``task`` (the task's own metric on greedy output) or ``loglik`` (teacher-forced
     log-likelihood of the gold answer, scored as ``exp(mean log p)``: cheap, smooth, no decoding).
     ``cache_weight``: adds ``cache_weight × (1 − kept fraction)``, rewarding memory saved.
+    ``population_batch``: run all members of a job as one batch, batch row *i* with parameter row
+    *i* (`kvpolicy.eval.population`), instead of one after another; the fast path on a GPU. The
+    figures equal one-by-one runs up to the rounding of batched kernels, so it is fingerprinted.
     """
 
     metric: Metric = attrs.field(default="task", validator=attrs.validators.in_(("task", "loglik")))
     cache_weight: float = attrs.field(default=0.0, validator=non_negative)
+    population_batch: bool = attrs.field(default=False)
+
+    @population_batch.validator
+    def _check_population_batch(self, attribute: attrs.Attribute, value: object) -> None:
+        if not isinstance(value, bool):
+            raise InvalidConfigError(f"fitness.population_batch must be true or false, got {value!r}")
 
 
 @attrs.frozen

@@ -6,8 +6,9 @@ eviction between chunks, then greedy decoding or teacher forcing), which measure
 the cache actually kept. Calibration runs the zero policy (which keeps every token) with the
 extractor collecting its normalisation statistics, then freezes them (Cetin et al. 2024).
 
-Members are evaluated one after another, each with batch 1; evaluating a population as one
-batch (one parameter row per batch row) is the faster path on a GPU and is left for later.
+Members are evaluated one after another, each with batch 1, or — with ``"population_batch":
+true`` in the fitness config — all rows of a job as one batch, batch row *i* with parameter row
+*i* (`kvpolicy.eval.population.run_population`), the faster path on a GPU.
 """
 
 from __future__ import annotations
@@ -97,11 +98,34 @@ class HfWorkload:
         result = run_item(policy, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size)
         return result.score, result.kept_fraction
 
+    def _score_population(
+        self, params: torch.Tensor, task: str, split: str, length: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [rows], kept [rows])`` of every parameter row on one item, in one batch."""
+        from kvpolicy.eval.population import run_population
+        from kvpolicy.eval.tasks import make_item
+
+        model, tokenizer = self._ensure_model()
+        item = make_item(task, split, seed, length)
+        results = run_population(
+            self.policy, params, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size
+        )
+        scores = torch.tensor([r.score for r in results], dtype=torch.float64)
+        return scores, torch.tensor([r.kept_fraction for r in results], dtype=torch.float64)
+
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         if job.kind == "calibrate":
             return self._calibrate(job, start)
         load_buffers(self.policy, job.buffers)
+        if job.params is not None and self.config.fitness.population_batch:
+            scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
+            kept = torch.ones_like(scores)
+            for i, seed in enumerate(job.seeds):
+                scores[:, i], kept[:, i] = self._score_population(
+                    job.params.float(), job.task, job.split, job.length, seed
+                )
+            return JobResult(scores, kept, {}, time.perf_counter() - start)
         rows = [None] if job.params is None else list(job.params)
         scores = torch.zeros(len(rows), len(job.seeds), dtype=torch.float64)
         kept = torch.ones_like(scores)

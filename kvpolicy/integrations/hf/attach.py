@@ -339,6 +339,10 @@ class Handle:
                 logits = output.logits
         return logits
 
-    def report(self) -> CacheReport:
-        """Tokens seen, kept per layer and head, KV bytes stored vs a full cache, time in the policy."""
-        return build_report(self.cache, self._attachment.notes)
+    def report(self, row: int | None = None) -> CacheReport:
+        """Tokens seen, kept per layer and head, KV bytes stored vs a full cache, time in the policy.
+
+        ``row=None``: the whole batch (kept averaged over rows); ``row=i``: batch row *i* alone,
+        counting only its valid slots (what member *i* of a population evaluated as one batch kept).
+        """
+        return build_report(self.cache, self._attachment.notes, row)

@@ -1,48 +1,91 @@
-"""`CacheReport` of an evicting cache: measured from the tensors actually stored."""
+"""`CacheReport` of an evicting cache: measured from the tensors actually stored.
+
+``row=None`` reports the whole batch (tokens kept averaged over the rows, bytes as physically
+stored, padded slots included). ``row=i`` reports batch row *i* alone, counting only that row's
+valid slots: when each row runs its own parameters (a population evaluated as one batch), this
+is what member *i* kept, the same figure a batch-of-one run of that member reports.
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from kvpolicy.errors import ShapeError
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
 from kvpolicy.types import CacheReport
 
 
-def _layer_bytes(layer) -> int:
-    if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.dim() < 4:
+def _stored(layer) -> bool:
+    return bool(getattr(layer, "is_initialized", False)) and layer.keys is not None and layer.keys.dim() >= 4
+
+
+def _bytes_per_slot(layer) -> int:
+    """Bytes of one token of one KV head: keys plus values."""
+    head_dim = layer.keys.shape[-1]
+    return head_dim * (layer.keys.element_size() + layer.values.element_size())
+
+
+def _layer_bytes(layer, row: int | None) -> int:
+    if not _stored(layer):
         return 0
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    if row is None:
+        return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    if isinstance(layer, EvictingLayer):
+        slots = int(layer.kept_per_head()[row].sum())  # valid slots only: padding is not this row's memory
+    else:
+        slots = layer.keys.shape[1] * layer.keys.shape[2]
+    return slots * _bytes_per_slot(layer)
 
 
-def _full_bytes(layer, seen: int) -> int:
+def _full_bytes(layer, seen: int, row: int | None) -> int:
     """Bytes the same layer would hold without kvpolicy (a sliding layer keeps its window)."""
-    if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.dim() < 4:
+    if not _stored(layer):
         return 0
-    batch, kv_heads, _, head_dim = layer.keys.shape
+    batch, kv_heads = layer.keys.shape[:2]
     tokens = seen
     if isinstance(layer, DynamicSlidingWindowLayer):
         tokens = min(seen, layer.sliding_window - 1)
-    per_token = batch * kv_heads * head_dim * (layer.keys.element_size() + layer.values.element_size())
-    return tokens * per_token
+    rows = batch if row is None else 1
+    return tokens * rows * kv_heads * _bytes_per_slot(layer)
 
 
-def _kept(layer) -> tuple[float, ...]:
+def _kept(layer, row: int | None) -> tuple[float, ...]:
     if isinstance(layer, EvictingLayer):
         if layer.positions is None:
             return ()
-        return tuple(float(x) for x in layer.kept_per_head().mean(0).tolist())
-    if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.dim() < 4:
+        per_head = layer.kept_per_head()
+        per_head = per_head.mean(0) if row is None else per_head[row]
+        return tuple(float(x) for x in per_head.tolist())
+    if not _stored(layer):
         return ()
     return (float(layer.keys.shape[2]),) * layer.keys.shape[1]
 
 
-def build_report(cache: EvictingCache, notes: tuple[str, ...]) -> CacheReport:
-    """What the cache holds now against what a cache without kvpolicy would hold."""
+def batch_size(cache: EvictingCache) -> int:
+    """Rows the cache holds (0 before the first forward call)."""
+    for layer in cache.layers:
+        if _stored(layer):
+            return int(layer.keys.shape[0])
+    return 0
+
+
+def _check_row(cache: EvictingCache, row: int) -> None:
+    batch = batch_size(cache)
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < batch:
+        accepted = f"0..{batch - 1}" if batch else "none: the cache is empty, feed tokens first"
+        raise ShapeError(f"report row {row!r} does not exist; the cache holds {batch} rows (rows {accepted})")
+
+
+def build_report(cache: EvictingCache, notes: tuple[str, ...], row: int | None = None) -> CacheReport:
+    """What the cache holds now against what a cache without kvpolicy would hold: for the whole
+    batch (``row=None``) or for batch row ``row`` alone (its valid slots only)."""
+    if row is not None:
+        _check_row(cache, row)
     with torch.no_grad():
-        kept = tuple(_kept(layer) for layer in cache.layers)
-        kv_bytes = sum(_layer_bytes(layer) for layer in cache.layers)
-        full = sum(_full_bytes(layer, cache.seen) for layer in cache.layers)
+        kept = tuple(_kept(layer, row) for layer in cache.layers)
+        kv_bytes = sum(_layer_bytes(layer, row) for layer in cache.layers)
+        full = sum(_full_bytes(layer, cache.seen, row) for layer in cache.layers)
     return CacheReport(
         seen=cache.seen,
         kept=kept,

@@ -1,1 +1,164 @@
-"""Placeholder: this plugin is being written; it registers nothing yet."""
+"""H2O, Heavy-Hitter Oracle (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative
+Inference of Large Language Models", NeurIPS 2023).
+
+A cached token's importance is the attention it has received, summed over every query so far
+(post-softmax, per KV head: the integration averages each GQA group). The cache keeps the
+``heavy`` best-scoring tokens plus the ``recent`` newest ones, split 50/50 by default, and evicts
+greedily as tokens arrive: the preset updates at every forward call (``every_step``, no slack),
+chunked prefill included, so a token leaving the recent window competes with the heavy hitters
+at once, as in the paper's greedy algorithm.
+
+Components: extractor ``accumulated_attention`` → scorer ``h2o`` → selector ``heavy_recent``.
+
+Deviation: with grouped-query attention the paper's per-head score becomes the mean over the
+query heads of a KV-head group (one cache per KV head); the paper's models had none.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpolicy import hookimpl
+from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.types import (
+    Budget,
+    ComponentRef,
+    EmptyConfig,
+    LayerView,
+    PolicyConfig,
+    Protection,
+    Requirements,
+    Schedule,
+    Selection,
+)
+
+_KEEP = float("inf")
+
+
+class AccumulatedAttentionExtractor:
+    """One feature per token: the attention it received summed over all queries so far."""
+
+    name: ClassVar[str] = "accumulated_attention"
+    Config = EmptyConfig
+
+    def __init__(self, config: EmptyConfig | None = None) -> None:
+        self.config = config or EmptyConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(accumulated_attention=True)
+
+    def extract(self, view: LayerView) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, 1]`` accumulated attention."""
+        if view.accumulated_attention is None:
+            raise ShapeError(
+                "extractor 'accumulated_attention' needs LayerView.accumulated_attention "
+                "[batch, kv_heads, tokens]; the integration provided none"
+            )
+        return view.accumulated_attention.float().unsqueeze(-1)
+
+
+class H2OScorer:
+    """Score = accumulated attention (feature 0): heavy hitters score highest."""
+
+    name: ClassVar[str] = "h2o"
+    Config = EmptyConfig
+
+    def __init__(self, config: EmptyConfig | None = None) -> None:
+        self.config = config or EmptyConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
+        if features.shape[-1] < 1:
+            raise ShapeError("scorer 'h2o' reads feature 0 (accumulated attention) but got no features")
+        return features[..., 0].float()
+
+
+@attrs.frozen
+class HeavyRecentConfig:
+    """``recent_ratio``: the share of the budget given to the newest tokens (H2O: 0.5); the
+    rest goes to the highest-scored older tokens (the heavy hitters)."""
+
+    recent_ratio: float = attrs.field(default=0.5)
+
+    @recent_ratio.validator
+    def _check(self, attribute: attrs.Attribute, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise InvalidConfigError(f"HeavyRecentConfig.recent_ratio must be in [0, 1], got {value}")
+
+
+class HeavyRecentSelector:
+    """Keep the ``round(capacity × recent_ratio)`` newest cached tokens and fill the rest of the
+    budget with the highest-scored older ones (H2O's heavy + recent split); protected tokens
+    always survive and count within the budget (the window gives way to them first)."""
+
+    name: ClassVar[str] = "heavy_recent"
+    Config = HeavyRecentConfig
+    needs_budget: ClassVar[bool] = True
+    keeps_highest_scores: ClassVar[bool] = False  # the recent window is kept whatever it scores
+
+    def __init__(self, config: HeavyRecentConfig | None = None) -> None:
+        self.config = config or HeavyRecentConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
+        tokens = scores.shape[-1]
+        capacity = budget.capacity(view.seen)
+        if capacity is None:
+            raise InvalidBudgetError("selector 'heavy_recent' needs a budget (e.g. budget=512 or budget=0.25)")
+        capacity = min(capacity, tokens)
+        recent = round(capacity * self.config.recent_ratio)
+        # the `recent` newest cached tokens of each head, by absolute position (padded slots of a
+        # ragged cache carry a negative position and never count as recent)
+        in_window = torch.zeros_like(protected)
+        if recent:
+            in_window.scatter_(-1, view.positions.topk(recent, dim=-1).indices, True)
+            in_window &= view.positions >= 0
+        # three tiers, all within the budget: protected (+inf), then the window, newest first,
+        # then the heavy hitters by score (clamped below the window's tier)
+        top = torch.finfo(torch.float32).max
+        keyed = torch.nan_to_num(scores.float(), nan=-top, posinf=top, neginf=-top).clamp(-top / 4, top / 4)
+        newest_first = top / 2 + (top / 4) * (view.positions.float() / max(view.seen, 1))
+        keyed = torch.where(in_window, newest_first, keyed).masked_fill(protected, _KEEP)
+        k = max(capacity, int(protected.sum(-1).max()))
+        return Selection(keyed.topk(k, dim=-1).indices.sort(dim=-1).values)
+
+
+@hookimpl
+def kvpolicy_register_extractors(register) -> None:
+    register("accumulated_attention", AccumulatedAttentionExtractor)
+
+
+@hookimpl
+def kvpolicy_register_scorers(register) -> None:
+    register("h2o", H2OScorer)
+
+
+@hookimpl
+def kvpolicy_register_selectors(register) -> None:
+    register("heavy_recent", HeavyRecentSelector)
+
+
+@hookimpl
+def kvpolicy_register_policies(register) -> None:
+    register(
+        "h2o",
+        PolicyConfig(
+            extractor=ComponentRef("accumulated_attention"),
+            scorer=ComponentRef("h2o"),
+            selector=ComponentRef("heavy_recent", {"recent_ratio": 0.5}),
+            schedule=Schedule("every_step", slack=0),
+            protect=Protection(),
+            budget=Budget(tokens=512),
+        ),
+        description="H2O: heavy hitters by accumulated attention + recent window, 50/50 (Zhang et al. 2023)",
+    )

@@ -1,1 +1,109 @@
-"""Placeholder: this plugin is being written; it registers nothing yet."""
+"""L2-norm eviction (Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+Compression", EMNLP 2024).
+
+Keys with a LOW L2 norm tend to receive high attention, so the cache keeps the tokens whose
+cached (post-RoPE) keys have the lowest norm. Needs only the keys: no attention statistics, so
+it works with any attention kernel and costs a norm and a top-k per update.
+
+Components: extractor ``key_norm`` → scorer ``l2`` (score = −norm) → selector ``top_k``.
+
+The paper leaves the first layers uncompressed, where key norm and attention correlate poorly;
+the authors' released code (``l2compress``) shows ``skip_layers=[0, 1]`` in its README usage
+(the function's own default skips none; one of their needle scripts for a 32-layer Llama also
+skips layer 12). The preset follows the README: ``skip_layers=(0, 1)``.
+The preset evicts whenever the cache exceeds the budget by 64 tokens (``every_step`` with slack
+64): the tokens kept at each eviction are exactly the lowest-norm ones; the slack only lets the
+cache run up to 64 tokens over budget between evictions, so the gather is not paid every step.
+``build("l2", schedule=Schedule("every_step"))`` evicts at every step instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from kvpolicy import hookimpl
+from kvpolicy.errors import ShapeError
+from kvpolicy.types import (
+    Budget,
+    ComponentRef,
+    EmptyConfig,
+    LayerView,
+    PolicyConfig,
+    Protection,
+    Requirements,
+    Schedule,
+)
+
+#: Layers the paper's code never compresses.
+PAPER_SKIP_LAYERS: tuple[int, ...] = (0, 1)
+
+
+class KeyNormExtractor:
+    """One feature per token: the L2 norm of its cached key, per KV head."""
+
+    name: ClassVar[str] = "key_norm"
+    Config = EmptyConfig
+
+    def __init__(self, config: EmptyConfig | None = None) -> None:
+        self.config = config or EmptyConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(keys=True)
+
+    def extract(self, view: LayerView) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, 1]`` key norms (float32)."""
+        if view.keys is None:
+            raise ShapeError(
+                "extractor 'key_norm' needs LayerView.keys [batch, kv_heads, tokens, head_dim]; "
+                "the integration provided none"
+            )
+        return torch.linalg.vector_norm(view.keys.float(), dim=-1).unsqueeze(-1)
+
+
+class L2Scorer:
+    """Score = −(key norm): the lowest-norm keys score highest and are kept."""
+
+    name: ClassVar[str] = "l2"
+    Config = EmptyConfig
+
+    def __init__(self, config: EmptyConfig | None = None) -> None:
+        self.config = config or EmptyConfig()
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
+        if features.shape[-1] < 1:
+            raise ShapeError("scorer 'l2' reads feature 0 (key norm) but got no features")
+        return -features[..., 0].float()
+
+
+@hookimpl
+def kvpolicy_register_extractors(register) -> None:
+    register("key_norm", KeyNormExtractor)
+
+
+@hookimpl
+def kvpolicy_register_scorers(register) -> None:
+    register("l2", L2Scorer)
+
+
+@hookimpl
+def kvpolicy_register_policies(register) -> None:
+    register(
+        "l2",
+        PolicyConfig(
+            extractor=ComponentRef("key_norm"),
+            scorer=ComponentRef("l2"),
+            selector=ComponentRef("top_k"),
+            schedule=Schedule("every_step", slack=64),
+            protect=Protection(),
+            budget=Budget(tokens=512),
+            skip_layers=PAPER_SKIP_LAYERS,
+        ),
+        description="L2 norm: keep the keys with the lowest norm, first two layers uncompressed (Devoto et al. 2024)",
+    )

@@ -2,7 +2,7 @@
 
 ``full`` has 100 items per task (25 seeds × 4 lengths, 1k–8k tokens): a 0/1 metric then has a
 standard error of at most 0.5/√100 = 5 points per task. It is sized for a long CPU run or a GPU.
-``small`` (2k tokens, 8 items per task) is the largest run that fits a working session on CPU.
+``small`` (2k tokens, 8 items per task) is the largest run that fits an hour or so on a CPU.
 """
 
 from __future__ import annotations

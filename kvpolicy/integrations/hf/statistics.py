@@ -101,8 +101,10 @@ def attention_columns(
     step = _chunk(batch, heads, tokens, max_elements)
     total = keys.new_zeros((batch, keys.shape[1], tokens), dtype=torch.float32)
     for start in range(0, n_queries, step):
-        scores = _grouped_scores(queries[:, :, start : start + step], keys, scaling, softcap)
-        part = mask[:, :, start : start + step]
+        end = min(start + step, n_queries)
+        visible = past + end  # tokens after the chunk's last query are masked anyway: skip them
+        scores = _grouped_scores(queries[:, :, start:end], keys[:, :, :visible], scaling, softcap)
+        part = mask[:, :, start:end, :visible]
         scores = scores.masked_fill(~part[:, :, None], float("-inf"))
-        total += torch.softmax(scores, dim=-1).mean(2).sum(2)
+        total[..., :visible] += torch.softmax(scores, dim=-1).mean(2).sum(2)
     return total

@@ -28,6 +28,7 @@ from kvpolicy.types import (
     Schedule,
     Selection,
     Stateful,
+    TokenizerAware,
     config_to_dict,
 )
 
@@ -264,6 +265,12 @@ class Policy:
             if isinstance(component, Stateful):
                 out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
         return out
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Let tokenizer-dependent components (`TokenizerAware`) fill in their configs."""
+        for component in (self.extractor, self.scorer, self.selector):
+            if isinstance(component, TokenizerAware):
+                component.bind_tokenizer(tokenizer)
 
     # ----------------------------------------------------------------- persistence
 

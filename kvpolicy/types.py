@@ -487,6 +487,15 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
+@runtime_checkable
+class TokenizerAware(Protocol):
+    """A component whose config depends on the tokenizer the model runs with (e.g. FastGen's
+    special / punctuation token classes). `Policy.bind_tokenizer` fills it in once; a config
+    given explicitly is left alone."""
+
+    def bind_tokenizer(self, tokenizer: Any) -> None: ...
+
+
 PROTOCOLS: dict[ComponentKind, type] = {
     "extractor": FeatureExtractor,
     "scorer": Scorer,

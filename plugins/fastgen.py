@@ -111,6 +111,12 @@ class TokenClassExtractor:
     def requirements(self) -> Requirements:
         return Requirements(token_ids=True, accumulated_attention=True)
 
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Fill both classes from the model's tokenizer unless they were configured explicitly
+        (called by `Policy.bind_tokenizer`; `kvpolicy run` and `kvpolicy eval` do)."""
+        if not self.config.special_ids and not self.config.punctuation_ids:
+            self.__init__(TokenClassConfig(**token_classes(tokenizer)))
+
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 3]``: special, punctuation, accumulated attention."""
         if view.token_ids is None or view.accumulated_attention is None:

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = resolve_policy(args)
     model, tokenizer = load_model(args.model)
+    policy.bind_tokenizer(tokenizer)
     chat = MODELS[args.model].chat
     needle = None
     if args.prompt_file is not None:

@@ -81,6 +81,7 @@ def run_item(
 ) -> ItemResult:
     """Evaluate one item (see the module docstring for ``metric``)."""
     start = time.perf_counter()
+    policy.bind_tokenizer(tokenizer)
     encoded = encode(item, tokenizer)
     logprob: float | None = None
     prediction = ""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvpolicy_plugins.namm import calibrate
 
 import kvpolicy
 from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
 from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy_plugins.namm import calibrate
 
 PAPER_SIGMA = 0.065  # CMA-ES initial step size of the paper: a plausible first-generation member
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvpolicy_plugins.raw_attention import RawAttentionConfig, RawAttentionExtractor
 
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView
+from kvpolicy_plugins.raw_attention import RawAttentionConfig, RawAttentionExtractor
 
 
 def view_with(queries: int, tokens: int) -> LayerView:

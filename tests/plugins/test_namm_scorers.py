@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kvpolicy_plugins.bam import BamConfig, BamScorer
-from kvpolicy_plugins.mlp import MlpConfig, MlpScorer
 
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView, Parametric
+from kvpolicy_plugins.bam import BamConfig, BamScorer
+from kvpolicy_plugins.mlp import MlpConfig, MlpScorer
 
 
 def view_for(positions: torch.Tensor) -> LayerView:

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor
 
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView
+from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor
 
 GAMMA = 0.99
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis.stateful import run_state_machine_as_test
-from kvpolicy_keydiversity.plugin import KeyDiversityExtractor
 
 import kvpolicy
 from kvpolicy.testing import load_profile, parametrize_with_checks
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.machine import cache_machine, machine_settings
+from kvpolicy_keydiversity.plugin import KeyDiversityExtractor
 
 load_profile()
 

@@ -15,14 +15,9 @@ OPTIONS = {
 }
 
 #: known defects the kit found; strict xfails, so a fix shows up as an unexpected pass
-KNOWN_DEFECTS = {
-    "selector:heavy_recent": {
-        "protection_beats_pinned_scores": "protected tokens are keyed +inf and tie with +inf scores"
-    },
-    "selector:head_threshold": {
-        "protection_beats_pinned_scores": "protected tokens are keyed +inf and tie with +inf scores"
-    },
-}
+# Checks a built-in is known to fail, as {target id: {check: reason}}; each runs as a strict
+# xfail, so fixing the defect turns it into a failure until its entry is removed.
+KNOWN_DEFECTS: dict[str, dict[str, str]] = {}
 
 
 @parametrize_with_checks(options=OPTIONS, expected_failures=KNOWN_DEFECTS)

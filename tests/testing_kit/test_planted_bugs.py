@@ -11,6 +11,7 @@ from kvpolicy.testing import ConformanceError, InvariantViolation, check_compone
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.machine import cache_machine, machine_settings
 from kvpolicy.types import EmptyConfig, Selection
+from kvpolicy_plugins.basic import RandomScorer
 
 
 class DropsOldestProtected:
@@ -52,9 +53,17 @@ def test_conformance_reports_dropped_protected_token(no_shrinking):
         check_component(DropsOldestProtected())
 
 
+class BatchDependentScorer(RandomScorer):
+    """Planted bug: scores drawn for the whole batch at once, so a row's scores depend on its place."""
+
+    def score(self, features, view):
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.rand(features.shape[:3], generator=generator)
+
+
 def test_conformance_reports_a_batch_dependent_scorer(no_shrinking):
     with pytest.raises(ConformanceError, match="batch_permutation"):
-        check_component(kvpolicy.default_registry().create("scorer", "random"), skip=["population_rows"])
+        check_component(BatchDependentScorer(), skip=["population_rows"])
 
 
 def _streaming(selector=None):

@@ -26,7 +26,8 @@ from kvpolicy.evolve.executors import make_executor
 from kvpolicy.evolve.jobs import Job
 from kvpolicy.evolve.workloads import build_workload
 
-#: design.md section 6: batched prefill of 256 sequences × 1k tokens in 0.39 s on an H200 (bf16)
+#: A separate measurement of SmolLM2 on an H200 (bf16, transformers 5.17): batched prefill of
+#: 256 sequences × 1k tokens in 0.39 s. Used only for the labelled projection below.
 GPU_TOKENS_PER_SECOND = 256 * 1024 / 0.39
 
 
@@ -143,7 +144,7 @@ def main() -> None:
         hours = per_gen / best / 60
         gpu_seconds = per_gen * length / GPU_TOKENS_PER_SECOND
         print(f"  {length} tokens, one generation of 33 x 16 evaluations: {hours:.1f} h here; "
-              f"~{gpu_seconds:.2f} s of batched prefill on an H200 (design.md figure: 680k tokens/s)")  # fmt: skip
+              f"~{gpu_seconds:.2f} s of batched prefill on an H200 (projection from a measured 680k tokens/s)")  # fmt: skip
         print(f"    an assumed paper-sized run of 3 stages x 200 generations: {600 * hours / 24:.0f} days here; "
               f"~{600 * gpu_seconds / 60:.0f} min of GPU prefill (decoding and eviction overheads not included)")  # fmt: skip
 

@@ -73,3 +73,20 @@ def check_features(owner: str, features: torch.Tensor, expected: int) -> None:
             f"{owner} expects features [batch, kv_heads, tokens, {expected}], got {tuple(features.shape)}; "
             f"set its `features` config to the extractor's feature count"
         )
+
+
+class HasFlatParameters:
+    """Mixin giving a component the `kvpolicy.types.Parametric` methods of its ``params``
+    (a `FlatParameters`), so each scorer with weights only declares their shapes."""
+
+    params: FlatParameters
+
+    @property
+    def num_params(self) -> int:
+        return self.params.num_params
+
+    def get_flat(self) -> torch.Tensor:
+        return self.params.get_flat()
+
+    def set_flat(self, vector: torch.Tensor) -> None:
+        self.params.set_flat(vector)

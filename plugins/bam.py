@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy import hookimpl
-from kvpolicy.parameters import FlatParameters, check_features
+from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
 from kvpolicy.types import LayerView, Requirements, positive
 
 
@@ -41,7 +41,7 @@ class BamConfig:
     hidden: int = attrs.field(default=32, validator=positive)
 
 
-class BamScorer:
+class BamScorer(HasFlatParameters):
     """NAMM's BAM: counter-causal single-head attention + gated residual + linear score."""
 
     name: ClassVar[str] = "bam"
@@ -58,16 +58,6 @@ class BamScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
-
-    @property
-    def num_params(self) -> int:
-        return self.params.num_params
-
-    def get_flat(self) -> torch.Tensor:
-        return self.params.get_flat()
-
-    def set_flat(self, vector: torch.Tensor) -> None:
-        self.params.set_flat(vector)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         f, h = self.config.features, self.config.hidden

@@ -16,7 +16,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.parameters import FlatParameters, check_features
+from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
 from kvpolicy.types import LayerView, Requirements, non_negative, positive
 
 
@@ -39,7 +39,7 @@ class MlpConfig:
 _ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
 
 
-class MlpScorer:
+class MlpScorer(HasFlatParameters):
     """Score = MLP(features of one token); zero parameters ⇒ every score is 0 (nothing evicted
     by ``threshold``). `Parametric`, with population support (see `FlatParameters`)."""
 
@@ -60,16 +60,6 @@ class MlpScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
-
-    @property
-    def num_params(self) -> int:
-        return self.params.num_params
-
-    def get_flat(self) -> torch.Tensor:
-        return self.params.get_flat()
-
-    def set_flat(self, vector: torch.Tensor) -> None:
-        self.params.set_flat(vector)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         check_features("mlp scorer", features, self.config.features)

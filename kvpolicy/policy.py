@@ -121,6 +121,28 @@ class Policy:
                 f"the policy must protect ({self.protect.sinks} sinks + {max(self.protect.recent, 1)} recent)"
             )
 
+    def override(
+        self,
+        *,
+        budget: Budget | int | float | str | None = ...,  # type: ignore[assignment]
+        sinks: int | None = None,
+        recent: int | None = None,
+    ) -> Policy:
+        """Change budget / protection in place, keeping learned parameters and calibrated buffers
+        (e.g. of a loaded NAMM), and validate the result as a new policy would be."""
+        before = (self.budget, self.protect)
+        if budget is not ...:
+            self.budget = Budget.parse(budget)
+        changes = {k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None}
+        if changes:
+            self.protect = attrs.evolve(self.protect, **changes)
+        try:
+            self._check_budget()
+        except InvalidBudgetError:
+            self.budget, self.protect = before  # a refused override leaves the policy as it was
+            raise
+        return self
+
     @property
     def config(self) -> PolicyConfig:
         """This policy as data; `Policy.from_config` rebuilds it by name."""

@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import attrs
 import torch
 
 from kvpolicy.errors import InvalidConfigError
@@ -45,13 +44,7 @@ def resolve_policy(args: argparse.Namespace):
     if args.budget is not None:
         overrides["budget"] = Budget.parse(args.budget)
     if spec.endswith(".safetensors"):
-        policy = kvpolicy.Policy.load(spec)  # keeps learned parameters and calibrated buffers
-        if "budget" in overrides:
-            policy.budget = overrides.pop("budget")
-        if overrides:
-            policy.protect = attrs.evolve(policy.protect, **overrides)
-        policy._check_budget()
-        return policy
+        return kvpolicy.Policy.load(spec).override(**overrides)  # keeps parameters and buffers
     if spec.endswith(".json"):
         path = Path(spec)
         if not path.is_file():

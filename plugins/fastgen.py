@@ -46,6 +46,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.selection import rank_protected_first, sorted_selection
 from kvpolicy.types import (
     Budget,
     ComponentRef,
@@ -249,17 +250,10 @@ class HeadThresholdSelector:
         cap = torch.clamp(must, min=min(capacity, tokens))
         counts = torch.minimum(wanted.sum(-1), cap)  # [batch, kv_heads]
         kept = int(counts.max())
-        top = torch.finfo(torch.float32).max  # finite, so protected tokens (+inf) always rank first
-        keyed = torch.nan_to_num(scores.float(), nan=-top, posinf=top, neginf=-top)
-        keyed = keyed.masked_fill(protected & real, float("inf")).masked_fill(~wanted, float("-inf"))
+        keyed = rank_protected_first(scores, protected & real).masked_fill(~wanted, float("-inf"))
         top = keyed.topk(kept, dim=-1).indices
         valid = torch.arange(kept, device=scores.device) < counts.unsqueeze(-1)
-        if bool(valid.all()):
-            return Selection(top.sort(dim=-1).values)
-        order_key = torch.where(valid, top, torch.full_like(top, tokens))
-        order_key, order = order_key.sort(dim=-1)
-        valid = valid.gather(-1, order)
-        return Selection(torch.where(valid, order_key, torch.zeros_like(order_key)), valid)
+        return sorted_selection(top, None if bool(valid.all()) else valid)
 
 
 @hookimpl

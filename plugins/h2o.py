@@ -23,6 +23,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.selection import finite_scores, sorted_selection
 from kvpolicy.types import (
     Budget,
     ComponentRef,
@@ -126,11 +127,11 @@ class HeavyRecentSelector:
         # three tiers, all within the budget: protected (+inf), then the window, newest first,
         # then the heavy hitters by score (clamped below the window's tier)
         top = torch.finfo(torch.float32).max
-        keyed = torch.nan_to_num(scores.float(), nan=-top, posinf=top, neginf=-top).clamp(-top / 4, top / 4)
+        keyed = finite_scores(scores).clamp(-top / 4, top / 4)
         newest_first = top / 2 + (top / 4) * (view.positions.float() / max(view.seen, 1))
         keyed = torch.where(in_window, newest_first, keyed).masked_fill(protected, _KEEP)
         k = max(capacity, int(protected.sum(-1).max()))
-        return Selection(keyed.topk(k, dim=-1).indices.sort(dim=-1).values)
+        return sorted_selection(keyed.topk(k, dim=-1).indices)
 
 
 @hookimpl

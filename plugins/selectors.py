@@ -10,31 +10,10 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidBudgetError
+from kvpolicy.selection import rank_protected_first, sorted_selection
 from kvpolicy.types import Budget, LayerView, Requirements, Selection, non_negative
 
 _KEEP = float("inf")
-
-
-def protect(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-    """Scores as float32 with every protected token ranked above any unprotected one.
-
-    Finite-ises the scores first (+inf → float max, NaN and -inf → float min) so a scorer that
-    pins tokens with +inf can never tie with, and displace, a protected token.
-    """
-    finite = torch.finfo(torch.float32)
-    keyed = scores.float().nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
-    return keyed.masked_fill(protected, _KEEP)
-
-
-def _sorted_selection(indices: torch.Tensor, valid: torch.Tensor | None = None) -> Selection:
-    """Sort kept indices ascending per head (positions stay increasing); padding goes last."""
-    if valid is None:
-        return Selection(indices.sort(dim=-1).values)
-    key = torch.where(valid, indices, indices.new_full((), torch.iinfo(indices.dtype).max))
-    key, order = key.sort(dim=-1)
-    valid = valid.gather(-1, order)
-    indices = torch.where(valid, key, torch.zeros_like(key))
-    return Selection(indices, valid)
 
 
 @attrs.frozen
@@ -67,10 +46,10 @@ class TopKSelector:
         if capacity is None:
             raise InvalidBudgetError("top_k needs a budget (tokens or ratio)")
         capacity = min(capacity, tokens)
-        keyed = protect(scores, protected)
+        keyed = rank_protected_first(scores, protected)
         if not self.config.shared_across_heads:
             k = max(capacity, int(protected.sum(-1).max()))
-            return _sorted_selection(keyed.topk(k, dim=-1).indices)
+            return sorted_selection(keyed.topk(k, dim=-1).indices)
         return self._shared(keyed, protected, capacity, heads, tokens)
 
     def _shared(
@@ -128,14 +107,14 @@ class ThresholdSelector:
         wanted = (scores >= self.config.threshold) | protected
         per_row = wanted.sum(-1).amax(dim=1)  # [batch]: the count the greediest head of each row wants
         k = int(per_row.max())
-        indices = protect(scores, protected).topk(k, dim=-1).indices  # best first
+        indices = rank_protected_first(scores, protected).topk(k, dim=-1).indices  # best first
         if bool((per_row == k).all()):
-            return _sorted_selection(indices)
+            return sorted_selection(indices)
         # Batch rows are independent sequences (e.g. population members): each keeps its own
         # count; the shorter rows are padded and their padding masked out.
         rank = torch.arange(k, device=scores.device)
         valid = (rank < per_row[:, None, None]).expand_as(indices)
-        return _sorted_selection(indices, valid)
+        return sorted_selection(indices, valid)
 
 
 @hookimpl

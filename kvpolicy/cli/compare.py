@@ -66,6 +66,27 @@ def comparison_table(summaries: list, tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def length_comparison_table(summaries: list) -> str:
+    """Markdown: one row per run, its normalised mean over tasks at each context length
+    (empty when the suite has a single length)."""
+    lengths = sorted({length for s in summaries for length, _ in s.by_length})
+    if len(lengths) < 2:
+        return ""
+    lines = [
+        "| policy | " + " | ".join(f"{length:,} tokens" for length in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for summary in summaries:
+        rows = dict(summary.by_length)
+        cells = []
+        for length in lengths:
+            row = rows.get(length)
+            ok = row is not None and row.normalised is not None
+            cells.append(f"{row.normalised * 100:.1f} ± {row.normalised_se * 100:.1f}" if ok else "–")
+        lines.append(f"| {summary.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.eval.plot import comparison_figure
     from kvpolicy.eval.policy_spec import policy_label
@@ -97,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         )
     tasks = list(dict.fromkeys(item.task for item in items))
     table = comparison_table(summaries, tasks)
+    by_length = length_comparison_table(summaries)
+    if by_length:
+        table += "\nMean normalised score (%) by context length:\n\n" + by_length
     header = (
         f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split, "
         f"{len(items)} items, {args.model}); mean ± standard error; Δ = paired difference to the full cache "

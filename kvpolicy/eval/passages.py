@@ -8,8 +8,9 @@ measures whether a policy keeps both the wording of every passage and its label.
 match of the passage number (chance 1/N).
 
 Not in the default profiles: SmolLM2-135M scores 0 on it with a full cache in every form tried
-(label at the start, label at the end, this cue, chat or plain text); it answers the last passage
-number. It is kept for larger models (``--tasks passages``).
+(label at the start, label at the end, this cue, chat or plain text, shuffled or word labels,
+choice among the label tokens only); it answers the most recent or the next passage label. It is
+kept for larger models (``--tasks passages``); docs/evaluation.md lists the measurements.
 """
 
 from __future__ import annotations

@@ -118,6 +118,40 @@ def summarise(results: Iterable[ItemResult], references: Mapping[str, ItemResult
     return rows
 
 
+def summarise_by_length(
+    results: Iterable[ItemResult], references: Mapping[str, ItemResult]
+) -> dict[int, list[TaskSummary]]:
+    """`summarise` for each context length apart: how a policy degrades as the prompt grows."""
+    by_length: dict[int, list[ItemResult]] = {}
+    for result in results:
+        by_length.setdefault(result.length, []).append(result)
+    return {length: summarise(group, references) for length, group in sorted(by_length.items())}
+
+
+def length_table(by_length: Mapping[int, Sequence[TaskSummary]], field: str = "score") -> str:
+    """Markdown: one row per task (and ``all``), one column per context length; cells are
+    ``field`` (``score`` in points or ``normalised`` in %) ± its standard error."""
+    lengths = list(by_length)
+    tasks = list(dict.fromkeys(r.task for rows in by_length.values() for r in rows))
+    cells = {(length, r.task): r for length, rows in by_length.items() for r in rows}
+    unit = "%" if field == "normalised" else ""
+    lines = [
+        "| task | " + " | ".join(f"{length:,} tokens" for length in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for task in tasks:
+        row = [cells.get((length, task)) for length in lengths]
+        text = [_cell(r, field, unit) for r in row]
+        lines.append(f"| {task} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: TaskSummary | None, field: str, unit: str) -> str:
+    if row is None or getattr(row, field) is None:
+        return "–"
+    return _pm(getattr(row, field), getattr(row, f"{field}_se")) + unit
+
+
 def per_layer_retention(results: Iterable[ItemResult]) -> list[float]:
     """Mean kept fraction of each layer over the results."""
     layers = [r.per_layer_fraction for r in results if r.per_layer_fraction]

@@ -19,18 +19,27 @@ from kvpolicy.atomic import atomic_write_text
 from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.references import reference_results
-from kvpolicy.eval.report import TaskSummary, markdown_table, per_layer_retention, summarise
+from kvpolicy.eval.report import (
+    TaskSummary,
+    length_table,
+    markdown_table,
+    per_layer_retention,
+    summarise,
+    summarise_by_length,
+)
 from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
 
 
 @attrs.frozen
 class RunSummary:
-    """What `run_suite` wrote: the label, the per-task rows and the per-layer retention."""
+    """What `run_suite` wrote: the label, the per-task rows, the per-layer retention, and the
+    ``all`` row of each context length (``(length, row)``, shortest first)."""
 
     label: str
     rows: tuple[TaskSummary, ...]
     per_layer: tuple[float, ...]
     out: Path
+    by_length: tuple[tuple[int, TaskSummary], ...] = ()
 
     @property
     def overall(self) -> TaskSummary:
@@ -41,13 +50,24 @@ class RunSummary:
             "label": self.label,
             "rows": [attrs.asdict(r) for r in self.rows],
             "per_layer_retention": list(self.per_layer),
+            "by_length": [{"length": length, **attrs.asdict(row)} for length, row in self.by_length],
         }
 
     @classmethod
     def load(cls, out: str | Path) -> RunSummary:
         data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
         rows = tuple(TaskSummary(**r) for r in data["rows"])
-        return cls(data["label"], rows, tuple(data["per_layer_retention"]), Path(out))
+        by_length = tuple((r.pop("length"), TaskSummary(**r)) for r in data.get("by_length", []))
+        return cls(data["label"], rows, tuple(data["per_layer_retention"]), Path(out), by_length)
+
+
+def _summary_markdown(label: str, rows: Sequence[TaskSummary], lengths: dict[int, list[TaskSummary]]) -> str:
+    """The per-task table, then score (points) and normalised score (%) by context length."""
+    text = markdown_table(rows, title=label)
+    if len(lengths) > 1:
+        text += "\n**score by context length (points)**\n\n" + length_table(lengths, "score")
+        text += "\n**normalised by the full cache, by context length (%)**\n\n" + length_table(lengths, "normalised")
+    return text
 
 
 def _is_full_cache(policy: Any) -> bool:
@@ -102,11 +122,13 @@ def run_suite(
             label=label,
         )
     rows = tuple(summarise(results, references))
-    summary = RunSummary(label, rows, tuple(per_layer_retention(results)), out)
+    lengths = summarise_by_length(results, references)
+    overall_by_length = tuple((length, group[-1]) for length, group in lengths.items())
+    summary = RunSummary(label, rows, tuple(per_layer_retention(results)), out, overall_by_length)
     atomic_write_text(out / "results.csv", to_csv(results, references))
     record = {**summary.to_dict(), "policy": policy.config.to_dict(), "model": model_name, "metric": metric}
     record["chunk_size"] = chunk_size
     record.update(settings or {})
     atomic_write_text(out / "summary.json", json.dumps(record, indent=2, sort_keys=True))
-    atomic_write_text(out / "summary.md", markdown_table(rows, title=label))
+    atomic_write_text(out / "summary.md", _summary_markdown(label, rows, lengths))
     return summary

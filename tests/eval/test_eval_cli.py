@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvpolicy.cli import main
-from kvpolicy.cli.compare import _grid, comparison_table
+from kvpolicy.cli.compare import _grid, comparison_table, length_comparison_table
 from kvpolicy.eval.report import TaskSummary
 from kvpolicy.eval.run import RunSummary
 
@@ -43,3 +43,7 @@ def test_comparison_table_reports_measured_cache_and_normalised_scores() -> None
     summary = RunSummary("random@64", (row("needle", 0.5), row("all", 0.5)), (0.25,), Path("."))
     table = comparison_table([summary], ["needle"])
     assert "| random@64 | 25.0% | 50 | 50.0 ± 10.0 | -50.0 ± 20.0 |" in table
+    assert length_comparison_table([summary]) == ""  # one length: nothing to break down
+    by_length = ((1024, row("all", 0.75)), (2048, row("all", 0.25)))
+    two = RunSummary("random@64", summary.rows, (0.25,), Path("."), by_length)
+    assert "| random@64 | 75.0 ± 10.0 | 25.0 ± 10.0 |" in length_comparison_table([two])

@@ -6,23 +6,33 @@ import csv
 import io
 import json
 import math
+import multiprocessing
+import sys
 from pathlib import Path
 
 import pytest
 
 from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
 from kvpolicy.eval.policy_spec import parse_policy, policy_label
-from kvpolicy.eval.report import ALL, markdown_table, per_layer_retention, standard_error, summarise
+from kvpolicy.eval.report import (
+    ALL,
+    length_table,
+    markdown_table,
+    per_layer_retention,
+    standard_error,
+    summarise,
+    summarise_by_length,
+)
 from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
 
 
-def result(uid: str, task: str, score: float, policy: str = "p", kept: float = 0.5) -> ItemResult:
+def result(uid: str, task: str, score: float, policy: str = "p", kept: float = 0.5, length: int = 1024) -> ItemResult:
     return ItemResult(
         uid=uid,
         fingerprint=f"fp-{uid}",
         task=task,
         split="test",
-        length=1024,
+        length=length,
         seed=0,
         policy=policy,
         metric="exact",
@@ -51,6 +61,58 @@ def test_store_appends_atomically_and_resumes(tmp_path: Path) -> None:
     assert len(reopened) == 2 and reopened.done("a", "fp-a")
     assert not reopened.done("a", "changed-item")  # a regenerated item is recomputed, not reused
     assert reopened.get("b").score == 0.0
+
+
+def test_two_stores_on_one_file_lose_nothing(tmp_path: Path) -> None:
+    """Two runs sharing a file (e.g. the reference cache) each append; neither overwrites the other."""
+    path = tmp_path / "shared.jsonl"
+    first, second = ResultStore(path), ResultStore(path)
+    first.add(result("a", "needle", 1.0))
+    second.add(result("b", "needle", 0.0))
+    first.add(result("c", "quote", 0.5))
+    assert {r.uid for r in ResultStore(path)} == {"a", "b", "c"}
+
+
+def _add_many(path: Path, prefix: str) -> None:
+    store = ResultStore(path)
+    for i in range(40):
+        store.add(result(f"{prefix}{i}", "needle", 1.0))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_processes_appending_to_one_store_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "shared.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_add_many, args=(path, prefix)) for prefix in "xyz"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert len(ResultStore(path)) == 120
+    assert all(line.startswith("{") and line.endswith("}") for line in path.read_text().splitlines())
+
+
+def test_store_drops_a_torn_last_line_and_keeps_appending(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    store = ResultStore(path)
+    store.add(result("a", "needle", 1.0))
+    whole = json.dumps(result("b", "needle", 0.0).to_dict())
+    with path.open("a") as handle:
+        handle.write(whole[: len(whole) // 2])  # killed while writing "b"
+    with pytest.warns(UserWarning, match="torn last line"):
+        reopened = ResultStore(path)
+    assert [r.uid for r in reopened] == ["a"]
+    reopened.add(result("c", "needle", 0.0))
+    assert [r.uid for r in ResultStore(path)] == ["a", "c"]
+
+
+def test_store_keeps_a_complete_last_line_without_newline(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(result("a", "needle", 1.0).to_dict()))
+    store = ResultStore(path)
+    store.add(result("b", "needle", 0.0))
+    assert [r.uid for r in ResultStore(path)] == ["a", "b"]
 
 
 def test_store_names_a_corrupt_file(tmp_path: Path) -> None:
@@ -83,6 +145,21 @@ def test_summary_normalises_by_full_cache_and_pairs_the_difference() -> None:
     assert rows[ALL].normalised_se == pytest.approx(math.sqrt(0.5**2 + 0.0) / 2)
     table = markdown_table(list(rows.values()), title="t")
     assert "| needle | 2 | 50.0 ± 50.0 | 100.0 ± 0.0 | 50.0 ± 50.0% |" in table
+
+
+def test_summary_by_length_keeps_lengths_apart() -> None:
+    runs = [result("a", "needle", 1.0), result("b", "needle", 0.0, length=4096), result("c", "quote", 0.2, length=4096)]
+    refs = {uid: result(uid, task, 1.0, length=n) for uid, task, n in [("a", "needle", 1024), ("b", "needle", 4096)]}
+    refs["c"] = result("c", "quote", 0.4, length=4096)
+    by_length = summarise_by_length(runs, refs)
+    assert list(by_length) == [1024, 4096]
+    assert by_length[1024][-1].normalised == 1.0
+    assert by_length[4096][-1].normalised == pytest.approx((0.0 + 0.5) / 2)
+    scores = length_table(by_length, "score")
+    assert "| task | 1,024 tokens | 4,096 tokens |" in scores
+    assert "| needle | 100.0 ± 0.0 | 0.0 ± 0.0 |" in scores
+    assert "| quote | – | 20.0 ± 0.0 |" in scores  # no quote item at 1k: an empty cell, not a zero
+    assert "| all | 100.0 ± 0.0% | 25.0 ± 0.0% |" in length_table(by_length, "normalised")
 
 
 def test_summary_without_references_leaves_normalised_empty() -> None:

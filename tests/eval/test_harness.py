@@ -102,6 +102,26 @@ def test_run_suite_writes_results_and_summary(tiny_model, tiny_tokenizer, items,
     assert RunSummary.load(tmp_path / "run") == summary
 
 
+def test_run_suite_breaks_scores_down_by_context_length(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
+    two_lengths = build_suite(["needle"], "test", [256, 512], [0])
+    summary = run_suite(
+        kvpolicy.build("random", budget=32),
+        two_lengths,
+        tiny_model,
+        tiny_tokenizer,
+        out=tmp_path / "run",
+        label="random@32",
+        model_name="tiny",
+        reference_dir=tmp_path / "refs",
+        progress=False,
+    )
+    assert [length for length, _ in summary.by_length] == [256, 512]
+    assert all(row.n == 1 and row.kept_fraction < 1.0 for _, row in summary.by_length)
+    text = (tmp_path / "run" / "summary.md").read_text()
+    assert "score by context length" in text and "| needle | " in text and "512 tokens" in text
+    assert RunSummary.load(tmp_path / "run") == summary
+
+
 def test_bad_harness_arguments(tiny_model, tiny_tokenizer, items) -> None:
     with pytest.raises(InvalidConfigError, match="task, loglik, both"):
         evaluate(kvpolicy.build("full"), items, tiny_model, tiny_tokenizer, metric="bleu")  # type: ignore[arg-type]

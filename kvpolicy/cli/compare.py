@@ -67,8 +67,9 @@ def comparison_table(summaries: list, tasks: list[str]) -> str:
 
 
 def length_comparison_table(summaries: list) -> str:
-    """Markdown: one row per run, its normalised mean over tasks at each context length
-    (empty when the suite has a single length)."""
+    """Markdown: one row per run, its normalised mean over tasks and its measured cache kept at
+    each context length (a fixed budget keeps a smaller share of a longer prompt); empty when
+    the suite has a single length."""
     lengths = sorted({length for s in summaries for length, _ in s.by_length})
     if len(lengths) < 2:
         return ""
@@ -82,7 +83,10 @@ def length_comparison_table(summaries: list) -> str:
         for length in lengths:
             row = rows.get(length)
             ok = row is not None and row.normalised is not None
-            cells.append(f"{row.normalised * 100:.1f} ± {row.normalised_se * 100:.1f}" if ok else "–")
+            text = (
+                f"{row.normalised * 100:.1f} ± {row.normalised_se * 100:.1f} ({row.kept_fraction:.0%})" if ok else "–"
+            )
+            cells.append(text)
         lines.append(f"| {summary.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     table = comparison_table(summaries, tasks)
     by_length = length_comparison_table(summaries)
     if by_length:
-        table += "\nMean normalised score (%) by context length:\n\n" + by_length
+        table += "\nMean normalised score (%) by context length, with the cache kept in brackets:\n\n" + by_length
     header = (
         f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split, "
         f"{len(items)} items, {args.model}); mean ± standard error; Δ = paired difference to the full cache "

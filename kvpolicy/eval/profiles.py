@@ -38,14 +38,18 @@ class Profile:
         return build_suite(tasks or self.tasks, split, lengths or self.lengths, seeds or self.seeds)
 
 
-#: ``passages`` is left out of the default suites: SmolLM2-135M scored 0 on it with a full cache in
-#: every prompt form tried (it answers the last passage number); pass ``--tasks`` to run it with a
-#: larger model.
-DEFAULT_TASKS = tuple(t for t in TASKS if t != "passages")
+#: Tasks the shipped SmolLM2-135M is at chance on even with a full cache (the ``full`` profile,
+#: 102 items each): ``variables`` 52 ± 5 % where picking either chain's value gives 50 %,
+#: ``multivalue`` F1 27 ± 2 where listing three of the six codes at random gives 33, and
+#: ``passages`` 0. A task the model cannot do with a full cache says nothing about a policy, so
+#: they are left out of the default suites and stay in the registry for larger models
+#: (``--tasks``); docs/evaluation.md has the measurements.
+AT_CHANCE_ON_SMOLLM2 = ("variables", "multivalue", "passages")
+DEFAULT_TASKS = tuple(t for t in TASKS if t not in AT_CHANCE_ON_SMOLLM2)
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile("ci", DEFAULT_TASKS, (1024,), (0, 1), "2 items per task at 1k tokens; minutes on CPU"),
+        Profile("ci", DEFAULT_TASKS, (1024,), (0, 1), "2 items per task at 1k tokens; a minute or two on CPU"),
         Profile(
             "small",
             DEFAULT_TASKS,

@@ -46,4 +46,4 @@ def test_comparison_table_reports_measured_cache_and_normalised_scores() -> None
     assert length_comparison_table([summary]) == ""  # one length: nothing to break down
     by_length = ((1024, row("all", 0.75)), (2048, row("all", 0.25)))
     two = RunSummary("random@64", summary.rows, (0.25,), Path("."), by_length)
-    assert "| random@64 | 75.0 ± 10.0 | 25.0 ± 10.0 |" in length_comparison_table([two])
+    assert "| random@64 | 75.0 ± 10.0 (25%) | 25.0 ± 10.0 (25%) |" in length_comparison_table([two])

@@ -55,7 +55,7 @@ PROFILES: dict[str, Profile] = {
             DEFAULT_TASKS,
             (2048,),
             tuple(range(8)),
-            "8 items per task at 2k tokens; ~10 min per policy on an idle CPU",
+            "8 items per task at 2k tokens; a few minutes per policy on an idle CPU",
         ),
         Profile(
             "full",

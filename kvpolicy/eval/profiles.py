@@ -40,7 +40,7 @@ class Profile:
 
 #: Tasks the shipped SmolLM2-135M is at chance on even with a full cache (the ``full`` profile,
 #: 102 items each): ``variables`` 52 ± 5 % where picking either chain's value gives 50 %,
-#: ``multivalue`` F1 27 ± 2 where listing three of the six codes at random gives 33, and
+#: ``multivalue`` F1 27 ± 2 where a numbered list of three of the six codes at random gives 33, and
 #: ``passages`` 0. A task the model cannot do with a full cache says nothing about a policy, so
 #: they are left out of the default suites and stay in the registry for larger models
 #: (``--tasks``); docs/evaluation.md has the measurements.

@@ -2,9 +2,10 @@
 
 ``full`` has 102 items per task (34 seeds × 1k, 2k and 4k tokens): a 0/1 metric then has a
 standard error of at most 0.5/√102 < 5 points per task. It stops at 4k because an 8k item costs
-as much as the three shorter ones together (≈40 s against ≈25 s on one CPU core), which would
-triple the run; 8k items are one flag away (``--lengths 8192``). The full cache and one
-budgeted policy take about an hour on a 2-core CPU, split over two processes.
+more than a 1k, a 2k and a 4k item together (≈40 s against ≈25 s on one CPU core), so 8k would
+multiply the run by about 2.6; 8k items are one flag away (``--lengths 8192``). The full cache and one
+budgeted policy take about 100 minutes of one core, under an hour on a 2-core CPU split over two
+processes (``--tasks``; docs/evaluation.md).
 ``small`` (2k tokens, 8 items per task) is the largest run that fits a few minutes per policy.
 """
 
@@ -41,7 +42,7 @@ class Profile:
 #: Tasks the shipped SmolLM2-135M is at chance on even with a full cache (the ``full`` profile,
 #: 102 items each): ``variables`` 52 ± 5 % where picking either chain's value gives 50 %,
 #: ``multivalue`` F1 27 ± 2 where a numbered list of three of the six codes at random gives 33, and
-#: ``passages`` 0. A task the model cannot do with a full cache says nothing about a policy, so
+#: ``passages`` 9 ± 5 % (34 items at 2k) where chance is 17 %. A task the model cannot do with a full cache says nothing about a policy, so
 #: they are left out of the default suites and stay in the registry for larger models
 #: (``--tasks``); docs/evaluation.md has the measurements.
 AT_CHANCE_ON_SMOLLM2 = ("variables", "multivalue", "passages")
@@ -62,7 +63,7 @@ PROFILES: dict[str, Profile] = {
             DEFAULT_TASKS,
             (1024, 2048, 4096),
             tuple(range(34)),
-            "102 items per task at 1k-4k tokens; ~1 h per policy on a 2-core CPU",
+            "102 items per task at 1k-4k tokens; ~45 min per policy on one CPU core",
         ),
     )
 }

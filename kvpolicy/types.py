@@ -274,6 +274,16 @@ class PolicyConfig:
 # --------------------------------------------------------------------------- runtime state
 
 
+#: optional `LayerView` fields: their shape, and the `Requirements` setting that fills them
+_VIEW_FIELDS: dict[str, tuple[str, str]] = {
+    "keys": ("[batch, kv_heads, tokens, head_dim]", "keys=True"),
+    "attention": ("[batch, kv_heads, queries, tokens]", "attention_window > 0"),
+    "query_positions": ("[queries]", "attention_window > 0"),
+    "accumulated_attention": ("[batch, kv_heads, tokens]", "accumulated_attention=True"),
+    "token_ids": ("[batch, kv_heads, tokens]", "token_ids=True"),
+}
+
+
 @attrs.define(eq=False)
 class LayerView:
     """What the policy sees of one layer's cache when it updates (built by the integration).
@@ -314,6 +324,19 @@ class LayerView:
     accumulated_attention: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+    def require(self, *fields: str, by: str) -> None:
+        """Raise a `ShapeError` naming every one of ``fields`` that is None: the integration only
+        computes what a component's `Requirements` ask for, so a missing field is a component
+        that asked for less than it reads (or a hand-built view), never a model problem."""
+        missing = [name for name in fields if getattr(self, name) is None]
+        if missing:
+            wanted = " and ".join(f"view.{name} {_VIEW_FIELDS[name][0]}" for name in missing)
+            asks = ", ".join(dict.fromkeys(_VIEW_FIELDS[name][1] for name in missing))
+            raise ShapeError(
+                f"{by} needs {wanted}; the integration provided none (it computes them when the "
+                f"component's Requirements ask: {asks})"
+            )
 
     @property
     def batch(self) -> int:

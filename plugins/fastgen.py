@@ -120,13 +120,7 @@ class TokenClassExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 3]``: special, punctuation, accumulated attention."""
-        if view.token_ids is None or view.accumulated_attention is None:
-            raise ShapeError(
-                "extractor 'token_class' needs LayerView.token_ids and LayerView.accumulated_attention "
-                "[batch, kv_heads, tokens]; the integration provided "
-                f"token_ids={'yes' if view.token_ids is not None else 'none'}, "
-                f"accumulated_attention={'yes' if view.accumulated_attention is not None else 'none'}"
-            )
+        view.require("token_ids", "accumulated_attention", by="extractor 'token_class'")
         ids = view.token_ids
         special = torch.isin(ids, self._special.to(ids.device)).float()
         punctuation = torch.isin(ids, self._punctuation.to(ids.device)).float()

@@ -54,11 +54,7 @@ class AccumulatedAttentionExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` accumulated attention."""
-        if view.accumulated_attention is None:
-            raise ShapeError(
-                "extractor 'accumulated_attention' needs LayerView.accumulated_attention "
-                "[batch, kv_heads, tokens]; the integration provided none"
-            )
+        view.require("accumulated_attention", by="extractor 'accumulated_attention'")
         return view.accumulated_attention.float().unsqueeze(-1)
 
 

@@ -55,11 +55,7 @@ class KeyNormExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` key norms (float32)."""
-        if view.keys is None:
-            raise ShapeError(
-                "extractor 'key_norm' needs LayerView.keys [batch, kv_heads, tokens, head_dim]; "
-                "the integration provided none"
-            )
+        view.require("keys", by="extractor 'key_norm'")
         return torch.linalg.vector_norm(view.keys.float(), dim=-1).unsqueeze(-1)
 
 

@@ -58,11 +58,7 @@ class WindowVotesExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` votes of the newest ``window_size`` queries."""
-        if view.attention is None:
-            raise ShapeError(
-                "extractor 'window_votes' needs LayerView.attention [batch, kv_heads, queries, tokens]; "
-                "the integration provided none"
-            )
+        view.require("attention", by="extractor 'window_votes'")
         window = view.attention[:, :, -self.config.window_size :, :]
         return window.float().sum(dim=2).unsqueeze(-1)
 

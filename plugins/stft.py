@@ -244,12 +244,7 @@ class StftExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         cfg = self.config
-        if view.attention is None or view.query_positions is None:
-            raise ShapeError(
-                "the stft extractor needs view.attention [batch, kv_heads, queries, tokens] and "
-                "view.query_positions [queries]; the integration provides them when "
-                f"Requirements.attention_window > 0 (this extractor asks for {cfg.window})"
-            )
+        view.require("attention", "query_positions", by="the stft extractor")
         batch, heads, tokens = view.positions.shape
         attention = view.attention.to(torch.float32)
         if attention.dim() != 4 or tuple(attention.shape[:2]) != (batch, heads) or attention.shape[3] != tokens:

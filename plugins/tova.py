@@ -49,11 +49,7 @@ class LastQueryAttentionExtractor:
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` the newest query's attention row."""
-        if view.attention is None:
-            raise ShapeError(
-                "extractor 'last_query_attention' needs LayerView.attention [batch, kv_heads, queries, tokens]; "
-                "the integration provided none"
-            )
+        view.require("attention", by="extractor 'last_query_attention'")
         return view.attention[:, :, -1, :].float().unsqueeze(-1)
 
 

@@ -124,6 +124,17 @@ def test_requirements_are_the_union_of_the_components(registry):
     )
 
 
+def test_a_missing_view_field_names_the_field_and_the_requirement_that_fills_it():
+    view = LayerView(0, 1, torch.arange(4).view(1, 1, 4), 4, keys=torch.zeros(1, 1, 4, 2))
+    view.require("keys", by="extractor 'x'")  # present: no error
+    with pytest.raises(ShapeError) as caught:
+        view.require("keys", "token_ids", "attention", by="extractor 'x'")
+    message = str(caught.value)
+    assert message.startswith("extractor 'x' needs view.token_ids [batch, kv_heads, tokens] and view.attention")
+    assert "view.keys" not in message
+    assert "token_ids=True, attention_window > 0" in message
+
+
 def test_protected_mask_covers_sinks_recent_and_newest(registry):
     policy = kvpolicy.build("streaming_llm", budget=10, recent=3, registry=registry)
     mask = policy.protected_mask(_view(12))[0, 0].tolist()

@@ -40,6 +40,50 @@ def policy_name(policy: Any) -> str:
     return parts + (f"@{budget}" if budget is not None else "")
 
 
+def check_run_arguments(metric: str, chunk_size: int) -> None:
+    """The arguments every evaluation entry point shares, checked before any model work."""
+    if metric not in METRIC_MODES:
+        raise InvalidConfigError(f"unknown metric mode {metric!r}; use one of {', '.join(METRIC_MODES)}")
+    if chunk_size <= 0:
+        raise InvalidConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+
+
+def item_result(
+    item: Item,
+    encoded: EncodedItem,
+    report: CacheReport,
+    *,
+    policy: str,
+    by_likelihood: bool,
+    score: float,
+    prediction: str,
+    answer_logprob: float | None,
+    seconds: float,
+) -> ItemResult:
+    """One `ItemResult`: the item's identity, the score, and the cache figures of ``report``."""
+    return ItemResult(
+        uid=item.uid,
+        fingerprint=item.fingerprint,
+        task=item.task,
+        split=item.split,
+        length=item.length,
+        seed=item.seed,
+        policy=policy,
+        metric="likelihood" if by_likelihood else item.metric,
+        score=float(score),
+        prediction=prediction,
+        answer_logprob=answer_logprob,
+        prompt_tokens=encoded.prompt_tokens,
+        tokens_seen=report.seen,
+        kept_fraction=report.kept_fraction,
+        per_layer_fraction=report.per_layer_fraction,
+        kv_bytes=report.kv_bytes,
+        full_kv_bytes=report.full_kv_bytes,
+        policy_seconds=report.policy_seconds,
+        seconds=seconds,
+    )
+
+
 def teacher_forced_logprob(policy: Any, model: Any, encoded: EncodedItem, chunk_size: int) -> tuple[float, CacheReport]:
     """Mean log-probability per token of the gold answer given the prompt, through the policy.
 
@@ -94,25 +138,15 @@ def run_item(
     else:
         prediction, report = generate_answer(policy, model, tokenizer, encoded, item.max_new_tokens, chunk_size)
         score = score_text(item.metric, prediction, item.answers)
-    return ItemResult(
-        uid=item.uid,
-        fingerprint=item.fingerprint,
-        task=item.task,
-        split=item.split,
-        length=item.length,
-        seed=item.seed,
+    return item_result(
+        item,
+        encoded,
+        report,
         policy=label or policy_name(policy),
-        metric="likelihood" if by_likelihood else item.metric,
-        score=float(score),
+        by_likelihood=by_likelihood,
+        score=score,
         prediction=prediction,
         answer_logprob=logprob,
-        prompt_tokens=encoded.prompt_tokens,
-        tokens_seen=report.seen,
-        kept_fraction=report.kept_fraction,
-        per_layer_fraction=report.per_layer_fraction,
-        kv_bytes=report.kv_bytes,
-        full_kv_bytes=report.full_kv_bytes,
-        policy_seconds=report.policy_seconds,
         seconds=time.perf_counter() - start,
     )
 
@@ -136,10 +170,7 @@ def evaluate(
     called after each newly computed item (to store it at once); ``progress`` shows a tqdm bar
     (a string is used as its label); ``label`` names the policy in the results.
     """
-    if metric not in METRIC_MODES:
-        raise InvalidConfigError(f"unknown metric mode {metric!r}; use one of {', '.join(METRIC_MODES)}")
-    if chunk_size <= 0:
-        raise InvalidConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    check_run_arguments(metric, chunk_size)
     results: list[ItemResult] = []
     for item in _progress(items, progress):
         stored = done(item) if done is not None else None

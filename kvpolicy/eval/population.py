@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES, Metric, policy_name
+from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, check_run_arguments, item_result, policy_name
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.metrics import answer_logprobs, likelihood_score, score_text
 from kvpolicy.eval.prompting import EncodedItem, encode
@@ -135,10 +135,7 @@ def run_population(
     divided by the members (the cost of one evaluation). The policy's parameters are restored
     afterwards.
     """
-    if metric not in METRIC_MODES:
-        raise InvalidConfigError(f"unknown metric mode {metric!r}; use one of {', '.join(METRIC_MODES)}")
-    if chunk_size <= 0:
-        raise InvalidConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    check_run_arguments(metric, chunk_size)
     population = check_population(policy, population)
     members = population.shape[0]
     start = time.perf_counter()
@@ -164,25 +161,15 @@ def run_population(
     seconds = (time.perf_counter() - start) / members
     name = label or policy_name(policy)
     return [
-        ItemResult(
-            uid=item.uid,
-            fingerprint=item.fingerprint,
-            task=item.task,
-            split=item.split,
-            length=item.length,
-            seed=item.seed,
+        item_result(
+            item,
+            encoded,
+            reports[i],
             policy=f"{name}[{i}]",
-            metric="likelihood" if by_likelihood else item.metric,
-            score=float(scores[i]),
+            by_likelihood=by_likelihood,
+            score=scores[i],
             prediction=predictions[i],
             answer_logprob=logprobs[i],
-            prompt_tokens=encoded.prompt_tokens,
-            tokens_seen=reports[i].seen,
-            kept_fraction=reports[i].kept_fraction,
-            per_layer_fraction=reports[i].per_layer_fraction,
-            kv_bytes=reports[i].kv_bytes,
-            full_kv_bytes=reports[i].full_kv_bytes,
-            policy_seconds=reports[i].policy_seconds,
             seconds=seconds,
         )
         for i in range(members)

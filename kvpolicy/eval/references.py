@@ -52,7 +52,7 @@ def reference_results(
         tokenizer,
         metric=metric,
         chunk_size=chunk_size,
-        done=lambda item: store.get(item.uid) if store.done(item.uid, item.fingerprint) else None,
+        done=store.finished,
         on_result=store.add,
         progress="full cache" if progress is True else progress,
         label="full",

@@ -162,6 +162,11 @@ class ResultStore:
     def get(self, uid: str) -> ItemResult | None:
         return self._results.get(uid)
 
+    def finished(self, item: Any) -> ItemResult | None:
+        """The stored result of ``item`` (anything with ``uid`` and ``fingerprint``) if it is
+        done for the item as generated now, else None: the harness's ``done`` callback."""
+        return self.get(item.uid) if self.done(item.uid, item.fingerprint) else None
+
     def add(self, result: ItemResult) -> None:
         """Record one result: one locked, fsynced append of one line."""
         self._remember(result)

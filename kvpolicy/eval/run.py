@@ -116,7 +116,7 @@ def run_suite(
             tokenizer,
             metric=metric,
             chunk_size=chunk_size,
-            done=lambda item: store.get(item.uid) if store.done(item.uid, item.fingerprint) else None,
+            done=store.finished,
             on_result=store.add,
             progress=label if progress else False,
             label=label,

@@ -10,6 +10,7 @@ import multiprocessing
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
 from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
@@ -60,6 +61,8 @@ def test_store_appends_atomically_and_resumes(tmp_path: Path) -> None:
     reopened = ResultStore(path)
     assert len(reopened) == 2 and reopened.done("a", "fp-a")
     assert not reopened.done("a", "changed-item")  # a regenerated item is recomputed, not reused
+    assert reopened.finished(result("b", "needle", 0.0)).score == 0.0
+    assert reopened.finished(attrs.evolve(result("b", "needle", 0.0), fingerprint="changed")) is None
     assert reopened.get("b").score == 0.0
 
 

@@ -57,10 +57,7 @@ def test_both_measures_generation_and_likelihood(tiny_model, tiny_tokenizer) -> 
 def test_evaluate_resumes_from_a_store(tiny_model, tiny_tokenizer, items, tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "results.jsonl")
     policy = kvpolicy.build("streaming_llm", budget=64)
-
-    def done(item):
-        return store.get(item.uid) if store.done(item.uid, item.fingerprint) else None
-
+    done = store.finished
     first = evaluate(policy, items[:2], tiny_model, tiny_tokenizer, done=done, on_result=store.add)
     computed = []
     second = evaluate(

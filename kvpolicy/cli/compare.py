@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.cli.eval import add_suite_arguments, settings, suite_items
+from kvpolicy.cli.eval import add_suite_arguments, run_from_args, suite_items
 from kvpolicy.errors import InvalidBudgetError
 
 
@@ -94,7 +94,6 @@ def length_comparison_table(summaries: list) -> str:
 def run(args: argparse.Namespace) -> int:
     from kvpolicy.eval.plot import comparison_figure
     from kvpolicy.eval.policy_spec import policy_label
-    from kvpolicy.eval.run import run_suite
     from kvpolicy.models import load_model
 
     grid = _grid(args.policy, args.budget)
@@ -104,22 +103,7 @@ def run(args: argparse.Namespace) -> int:
     summaries = []
     for spec, budget, policy in grid:
         label = policy_label(spec, budget)
-        summaries.append(
-            run_suite(
-                policy,
-                items,
-                model,
-                tokenizer,
-                out=out / "runs" / label,
-                label=label,
-                model_name=args.model,
-                metric=args.metric,
-                chunk_size=args.chunk_size,
-                reference_dir=args.reference_dir,
-                progress=not args.no_progress,
-                settings=settings(args),
-            )
-        )
+        summaries.append(run_from_args(args, policy, items, model, tokenizer, out=out / "runs" / label, label=label))
     tasks = list(dict.fromkeys(item.task for item in items))
     table = comparison_table(summaries, tasks)
     by_length = length_comparison_table(summaries)

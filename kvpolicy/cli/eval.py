@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
 from kvpolicy.eval.report import markdown_table
+
+if TYPE_CHECKING:
+    from kvpolicy.eval.run import RunSummary
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -49,33 +54,37 @@ def suite_items(args: argparse.Namespace) -> list:
     return profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
 
 
-def settings(args: argparse.Namespace) -> dict:
-    return {"profile": args.profile, "split": args.split, "tasks": args.tasks, "lengths": args.lengths}
-
-
-def run(args: argparse.Namespace) -> int:
-    from kvpolicy.eval.policy_spec import parse_policy, policy_label
+def run_from_args(
+    args: argparse.Namespace, policy: Any, items: list, model: Any, tokenizer: Any, *, out: str | Path, label: str
+) -> RunSummary:
+    """`run_suite` with the suite options of ``args`` (the part ``eval`` and ``compare`` share)."""
     from kvpolicy.eval.run import run_suite
-    from kvpolicy.models import load_model
 
-    policy = parse_policy(args.policy, args.budget)
-    items = suite_items(args)
-    model, tokenizer = load_model(args.model)
-    label = policy_label(args.policy, args.budget)
-    summary = run_suite(
+    return run_suite(
         policy,
         items,
         model,
         tokenizer,
-        out=args.out,
+        out=out,
         label=label,
         model_name=args.model,
         metric=args.metric,
         chunk_size=args.chunk_size,
         reference_dir=args.reference_dir,
         progress=not args.no_progress,
-        settings=settings(args),
+        settings={"profile": args.profile, "split": args.split, "tasks": args.tasks, "lengths": args.lengths},
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpolicy.eval.policy_spec import parse_policy, policy_label
+    from kvpolicy.models import load_model
+
+    policy = parse_policy(args.policy, args.budget)
+    items = suite_items(args)
+    model, tokenizer = load_model(args.model)
+    label = policy_label(args.policy, args.budget)
+    summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
     print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")
     return 0

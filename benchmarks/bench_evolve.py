@@ -12,6 +12,13 @@ from one run. Projections are arithmetic on the measured rate, labelled as proje
 with the members scored as one batch (``"population_batch": true``, one parameter row per batch row):
 
     python benchmarks/bench_evolve.py --batched --lengths 1024 --members 4
+
+``--shared`` compares, in-process, the evolved NAMM's members (``examples/namm-smollm2/evolve_linear.json``,
+first eviction pass after the prompt) scored one after another through the harness with the same
+members forked from one shared prefill (``"shared_prefill": true``): the first time an item is
+seen (its prefill included) and again in a later generation (prefill stored):
+
+    python benchmarks/bench_evolve.py --shared --lengths 2048 --members 17
 """
 
 from __future__ import annotations
@@ -110,6 +117,35 @@ def compare_batched(args: argparse.Namespace) -> None:
               f"(kept fractions per member {same})")  # fmt: skip
 
 
+def compare_shared(args: argparse.Namespace) -> None:
+    """One-by-one vs members forked from a shared prefill (cold and stored), side by side."""
+    import json
+    from pathlib import Path
+
+    base = json.loads((Path(__file__).parents[1] / "examples" / "namm-smollm2" / "evolve_linear.json").read_text())
+    for length in args.lengths:
+        scores, rates = {}, {}
+        for shared in (False, True):
+            data = {**base, "model": args.model, "progress": False, "calibration_items": 0,
+                    "stages": [{"tasks": ["needle"], "generations": 1, "items": 1, "length": length}],
+                    "fitness": {"metric": args.metric, "shared_prefill": shared},
+                    "executor": {"kind": "inprocess", "threads": args.threads}}  # fmt: skip
+            workload = build_workload(EvolveConfig.from_dict(data))
+            workload.run(Job(0, "evaluate", "needle", "train", length, (100,)))  # warm-up: load the model
+            params = torch.randn(args.members, workload.num_params, generator=torch.Generator().manual_seed(0)) * 0.25
+            job = Job(1, "evaluate", "needle", "train", length, (0,), params, {}, tuple(range(args.members)))
+            for phase in ("first", "stored") if shared else ("one by one",):
+                start = time.perf_counter()
+                result = workload.run(job)
+                seconds = time.perf_counter() - start
+                scores[phase], rates[phase] = result.scores[:, 0], args.members / seconds * 60
+                print(f"  {phase:>10}  {length:>5} tokens: {rates[phase]:7.2f} evaluations/min "
+                      f"({seconds:.1f} s for {args.members} members)", flush=True)  # fmt: skip
+        same = torch.allclose(scores["first"], scores["one by one"], atol=1e-4)
+        print(f"ratio shared / one by one at {length} tokens: first sight {rates['first'] / rates['one by one']:.1f}x, "
+              f"prefill stored {rates['stored'] / rates['one by one']:.1f}x (scores {'equal to 1e-4' if same else 'DIFFER'})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -120,10 +156,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (in-process and workers)")
     parser.add_argument("--metric", choices=("loglik", "task"), default="loglik")
     parser.add_argument("--batched", action="store_true", help="compare one-by-one with population-as-the-batch")
+    parser.add_argument("--shared", action="store_true", help="compare one-by-one with a shared prefill")
     args = parser.parse_args()
     print(f"model {args.model}, metric {args.metric}, torch threads per process {args.threads}", flush=True)
     if args.batched:
         compare_batched(args)
+        return
+    if args.shared:
+        compare_shared(args)
         return
     rates: dict[tuple[str, int], float] = {}
     for length in args.lengths:

@@ -53,6 +53,19 @@ class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 
 
+class ContractError(KVPolicyError, ValueError):
+    """A component's output breaks its contract at run time (checked cheaply on every update,
+    because a silently wrong cache is worse than a loud failure)."""
+
+
+class InvalidScoresError(ContractError):
+    """A scorer returned NaN for a real cached token (±inf are legal: +inf pins a token)."""
+
+
+class InvalidSelectionError(ContractError):
+    """A selector returned indices that drop protected tokens, repeat, are unsorted or out of range."""
+
+
 class UnsupportedModelError(KVPolicyError):
     """A model, model family or attention implementation kvpolicy cannot drive correctly."""
 
@@ -67,3 +80,16 @@ class AttachError(KVPolicyError):
 
 class ModelUnavailableError(KVPolicyError):
     """A shipped model whose PyPI package is not installed or whose file is damaged."""
+
+
+class KVPolicyWarning(UserWarning):
+    """Base class of every warning kvpolicy issues on purpose."""
+
+
+class BudgetOverriddenWarning(KVPolicyWarning):
+    """Protected tokens (sinks, the recent window) outnumber what a ratio budget allows, so the
+    policy keeps more than its budget."""
+
+
+class PluginClashWarning(KVPolicyWarning):
+    """Two plugins share an entry-point name or register the same component name."""

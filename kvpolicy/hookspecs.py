@@ -88,9 +88,11 @@ def kvpolicy_register_optimizers(register: RegisterComponent) -> None:
 def kvpolicy_register_policies(register: RegisterPolicy) -> None:
     """Register named policy presets.
 
-    Call ``register(name, config, description=...)`` with a `kvpolicy.PolicyConfig` that names
-    its components. ``kvpolicy.build(name, budget=..., ...)`` starts from the preset and applies
-    the caller's overrides.
+    Call ``register(name, config, description=..., weights=None)`` with a `kvpolicy.PolicyConfig`
+    that names its components. ``kvpolicy.build(name, budget=..., ...)`` starts from the preset
+    and applies the caller's overrides. ``weights``: the path of a saved policy file (e.g. package
+    data) whose learned parameters and frozen buffers a built preset starts with — how an evolved
+    NAMM ships.
 
     .. versionadded:: 0.1
     """

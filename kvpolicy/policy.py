@@ -14,8 +14,15 @@ from typing import Any
 import attrs
 import torch
 
-from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.errors import (
+    InvalidBudgetError,
+    InvalidConfigError,
+    InvalidScoresError,
+    InvalidSelectionError,
+    ShapeError,
+)
 from kvpolicy.registry import Registry, default_registry
+from kvpolicy.selection import pool_neighbours
 from kvpolicy.types import (
     Budget,
     ComponentKind,
@@ -27,9 +34,11 @@ from kvpolicy.types import (
     Requirements,
     Schedule,
     Selection,
+    SpanPooling,
     Stateful,
     TokenizerAware,
     config_to_dict,
+    layer_indices,
 )
 
 ComponentLike = str | ComponentRef | tuple[str, Mapping[str, Any]] | Any
@@ -68,6 +77,9 @@ class Policy:
         Tokens kept per layer and KV head: ``512``, ``0.25``, ``"25%"``, a `Budget`, or None.
     skip_layers:
         Layers never evicted.
+    span:
+        Pool scores over neighbouring cached tokens before selection (`SpanPooling`): ``15``
+        (max over 15), ``{"kernel": 15, "mode": "avg"}``, or None (off).
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class Policy:
         recent: int | None = None,
         budget: Budget | int | float | str | None = None,
         skip_layers: tuple[int, ...] | list[int] = (),
+        span: SpanPooling | int | Mapping[str, Any] | None = None,
         registry: Registry | None = None,
     ) -> None:
         self.registry = registry or default_registry()
@@ -91,6 +104,8 @@ class Policy:
         self.selector = _as_component("selector", selector, self.registry)
         if schedule is not None and every is not None:
             raise InvalidConfigError("give either schedule or every, not both")
+        _expect("schedule", schedule, Schedule, 'Schedule("every_step"), or every=n for Schedule("every_n", every=n)')
+        _expect("protect", protect, Protection, "Protection(sinks=4, recent=0), or sinks= / recent=")
         self.schedule = schedule or (Schedule("every_n", every=every) if every is not None else Schedule())
         protect = protect or Protection()
         self.protect = attrs.evolve(
@@ -98,7 +113,8 @@ class Policy:
             **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None},
         )
         self.budget = Budget.parse(budget)
-        self.skip_layers = tuple(int(i) for i in skip_layers)
+        self.skip_layers = layer_indices(skip_layers)
+        self.span = SpanPooling.parse(span)
         self._check_budget()
 
     # ----------------------------------------------------------------- construction & JSON
@@ -154,6 +170,7 @@ class Policy:
             protect=self.protect,
             budget=self.budget,
             skip_layers=self.skip_layers,
+            span=self.span,
         )
 
     def to_json(self, **kwargs: Any) -> str:
@@ -169,6 +186,7 @@ class Policy:
             protect=config.protect,
             budget=config.budget,
             skip_layers=config.skip_layers,
+            span=config.span,
             registry=registry,
         )
 
@@ -182,7 +200,9 @@ class Policy:
             f"schedule={self.schedule.kind}"
             + (f"/{self.schedule.every}" if self.schedule.kind == "every_n" else "")
             + f", budget={self.budget.tokens or self.budget.ratio}, sinks={self.protect.sinks}, "
-            f"recent={self.protect.recent})"
+            f"recent={self.protect.recent}"
+            + (f", span={self.span.mode}{self.span.kernel}" if self.span.active else "")
+            + ")"
         )
 
     # ----------------------------------------------------------------- what the forward pass must compute
@@ -226,22 +246,41 @@ class Policy:
         """Run extract → score → select on one layer; None means keep everything."""
         if view.layer in self.skip_layers or self.schedule.kind == "never":
             return None
+        return self.choose(view, self.extract(view))
+
+    def extract(self, view: LayerView) -> torch.Tensor:
+        """The extractor's features ``[batch, kv_heads, tokens, features]`` for one layer, shape-checked."""
         features = self.extractor.extract(view)
         _check_leading(features, view, f"extractor {self.extractor.name!r} features", extra_dims=1)
+        return features
+
+    def choose(self, view: LayerView, features: torch.Tensor) -> Selection:
+        """Score → pool over spans → select, from features already extracted.
+
+        Split from `plan` so that features computed once can be scored by many parameter rows
+        (members forked from one shared prefill: `kvpolicy.integrations.hf.shared`).
+        """
         scores = self.scorer.score(features, view)
         _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
         # Padded slots (heads of a layer keeping different counts) sit at position -1: rank them
         # below every real token so they never take a real token's place.
         padded = view.positions < 0
-        if bool(padded.any()):
+        any_padded = bool(padded.any())
+        _check_no_nan(scores, padded if any_padded else None, view, self.scorer.name)
+        if any_padded:
             scores = scores.float().masked_fill(padded, float("-inf"))
+        if self.span.active:
+            scores = pool_neighbours(scores, self.span.kernel, self.span.mode, padded if any_padded else None)
         protected = self.protected_mask(view)
         selection = self.selector.select(scores, protected, self.budget, view)
-        if selection.indices.shape[:2] != scores.shape[:2]:
+        indices = getattr(selection, "indices", None)
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] != scores.shape[:2]:
+            shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
             raise ShapeError(
-                f"selector {self.selector.name!r} returned indices {tuple(selection.indices.shape)}; "
+                f"selector {self.selector.name!r} returned indices {shape}; "
                 f"expected [batch={view.batch}, kv_heads={view.kv_heads}, kept]"
             )
+        _check_selection(selection, protected, padded if any_padded else None, view, self.selector.name)
         return selection
 
     # ----------------------------------------------------------------- learnable parameters
@@ -319,6 +358,80 @@ class Policy:
         return self.registry.model_adapter(model).generate(self, inputs, **generate_kwargs)
 
 
+def _expect(name: str, value: Any, cls: type, hint: str) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise InvalidConfigError(f"{name} must be a {cls.__name__} or None, e.g. {hint}; got {value!r}")
+
+
+def _check_no_nan(scores: torch.Tensor, padded: torch.Tensor | None, view: LayerView, scorer: str) -> None:
+    """A NaN score has no rank, so the selector would keep or evict that token arbitrarily;
+    ±inf are legal (+inf pins a token, padded slots are set to −inf)."""
+    nan = torch.isnan(scores)
+    if padded is not None:
+        nan &= ~padded
+    if not bool(nan.any()):
+        return
+    row, head, slot = (int(i) for i in nan.nonzero()[0])
+    raise InvalidScoresError(
+        f"scorer {scorer!r} returned NaN for {int(nan.sum())} cached token(s) on layer {view.layer} (first: batch "
+        f"row {row}, head {head}, position {int(view.positions[row, head, slot])}); scores must be numbers or ±inf"
+    )
+
+
+def _check_selection(
+    selection: Selection, protected: torch.Tensor, padded: torch.Tensor | None, view: LayerView, selector: str
+) -> None:
+    """Cheap run-time checks of a selection (vectorised, one host sync when all is well): indices
+    inside the cache, no token twice, ascending per head and every protected token kept. Slots
+    that ``selection.valid`` marks as padding are ignored (they legitimately point at 0)."""
+    indices = selection.indices
+    where = f"selector {selector!r} on layer {view.layer}"
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise InvalidSelectionError(f"{where} returned {indices.dtype} indices; they must be integers")
+    valid = selection.valid
+    if valid is None:
+        valid = torch.ones_like(indices, dtype=torch.bool)
+    elif not isinstance(valid, torch.Tensor) or valid.shape != indices.shape or valid.dtype != torch.bool:
+        got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise InvalidSelectionError(f"{where} returned selection.valid {got}; expected bool {tuple(indices.shape)}")
+    tokens = view.tokens
+    outside = ~((indices >= 0) & (indices < tokens))
+    safe = indices.clamp(0, max(tokens - 1, 0)).long()
+    counts = torch.zeros(protected.shape, dtype=torch.int32, device=indices.device)
+    counts.scatter_add_(-1, safe, (valid & ~outside).to(torch.int32))
+    unsorted = torch.zeros_like(valid)
+    if indices.shape[-1] > 1:
+        before = torch.where(valid, safe, -1).cummax(-1).values  # the largest valid index up to each slot
+        unsorted[..., 1:] = valid[..., 1:] & (safe[..., 1:] <= before[..., :-1])
+    dropped = protected.to(counts.device) & (counts == 0)
+    if padded is not None:
+        dropped &= ~padded.to(counts.device)
+    problems = torch.stack([outside.any(), (counts > 1).any(), unsorted.any(), dropped.any()]).tolist()
+    if not any(problems):
+        return
+    if problems[0]:
+        raise InvalidSelectionError(
+            f"{where} returned indices {int(indices.min())}..{int(indices.max())}; they must lie in [0, {tokens})"
+        )
+    if problems[1]:
+        row, head, slot = (int(i) for i in (counts > 1).nonzero()[0])
+        raise InvalidSelectionError(
+            f"{where} kept slot {slot} twice (batch row {row}, head {head}); each cached token may be kept once"
+        )
+    if problems[2]:
+        row, head, _ = (int(i) for i in unsorted.nonzero()[0])
+        raise InvalidSelectionError(
+            f"{where} returned unsorted indices (batch row {row}, head {head}): {indices[row, head].tolist()[:16]}; "
+            "kept indices must ascend per head (kvpolicy.selection.sorted_selection does this)"
+        )
+    row, head, slot = (int(i) for i in dropped.nonzero()[0])
+    raise InvalidSelectionError(
+        f"{where} dropped {int(dropped.sum())} protected token(s) (first: position "
+        f"{int(view.positions[row, head, slot])}, batch row {row}, head {head}); sinks, the recent window and the "
+        "newest token must always be kept"
+    )
+
+
 def _check_leading(tensor: torch.Tensor, view: LayerView, what: str, extra_dims: int) -> None:
     expected = (view.batch, view.kv_heads, view.tokens)
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[:3]) != expected or tensor.dim() != 3 + extra_dims:
@@ -340,20 +453,24 @@ def build(
     sinks: int | None = None,
     recent: int | None = None,
     skip_layers: tuple[int, ...] | None = None,
+    span: SpanPooling | int | Mapping[str, Any] | None = ...,  # type: ignore[assignment]
 ) -> Policy:
     """Build a policy from a preset name, a `PolicyConfig` / its dict, or components alone.
 
     Overrides replace the preset's values: ``build("h2o", budget=256, recent=32)``. Component
     overrides given as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the preset's
-    config of that component; a name or object replaces it.
+    config of that component; a name or object replaces it. A preset registered with ``weights``
+    starts with the learned parameters and buffers of that file.
     """
     registry = registry or default_registry()
+    weights = None
     if preset_or_config is None:
         if extractor is None or scorer is None or selector is None:
             raise InvalidConfigError("without a preset, build() needs extractor, scorer and selector")
         base = None
     elif isinstance(preset_or_config, str):
-        base = registry.preset(preset_or_config).config
+        preset = registry.preset(preset_or_config)
+        base, weights = preset.config, preset.weights
     elif isinstance(preset_or_config, PolicyConfig):
         base = preset_or_config
     else:
@@ -374,7 +491,7 @@ def build(
         protect = attrs.evolve(protect, **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None})
     if every is not None:
         schedule = Schedule("every_n", every=every)
-    return Policy(
+    policy = Policy(
         merged("extractor", extractor),
         merged("scorer", scorer),
         merged("selector", selector),
@@ -382,5 +499,11 @@ def build(
         protect=protect,
         budget=(base.budget if base is not None else None) if budget is ... else budget,
         skip_layers=skip_layers if skip_layers is not None else (base.skip_layers if base is not None else ()),
+        span=(base.span if base is not None else None) if span is ... else span,
         registry=registry,
     )
+    if weights is not None:  # a preset shipped with learned parameters (an evolved NAMM)
+        from kvpolicy.checkpoint import load_weights
+
+        load_weights(policy, weights)
+    return policy

@@ -16,8 +16,11 @@ and an Optimizer searches the flat parameter vector of any `Parametric` componen
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+import numbers
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 import attrs
 import torch
@@ -44,7 +47,7 @@ def config_from_dict(config_cls: type, data: Mapping[str, Any] | None) -> Any:
     except NameError:
         pass
     fields = {f.name: f for f in attrs.fields(config_cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise InvalidConfigError(
             f"{config_cls.__name__} has no field(s) {', '.join(unknown)}; "
@@ -56,26 +59,138 @@ def config_from_dict(config_cls: type, data: Mapping[str, Any] | None) -> Any:
             data[name] = config_from_dict(nested, value)
         elif isinstance(value, list):
             data[name] = tuple(value)
+    # The class's own validators speak first (their messages are the most specific); a value of
+    # the wrong type that they do not catch, or that breaks them, is then named by its field.
+    problems = (_wrong_type(config_cls, fields[name], value) for name, value in data.items())
+    wrong_type = next((problem for problem in problems if problem), None)
     try:
-        return config_cls(**data)
+        config = config_cls(**data)
+    except InvalidConfigError:
+        raise
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, InvalidConfigError):
+        raise InvalidConfigError(wrong_type or f"invalid {config_cls.__name__}: {exc}") from exc
+    except Exception as exc:
+        if wrong_type is None:
             raise
-        raise InvalidConfigError(f"invalid {config_cls.__name__}: {exc}") from exc
+        raise InvalidConfigError(wrong_type) from exc  # a value of the wrong type broke the class's own code
+    if wrong_type:
+        raise InvalidConfigError(wrong_type)
+    return config
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether JSON-ish ``value`` fits the annotation ``tp``; annotations it cannot judge pass."""
+    if tp is Any or tp is object or isinstance(tp, str):
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin is ClassVar:
+        return True
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=True)))
+    if tp in (dict, Mapping) or origin in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if isinstance(tp, type) and attrs.has(tp):
+        return isinstance(value, tp)
+    return True
+
+
+def _wrong_type(config_cls: type, field: attrs.Attribute, value: Any) -> str | None:
+    """Why JSON ``value`` has the wrong type for ``field``, or None: such a value must not reach a
+    config (or a component's code, where ``"abc"`` for an int fails later, far from its cause). A
+    field with a converter takes other types on purpose (``budget: "25%"``) and is left to it."""
+    if field.converter is not None and field.converter is not tuple:
+        return None
+    if not _matches(value, field.type):
+        if isinstance(field.type, type) and attrs.has(field.type):
+            inner = ", ".join(f'"{f.name}": ...' for f in attrs.fields(field.type))
+            expected = f"a {field.type.__name__} object ({{{inner}}} in JSON)"
+        elif typing.get_origin(field.type) is Literal:
+            expected = "one of " + ", ".join(repr(a) for a in typing.get_args(field.type))
+        else:
+            expected = getattr(field.type, "__name__", None) or str(field.type).replace("typing.", "")
+        return f"{config_cls.__name__}.{field.name} must be {expected}, got {value!r}"
+    return None
+
+
+def _number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be a number, got {value!r}")
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value <= 0:
+    if value is None:
+        return
+    _number(instance, attribute, value)
+    if not value > 0:
         raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value}")
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value < 0:
+    _number(instance, attribute, value)
+    if not value >= 0:
         raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be >= 0, got {value}")
+
+
+def _whole(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidConfigError(f"{type(instance).__name__}.{attribute.name} must be a whole number, got {value!r}")
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        _whole(instance, attribute, value)
+        _positive(instance, attribute, value)
+
+
+def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    _whole(instance, attribute, value)
+    _non_negative(instance, attribute, value)
 
 
 positive = _positive
 non_negative = _non_negative
+positive_int = _positive_int
+non_negative_int = _non_negative_int
+
+
+def layer_indices(value: Any) -> tuple[int, ...]:
+    """``skip_layers`` as a tuple of layer indices (whole numbers >= 0), or an `InvalidConfigError`
+    (a string is iterable, so ``"abc"`` would otherwise become three "layers")."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise InvalidConfigError(f"skip_layers must be a list of layer indices, got {value!r}")
+    layers = tuple(value)
+    bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        raise InvalidConfigError(f"skip_layers must hold layer indices (whole numbers >= 0); got {bad!r}")
+    return tuple(int(v) for v in layers)
+
+
+def _instance_of(cls: type, hint: str) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, cls):
+            raise InvalidConfigError(
+                f"{type(instance).__name__}.{attribute.name} must be {hint}, got {type(value).__name__} {value!r}"
+            )
+
+    return check
 
 
 @attrs.frozen
@@ -130,14 +245,27 @@ class Budget:
     """How many tokens each layer keeps per KV head: an absolute count, a ratio of the tokens
     seen, or neither (the selector decides, e.g. NAMM's threshold)."""
 
-    tokens: int | None = attrs.field(default=None, validator=_positive)
+    tokens: int | None = attrs.field(default=None)
     ratio: float | None = attrs.field(default=None)
+
+    @tokens.validator
+    def _check_tokens(self, attribute: attrs.Attribute, value: int | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidBudgetError(f"Budget.tokens must be a whole number of tokens, got {value!r}")
+        if value <= 0:
+            raise InvalidBudgetError(f"Budget.tokens must be > 0, got {value}")
 
     @ratio.validator
     def _check_ratio(self, attribute: attrs.Attribute, value: float | None) -> None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise InvalidBudgetError(f"Budget.ratio must be in (0, 1], got {value}")
-        if value is not None and self.tokens is not None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidBudgetError(f"Budget.ratio must be a number in (0, 1], got {value!r}")
+        if not 0.0 < value <= 1.0:
+            raise InvalidBudgetError(f"Budget.ratio {value} is out of range: a ratio must be in (0, 1]")
+        if self.tokens is not None:
             raise InvalidBudgetError("give a Budget either tokens or ratio, not both")
 
     @property
@@ -161,26 +289,42 @@ class Budget:
             return cls()
         if isinstance(value, str):
             text = value.strip()
-            try:
-                if text.endswith("%"):
-                    return cls(ratio=float(text[:-1]) / 100)
-                value = float(text) if "." in text else int(text)
-            except ValueError:
+            number = _read_number(text[:-1] if text.endswith("%") else text)
+            if number is None:
                 raise InvalidBudgetError(
                     f"cannot read budget {value!r}: use a token count (512), a ratio (0.25) or a percentage (25%)"
-                ) from None
+                )
+            if text.endswith("%"):
+                if not 0.0 < number <= 100.0:  # only the parse is guarded: a range error says so
+                    raise InvalidBudgetError(f"budget {value!r} is out of range: a percentage must be in (0%, 100%]")
+                return cls(ratio=number / 100)
+            value = number
         if isinstance(value, bool):
             raise InvalidBudgetError(f"budget must be a number, got {value!r}")
-        if isinstance(value, int):
-            return cls(tokens=value)
-        if isinstance(value, float):
+        if isinstance(value, numbers.Integral):
+            return cls(tokens=int(value))
+        if isinstance(value, numbers.Real):
+            value = float(value)
             if value.is_integer() and value > 1:
                 return cls(tokens=int(value))
             return cls(ratio=value)
-        raise InvalidBudgetError(f"cannot read budget {value!r}")
+        raise InvalidBudgetError(
+            f"cannot read budget {value!r}: use a token count (512), a ratio (0.25) or a percentage (25%)"
+        )
+
+
+def _read_number(text: str) -> int | float | None:
+    """``"512"`` → 512, ``"0.25"`` / ``"1e3"`` → float, anything else → None."""
+    for read in (int, float):
+        try:
+            return read(text)
+        except ValueError:
+            continue
+    return None
 
 
 ScheduleKind = Literal["every_n", "after_prefill", "every_step", "never"]
+SCHEDULE_KINDS: tuple[str, ...] = ("every_n", "after_prefill", "every_step", "never")
 
 
 @attrs.frozen
@@ -195,11 +339,14 @@ class Schedule:
     down, so the gather runs once per ``slack`` tokens instead of on every decode step.
     """
 
-    kind: ScheduleKind = attrs.field(
-        default="every_n", validator=attrs.validators.in_(("every_n", "after_prefill", "every_step", "never"))
-    )
-    every: int = attrs.field(default=512, validator=_positive)
-    slack: int = attrs.field(default=0, validator=_non_negative)
+    kind: ScheduleKind = attrs.field(default="every_n")
+    every: int = attrs.field(default=512, validator=_positive_int)
+    slack: int = attrs.field(default=0, validator=_non_negative_int)
+
+    @kind.validator
+    def _check_kind(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in SCHEDULE_KINDS:
+            raise InvalidConfigError(f"Schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}; got {value!r}")
 
 
 @attrs.frozen
@@ -207,8 +354,8 @@ class Protection:
     """Tokens no selector may evict: the first ``sinks`` positions (attention sinks) and the
     ``recent`` newest positions. The newest token is always protected."""
 
-    sinks: int = attrs.field(default=0, validator=_non_negative)
-    recent: int = attrs.field(default=0, validator=_non_negative)
+    sinks: int = attrs.field(default=0, validator=_non_negative_int)
+    recent: int = attrs.field(default=0, validator=_non_negative_int)
 
     @property
     def minimum(self) -> int:
@@ -216,12 +363,64 @@ class Protection:
         return self.sinks + max(self.recent, 1)
 
 
+SpanMode = Literal["max", "avg"]
+
+
+@attrs.frozen
+class SpanPooling:
+    """Pool every token's score over its neighbours before selection, so a policy keeps spans
+    (a fact with its context) rather than scattered tokens.
+
+    ``kernel`` (odd) neighbouring *cached* tokens of the same head are pooled — after an
+    eviction, neighbours are neighbours in cached order, not in absolute position — with ``mode``
+    ``max`` (a token is kept if any neighbour is worth keeping) or ``avg``. ``kernel=1`` is off.
+    """
+
+    kernel: int = attrs.field(default=1, validator=_positive)
+    mode: SpanMode = attrs.field(default="max")
+
+    @kernel.validator
+    def _odd(self, attribute: attrs.Attribute, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value % 2 == 0:
+            raise InvalidConfigError(f"SpanPooling.kernel must be an odd whole number (1, 3, 5, ...), got {value!r}")
+
+    @mode.validator
+    def _mode(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in ("max", "avg"):
+            raise InvalidConfigError(f"SpanPooling.mode must be 'max' or 'avg', got {value!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.kernel > 1
+
+    @classmethod
+    def parse(cls, value: SpanPooling | int | Mapping[str, Any] | None) -> SpanPooling:
+        """``15`` → max pooling over 15 tokens; ``{"kernel": 15, "mode": "avg"}``; None → off."""
+        if isinstance(value, SpanPooling):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, Mapping):
+            return config_from_dict(cls, value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfigError(f"span must be an odd kernel size or {{'kernel': k, 'mode': ...}}, got {value!r}")
+        return cls(kernel=value)
+
+
+def _config_mapping(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidConfigError(f"a component's config must be a mapping of its fields, got {value!r}")
+    return dict(value)
+
+
 @attrs.frozen
 class ComponentRef:
     """A component named in the registry, with its config as plain JSON data."""
 
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
-    config: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda d: dict(d or {}))
+    name: str = attrs.field(validator=_instance_of(str, "a component name"))
+    config: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda d: _config_mapping(d))
 
     def __hash__(self) -> int:  # dicts are unhashable; refs are compared by value
         return hash((self.name, json.dumps(self.config, sort_keys=True, default=str)))
@@ -229,19 +428,25 @@ class ComponentRef:
 
 @attrs.frozen
 class PolicyConfig:
-    """A whole policy as data: three components, when it runs, what it protects, its budget.
+    """A whole policy as data: three components, when it runs, what it protects, its budget,
+    and how scores are pooled over neighbouring tokens before selection (``span``).
 
     ``skip_layers`` lists layers the policy never evicts (e.g. L2-norm leaves the first layers
     uncompressed). Round-trips through JSON (`to_json` / `from_json`).
     """
 
-    extractor: ComponentRef
-    scorer: ComponentRef
-    selector: ComponentRef
-    schedule: Schedule = Schedule()
-    protect: Protection = Protection()
-    budget: Budget = Budget()
-    skip_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    extractor: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
+    scorer: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
+    selector: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
+    schedule: Schedule = attrs.field(
+        default=Schedule(), validator=_instance_of(Schedule, 'a Schedule, in JSON {"kind": "every_step", ...}')
+    )
+    protect: Protection = attrs.field(
+        default=Protection(), validator=_instance_of(Protection, 'a Protection, in JSON {"sinks": 4, "recent": 0}')
+    )
+    budget: Budget = attrs.field(default=Budget(), converter=lambda b: Budget.parse(b))
+    skip_layers: tuple[int, ...] = attrs.field(default=(), converter=layer_indices)
+    span: SpanPooling = attrs.field(default=SpanPooling(), converter=lambda s: SpanPooling.parse(s))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -259,15 +464,23 @@ class PolicyConfig:
             raise InvalidConfigError(f"policy config lacks {', '.join(missing)}")
         for key in ("extractor", "scorer", "selector"):
             ref = data[key]
+            if not isinstance(ref, str | Mapping):
+                raise InvalidConfigError(
+                    f'policy config {key} must be a name or {{"name": ..., "config": {{...}}}}, got {ref!r}'
+                )
             data[key] = ComponentRef(ref) if isinstance(ref, str) else config_from_dict(ComponentRef, ref)
         return config_from_dict(cls, data)
 
     @classmethod
-    def from_json(cls, text: str) -> PolicyConfig:
+    def from_json(cls, text: str | bytes) -> PolicyConfig:
+        if not isinstance(text, str | bytes | bytearray):
+            raise InvalidConfigError(f"policy config JSON must be text, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidConfigError(f"policy config is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # json's own limit on nesting depth
+            raise InvalidConfigError("policy config JSON is nested too deeply to be a policy") from exc
         return cls.from_dict(data)
 
 

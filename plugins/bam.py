@@ -65,6 +65,10 @@ class BamScorer(HasFlatParameters):
         x = features.float()
         batch = x.shape[0]
         p = self.params.unpack(batch, x.device, x.dtype)
+        if not (bool(p["w_o"].any()) or bool(p["b_o"].any())):
+            # The attention's output is multiplied by zeros: the score is the linear read-out of
+            # the features alone (exactly; e.g. a first evolution stage searching only w_s).
+            return torch.einsum("bhtf,bf->bht", x, p["w_s"].expand(batch, -1)) + p["b_s"].view(-1, 1, 1)
         # newest first: "attend to self and newer" becomes "attend to self and earlier" (causal)
         order = view.positions.to(x.device).argsort(dim=-1, descending=True, stable=True)
         x = x.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, f))

@@ -5,7 +5,12 @@ Transformer Memory", arXiv 2410.13166): CMA-ES (Hansen, "The CMA Evolution Strat
 Tutorial", arXiv 1604.00772) searches the scorer's flat parameter vector with task scores as
 fitness. The defaults are the paper's: population 32, μ = 16 parents, σ₀ = 0.065, mean starting
 at the zero vector (a zero scorer keeps every token). ``diagonal=True`` gives separable CMA-ES
-(Ros & Hansen 2008), linear in the dimension, for quick runs on large parameter vectors.
+(Ros & Hansen 2008), linear in the dimension; by default (``diagonal=None``) it is used above
+`FULL_COVARIANCE_MAX_DIM` parameters, where a full covariance would make every checkpoint large
+(4,172 BAM parameters: a 4,172² matrix, ~280 MB pickled per generation) and would need far more
+generations than a CPU run affords to learn. pycma's own termination rules (``tolfun``,
+``tolflatfitness``, …) are off unless ``stop_rules=True``: with a small population and tied
+fitness they ended runs after a single generation, while a run should last as configured.
 
 ``simple_es`` is the OpenAI evolution strategy (Salimans et al., "Evolution Strategies as a
 Scalable Alternative to Reinforcement Learning", arXiv 1703.03864): antithetic Gaussian samples,
@@ -72,14 +77,17 @@ class CmaEsConfig:
     ``popsize`` new candidates per generation, ``mu`` of them (default ``popsize // 2``: 16 of
     32 as in the paper) recombined into the new mean,
     ``sigma0`` initial step size, ``mean0`` value of every coordinate of the starting mean,
-    ``diagonal`` separable (diagonal-covariance) CMA-ES, ``options`` any further pycma option.
+    ``diagonal`` separable (diagonal-covariance) CMA-ES (None: only above
+    `FULL_COVARIANCE_MAX_DIM` parameters), ``stop_rules`` let pycma's termination criteria end
+    the run, ``options`` any further pycma option.
     """
 
     popsize: int = attrs.field(default=32, validator=positive)
     mu: int | None = attrs.field(default=None, validator=positive)
     sigma0: float = attrs.field(default=0.065, validator=positive)
     mean0: float = 0.0
-    diagonal: bool = False
+    diagonal: bool | None = None
+    stop_rules: bool = False
     options: dict[str, Any] = attrs.field(factory=dict, converter=lambda d: dict(d or {}))
 
     @mu.validator
@@ -88,7 +96,22 @@ class CmaEsConfig:
             raise InvalidConfigError(f"CmaEsConfig.mu ({value}) cannot exceed popsize ({self.popsize})")
 
     def __hash__(self) -> int:
-        return hash((self.popsize, self.mu, self.sigma0, self.mean0, self.diagonal, repr(sorted(self.options.items()))))
+        return hash(
+            (
+                self.popsize,
+                self.mu,
+                self.sigma0,
+                self.mean0,
+                self.diagonal,
+                self.stop_rules,
+                repr(sorted(self.options.items())),
+            )
+        )
+
+
+#: above this many parameters ``cma_es`` defaults to a diagonal covariance: a full one is dim²
+#: doubles (8 MB at 1,000; 140 MB at 4,172) pickled into every checkpoint
+FULL_COVARIANCE_MAX_DIM = 1000
 
 
 class CmaEsOptimizer:
@@ -104,11 +127,12 @@ class CmaEsOptimizer:
         if dim < 2:
             raise InvalidConfigError(f"cma_es needs at least 2 parameters to search, got dim={dim}")
         self.dim, self.seed = int(dim), int(seed)
+        self.diagonal = self.config.diagonal if self.config.diagonal is not None else self.dim > FULL_COVARIANCE_MAX_DIM
         self._rng_state = np.random.RandomState(self.seed).get_state()
         options = {
             "popsize": self.config.popsize,
             "CMA_mu": self.config.mu or self.config.popsize // 2,
-            "CMA_diagonal": True if self.config.diagonal else 0,
+            "CMA_diagonal": True if self.diagonal else 0,
             "randn": _global_randn,
             "seed": np.nan,  # pycma must not reseed: our own RNG state is installed around every call
             "verbose": -10,  # quiet, and never read a cma_signals.in file
@@ -139,11 +163,12 @@ class CmaEsOptimizer:
         self._asked = None
 
     def stop(self) -> bool:
-        return bool(self._es.stop())
+        """pycma's termination criteria, only when the config enables them (``stop_rules``)."""
+        return self.config.stop_rules and bool(self._es.stop())
 
     @property
     def stop_reasons(self) -> dict[str, Any]:
-        return dict(self._es.stop())
+        return dict(self._es.stop()) if self.config.stop_rules else {}
 
     @property
     def result(self) -> torch.Tensor:

@@ -8,20 +8,28 @@ Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned sco
 
 Both start with zero parameters (nothing is evicted); `calibrate` collects the spectrogram's
 normalisation statistics with that zero policy, as the paper does before evolution.
+
+- ``namm-bam-smollm2``: an *evolved* NAMM, shipped with its learned parameters and calibration
+  (``data/namm-bam-smollm2.safetensors``, made by ``examples/namm-smollm2/``): spectrogram plus
+  the newest queries' votes → BAM → top-k at 25% of the cache, once after the prompt, scores
+  max-pooled over 31 neighbouring tokens so spans are kept. ``budget=`` changes the ratio.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvpolicy import Policy, hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.types import ComponentRef, PolicyConfig, Schedule
+from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule, SpanPooling
 
 UPDATE_EVERY = 512
+#: weights of the shipped, evolved NAMM (package data)
+EVOLVED_SMOLLM2 = Path(__file__).parent / "data" / "namm-bam-smollm2.safetensors"
 
 
 def namm_config(scorer: str) -> PolicyConfig:
@@ -31,6 +39,21 @@ def namm_config(scorer: str) -> PolicyConfig:
         scorer=ComponentRef(scorer),
         selector=ComponentRef("threshold"),
         schedule=Schedule("every_n", every=UPDATE_EVERY),
+    )
+
+
+def evolved_config() -> PolicyConfig:
+    """The evolved NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes → BAM
+    (26 features) → top_k at 25%, once after the prompt, the 32 newest tokens protected, scores
+    max-pooled over 31 cached neighbours."""
+    return PolicyConfig(
+        extractor=ComponentRef("stft_votes"),
+        scorer=ComponentRef("bam", {"features": 26}),
+        selector=ComponentRef("top_k"),
+        schedule=Schedule("after_prefill"),
+        protect=Protection(recent=32),
+        budget=Budget(ratio=0.25),
+        span=SpanPooling(kernel=31, mode="max"),
     )
 
 
@@ -75,4 +98,10 @@ def kvpolicy_register_policies(register) -> None:
         "namm-mlp",
         namm_config("mlp"),
         description="NAMM with a per-token MLP scorer (ablation of Cetin et al. 2024)",
+    )
+    register(
+        "namm-bam-smollm2",
+        evolved_config(),
+        description="evolved NAMM (CMA-ES on SmolLM2-135M): spectrogram + votes → BAM → top-k 25%, spans of 31",
+        weights=EVOLVED_SMOLLM2,
     )

@@ -311,6 +311,48 @@ class StftExtractor:
         return stored.to(device=device, dtype=dtype)
 
 
+@attrs.frozen
+class StftVotesConfig(StftConfig):
+    """`StftConfig` plus ``votes_window``: how many of the newest queries vote (SnapKV's
+    observation window), and ``votes_eps``, added before the logarithm."""
+
+    votes_window: int = attrs.field(default=32, validator=positive)
+    votes_eps: float = attrs.field(default=1e-6, validator=positive)
+
+    @property
+    def num_features(self) -> int:
+        return self.recency_dims + self.bins + 1
+
+
+class StftVotesExtractor(StftExtractor):
+    """NAMM's spectrogram features plus one more: ``log(votes + eps)``, the attention each token
+    received from the ``votes_window`` newest queries (SnapKV's signal), last.
+
+    Why: NAMM's 512-query EMA mostly sees the context, not the question at the end of a prompt,
+    so a scorer over the spectrogram alone cannot tell what will be asked. The newest queries'
+    votes carry that, and a linear scorer whose only weight is on this feature ranks tokens
+    exactly as SnapKV's votes do: a strong, known starting point for evolution. 26 features by
+    default.
+    """
+
+    name: ClassVar[str] = "stft_votes"
+    Config = StftVotesConfig
+
+    def __init__(self, config: StftVotesConfig | None = None) -> None:
+        super().__init__(config or StftVotesConfig())
+
+    def extract(self, view: LayerView) -> torch.Tensor:
+        spectral = super().extract(view)
+        window = view.attention[:, :, -self.config.votes_window :, :].to(torch.float32)
+        votes = torch.log(window.sum(dim=2) + self.config.votes_eps).to(spectral.device)
+        return torch.cat([spectral, votes.unsqueeze(-1)], dim=-1)
+
+
 @hookimpl
 def kvpolicy_register_extractors(register) -> None:
     register("stft", StftExtractor, description="NAMM attention spectrogram (STFT + EMA) with recency, 25 features")
+    register(
+        "stft_votes",
+        StftVotesExtractor,
+        description="NAMM spectrogram + log votes of the newest 32 queries (SnapKV's signal), 26 features",
+    )

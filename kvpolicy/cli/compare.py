@@ -22,7 +22,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", action="append", required=True, help="repeat for each policy (preset, preset:{json}, or file)"
     )
     parser.add_argument("--budget", nargs="+", default=[None], help="budgets to try for each budgeted policy")
+    parser.add_argument(
+        "--shared-prefill",
+        action="store_true",
+        help="run each prompt once for every policy and budget; each policy's first eviction pass then comes after "
+        "the whole prompt (see kvpolicy.eval.shared_suite)",
+    )
+    parser.add_argument(
+        "--paired-against",
+        metavar="LABEL",
+        help="also tabulate each run's chance-corrected skill kept and its paired bootstrap 95%% interval "
+        "against this run (a label such as namm-bam-smollm2@25%%)",
+    )
     add_suite_arguments(parser)
+
+
+def paired_table(labels: list[str], kept: dict[str, float], results: dict, references: dict, against: str) -> str:
+    """Markdown: each run's chance-corrected skill kept (% of the full cache's skill above chance)
+    and ``against − run`` with its paired bootstrap 95% interval, in points."""
+    from kvpolicy.errors import InvalidConfigError
+    from kvpolicy.eval.paired import paired_difference
+
+    if against not in results:
+        raise InvalidConfigError(f"--paired-against {against!r} is not one of the runs: {', '.join(labels)}")
+    lines = [
+        f"| policy | cache kept (measured) | skill kept (chance-corrected) | {against} − policy [95% CI] | items |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label in labels:
+        diff = paired_difference(results[against], results[label], references)
+        interval = (
+            "–" if label == against else f"{diff.delta * 100:+.1f} [{diff.low * 100:+.1f}, {diff.high * 100:+.1f}]"
+        )
+        lines.append(f"| {label} | {kept[label]:.1%} | {diff.b * 100:.1f} | {interval} | {diff.n} |")
+    return "\n".join(lines) + "\n"
 
 
 def _grid(specs: list[str], budgets: list[str | None]) -> list[tuple[str, str | None, object]]:
@@ -100,19 +133,57 @@ def run(args: argparse.Namespace) -> int:
     items = suite_items(args)
     model, tokenizer = load_model(args.model)
     out = Path(args.out)
+    labels = [policy_label(spec, budget) for spec, budget, _ in grid]
+    if args.shared_prefill:
+        from kvpolicy.eval.shared_suite import fill_shared
+
+        fill_shared(
+            [(label, policy, out / "runs" / label) for label, (_, _, policy) in zip(labels, grid, strict=True)],
+            items,
+            model,
+            tokenizer,
+            model_name=args.model,
+            metric=args.metric,
+            chunk_size=args.chunk_size,
+            reference_dir=args.reference_dir,
+            progress=not args.no_progress,
+        )
     summaries = []
-    for spec, budget, policy in grid:
-        label = policy_label(spec, budget)
+    for label, (_, _, policy) in zip(labels, grid, strict=True):
         summaries.append(run_from_args(args, policy, items, model, tokenizer, out=out / "runs" / label, label=label))
     tasks = list(dict.fromkeys(item.task for item in items))
     table = comparison_table(summaries, tasks)
+    if args.paired_against:
+        from kvpolicy.eval.references import reference_path
+        from kvpolicy.eval.results import ResultStore
+
+        uids = {item.uid for item in items}
+        results = {
+            label: [r for r in ResultStore(out / "runs" / label / "results.jsonl") if r.uid in uids] for label in labels
+        }
+        references = {
+            r.uid: r
+            for r in ResultStore(reference_path(args.model, args.metric, args.chunk_size, args.reference_dir))
+            if r.uid in uids
+        }
+        kept = {s.label: s.overall.kept_fraction for s in summaries}
+        table += (
+            "\nSkill kept: per task (score − chance) ÷ (full − chance), mean over tasks; paired bootstrap over "
+            "items (2,000 resamples, stratified by task):\n\n"
+            + paired_table(labels, kept, results, references, args.paired_against)
+        )
     by_length = length_comparison_table(summaries)
     if by_length:
         table += "\nMean normalised score (%) by context length, with the cache kept in brackets:\n\n" + by_length
+    protocol = (
+        "one shared prefill per item, every policy's first eviction pass after the whole prompt"
+        if args.shared_prefill
+        else f"prompt in chunks of {args.chunk_size} with eviction between them"
+    )
     header = (
         f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split, "
-        f"{len(items)} items, {args.model}); mean ± standard error; Δ = paired difference to the full cache "
-        "in points.\n\n"
+        f"{len(items)} items, {args.model}; {protocol}); mean ± standard error; Δ = paired difference to the "
+        "full cache in points.\n\n"
     )
     atomic_write_text(out / "compare.md", header + table)
     runs = [

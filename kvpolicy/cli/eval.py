@@ -72,7 +72,13 @@ def run_from_args(
         chunk_size=args.chunk_size,
         reference_dir=args.reference_dir,
         progress=not args.no_progress,
-        settings={"profile": args.profile, "split": args.split, "tasks": args.tasks, "lengths": args.lengths},
+        settings={
+            "profile": args.profile,
+            "split": args.split,
+            "tasks": args.tasks,
+            "lengths": args.lengths,
+            "prefill": "shared" if getattr(args, "shared_prefill", False) else "chunked",
+        },
     )
 
 

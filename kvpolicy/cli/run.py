@@ -8,12 +8,13 @@ cache the policy kept and how long it took — next to the full cache with ``--c
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from kvpolicy.errors import InvalidConfigError
+from kvpolicy.errors import InvalidConfigError, UnknownComponentError
 from kvpolicy.types import Budget, PolicyConfig
 
 
@@ -35,6 +36,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-full", action="store_true", help="also run the full cache and print both")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values argparse can read but kvpolicy cannot use, before any model is loaded."""
+    from kvpolicy.models import MODELS
+
+    if args.model not in MODELS:
+        raise UnknownComponentError("shipped model", args.model, MODELS)
+    if args.max_new_tokens < 1:
+        raise InvalidConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
+        raise InvalidConfigError(
+            f"--prefill-chunk-size must be at least 1 token (leave it out to prefill in one pass), "
+            f"got {args.prefill_chunk_size}"
+        )
+    if args.context_tokens < 1:
+        raise InvalidConfigError(f"--context-tokens must be at least 1, got {args.context_tokens}")
+    if not (math.isfinite(args.depth) and 0.0 <= args.depth <= 1.0):
+        raise InvalidConfigError(f"--depth must be between 0 and 1, got {args.depth}")
+    for option in ("sinks", "recent"):
+        value = getattr(args, option)
+        if value is not None and value < 0:
+            raise InvalidConfigError(f"--{option} must be >= 0, got {value}")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        raise InvalidConfigError(f"prompt file {args.prompt_file} does not exist")
+
+
+def prepare(args: argparse.Namespace):
+    """Check every argument and build the policy: everything ``run`` does before loading a model,
+    so a bad value ends in a named error in milliseconds, not after a model load."""
+    check_arguments(args)
+    return resolve_policy(args)
+
+
 def resolve_policy(args: argparse.Namespace):
     """A Policy from a preset name, a PolicyConfig JSON file or a saved .safetensors policy."""
     import kvpolicy
@@ -49,7 +82,7 @@ def resolve_policy(args: argparse.Namespace):
         path = Path(spec)
         if not path.is_file():
             raise InvalidConfigError(f"policy file {spec} does not exist")
-        return kvpolicy.build(PolicyConfig.from_json(path.read_text()), **overrides)
+        return kvpolicy.build(PolicyConfig.from_json(path.read_bytes()), **overrides)
     return kvpolicy.build(spec, **overrides)
 
 
@@ -67,7 +100,7 @@ def _inputs(tokenizer, text_or_messages, chat: bool) -> dict[str, torch.Tensor]:
 def _run_one(model, tokenizer, policy, inputs, args) -> tuple[str, object, float]:
     start = time.perf_counter()
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
-    if args.prefill_chunk_size:
+    if args.prefill_chunk_size is not None:
         kwargs["prefill_chunk_size"] = args.prefill_chunk_size
     result = policy.generate(model, inputs, **kwargs)
     seconds = time.perf_counter() - start
@@ -79,15 +112,16 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.models import MODELS, load_model
     from kvpolicy.prompts import needle_prompt
 
-    policy = resolve_policy(args)
+    policy = prepare(args)
     model, tokenizer = load_model(args.model)
     policy.bind_tokenizer(tokenizer)
     chat = MODELS[args.model].chat
     needle = None
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise InvalidConfigError(f"prompt file {args.prompt_file} does not exist")
-        text = args.prompt_file.read_text(encoding="utf-8")
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidConfigError(f"prompt file {args.prompt_file} is not UTF-8 text: {exc}") from exc
         inputs = _inputs(tokenizer, [{"role": "user", "content": text}] if chat else text, chat)
     else:
         needle = needle_prompt(tokenizer, args.context_tokens, args.depth)

@@ -93,7 +93,7 @@ def teacher_forced_logprob(policy: Any, model: Any, encoded: EncodedItem, chunk_
     answer = encoded.answer_ids
     with torch.inference_mode(), policy.attach(model) as handle:
         handle.reset()
-        logits = handle.feed(encoded.prompt_ids, chunk_size=chunk_size)[:, -1:]
+        logits = handle.feed(encoded.prompt_ids, chunk_size=chunk_size, last_only=True)
         if answer.shape[-1] > 1:
             logits = torch.cat([logits, handle.feed(answer[:, :-1])], dim=1)
         report = handle.report()

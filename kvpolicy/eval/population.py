@@ -61,7 +61,7 @@ def population_logprobs(
     answer = encoded.answer_ids.expand(members, -1)
     with torch.inference_mode(), policy.attach(model) as handle:
         handle.reset()
-        logits = handle.feed(prompt, chunk_size=chunk_size)[:, -1:]
+        logits = handle.feed(prompt, chunk_size=chunk_size, last_only=True)
         if answer.shape[-1] > 1:
             logits = torch.cat([logits, handle.feed(answer[:, :-1])], dim=1)
         reports = [handle.report(row=i) for i in range(members)]

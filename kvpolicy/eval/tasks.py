@@ -19,22 +19,25 @@ ItemMaker = Callable[[Split, int, int], Item]
 
 @attrs.frozen
 class Task:
-    """A task family: its name, the generator of its items, and what it measures."""
+    """A task family: its name, the generator of its items, what it measures, and the score a
+    guess gets (``chance``), so a comparison can say how much of the full cache's *skill* a
+    policy keeps: ``(score − chance) / (full − chance)``."""
 
     name: str
     make: ItemMaker
     metric: str
     description: str
+    chance: float = 0.0
 
 
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("needle", needle.make_item, "contains", "one fact hidden at a depth of essays (NIAH)"),
-        Task("multikey", multikey.make_multikey, "contains", "one of four same-template needles (RULER MK-NIAH)"),
-        Task("multivalue", multikey.make_multivalue, "f1", "all three values of one key (RULER MV-NIAH)"),
-        Task("passages", passages.make_item, "exact", "which passage holds a quoted sentence (LongBench PR)"),
-        Task("variables", variables.make_item, "contains", "follow a chain of variable assignments (RULER VT)"),
+        Task("multikey", multikey.make_multikey, "contains", "one of four same-template needles (RULER MK-NIAH)", 0.25),
+        Task("multivalue", multikey.make_multivalue, "f1", "all three values of one key (RULER MV-NIAH)", 1 / 3),
+        Task("passages", passages.make_item, "exact", "which passage holds a quoted sentence (LongBench PR)", 1 / 6),
+        Task("variables", variables.make_item, "contains", "follow a chain of variable assignments (RULER VT)", 0.5),
         Task("quote", quote.make_item, "rouge_l", "complete a sentence of the document (Rouge-L)"),
         Task("perplexity", perplexity.make_item, "likelihood", "1/perplexity of a KJV continuation"),
     )

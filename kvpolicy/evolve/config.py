@@ -53,11 +53,23 @@ class FitnessConfig:
     ``population_batch``: run all members of a job as one batch, batch row *i* with parameter row
     *i* (`kvpolicy.eval.population`), instead of one after another; the fast path on a GPU. The
     figures equal one-by-one runs up to the rounding of batched kernels, so it is fingerprinted.
+    ``shared_prefill``: members share everything up to their first eviction pass — each item's
+    prompt runs once, its features are extracted once, and every member of a job is forked from
+    that (`kvpolicy.integrations.hf.shared`); the prefill is kept for later generations in a
+    store of at most ``prefill_store_gib`` GiB per process. Needs a policy whose first eviction
+    pass comes after the whole prompt (``after_prefill``). Same figures as ``population_batch``.
     """
 
     metric: Metric = attrs.field(default="task", validator=attrs.validators.in_(("task", "loglik")))
     cache_weight: float = attrs.field(default=0.0, validator=non_negative)
     population_batch: bool = attrs.field(default=False)
+    shared_prefill: bool = attrs.field(default=False)
+    prefill_store_gib: float = attrs.field(default=4.0, validator=positive)
+
+    @shared_prefill.validator
+    def _check_shared(self, attribute: attrs.Attribute, value: object) -> None:
+        if not isinstance(value, bool):
+            raise InvalidConfigError(f"fitness.shared_prefill must be true or false, got {value!r}")
 
     @population_batch.validator
     def _check_population_batch(self, attribute: attrs.Attribute, value: object) -> None:
@@ -101,9 +113,16 @@ class EvolveConfig:
     random-weight test model. ``policy``: a preset name or a policy config dict (its scorer must
     be `Parametric`). ``members_per_job``: members evaluated together in one job (a batch on one
     worker); the split is fixed by the config, so every executor computes the same numbers.
-    ``eval_every``: the mean is scored on held-out (``test``) items every that many generations,
-    on ``eval_items`` items per task of the last stage; the best scoring mean is the result.
-    ``train_pool``: seeds of the train split the per-generation items are drawn from.
+    ``eval_every``: the mean is scored on *validation* items every that many generations, on
+    ``eval_items`` items per task of the last stage; the best scoring mean is the result.
+    Validation items are carved from the ``train`` split (seeds ``train_pool`` onwards, never
+    drawn for a generation), so the ``test`` split, which `kvpolicy compare` reports, never
+    influences a choice. ``train_pool``: seeds of the train split the per-generation items are
+    drawn from. ``search``: the named parameter groups evolved (``"scorer.w_s"``; empty: all),
+    the others held at their start; ``start``: the starting point, named groups to a list of
+    values or one number (unnamed ones start at zero), or the path of a saved policy file (an
+    earlier stage's result). The optimizer searches an offset from the start, so its mean
+    starts there.
     """
 
     stages: tuple[StageConfig, ...] = attrs.field(converter=tuple)
@@ -117,6 +136,10 @@ class EvolveConfig:
     train_pool: int = attrs.field(default=64, validator=positive)
     members_per_job: int = attrs.field(default=4, validator=positive)
     calibration_items: int = attrs.field(default=2, validator=non_negative)
+    search: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    start: Mapping[str, Any] | str = attrs.field(
+        factory=dict, converter=lambda d: d if isinstance(d, str) else dict(d or {})
+    )
     fitness: FitnessConfig = FitnessConfig()
     executor: ExecutorConfig = ExecutorConfig()
     progress: bool = True

@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -65,8 +67,31 @@ def worker_threads(config: EvolveConfig) -> int:
     return config.executor.threads or max(1, (os.cpu_count() or 1) // config.executor.workers)
 
 
-def _init_worker(config_data: dict[str, Any], threads: int) -> None:
+#: how often a worker checks that its parent is still alive (seconds)
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _exit_with_parent(parent_pid: int, interval: float = PARENT_CHECK_SECONDS) -> None:
+    """End this worker as soon as ``parent_pid`` is no longer its parent.
+
+    A SIGKILLed parent runs no cleanup, and a worker blocked on the job queue or busy in a job
+    would otherwise live on, holding a model copy and CPU. A daemon thread polls ``os.getppid()``
+    (the dead parent's children are re-parented) — portable, and unlike Linux's
+    ``PR_SET_PDEATHSIG`` not fooled by the exit of whichever parent *thread* spawned the worker.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)  # no cleanup: the parent that would receive results is gone
+
+    threading.Thread(target=watch, name="kvpolicy-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(config_data: dict[str, Any], threads: int, parent_pid: int | None = None) -> None:
     global _WORKER_WORKLOAD
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
     _WORKER_WORKLOAD = build_workload(EvolveConfig.from_dict(config_data))
 
@@ -80,7 +105,8 @@ def _run_in_worker(job: Job) -> tuple[int, JobResult]:
 class ProcessPoolExecutor:
     """``workers`` spawned processes, each building its own workload (model copy) once and
     running with ``threads`` torch threads. Spawned, not forked: forking a process that has
-    started torch's thread pools can deadlock."""
+    started torch's thread pools can deadlock. Workers die with this process, even when it is
+    SIGKILLed (`_exit_with_parent`)."""
 
     def __init__(self, config: EvolveConfig) -> None:
         context = multiprocessing.get_context("spawn")
@@ -88,7 +114,7 @@ class ProcessPoolExecutor:
             max_workers=config.executor.workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(config.to_dict(), worker_threads(config)),
+            initargs=(config.to_dict(), worker_threads(config), os.getpid()),
         )
 
     def map(self, jobs: Sequence[Job]) -> Iterator[tuple[int, JobResult]]:

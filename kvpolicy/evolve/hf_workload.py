@@ -8,11 +8,17 @@ extractor collecting its normalisation statistics, then freezes them (Cetin et a
 
 Members are evaluated one after another, each with batch 1, or — with ``"population_batch":
 true`` in the fitness config — all rows of a job as one batch, batch row *i* with parameter row
-*i* (`kvpolicy.eval.population.run_population`), the faster path on a GPU.
+*i* (`kvpolicy.eval.population.run_population`), the faster path on a GPU; or — with
+``"shared_prefill": true`` — forked as one batch from a prefill of the item run once and kept
+for later generations (`kvpolicy.eval.forked`), the fast path on a CPU.
+
+The optimizer searches the offset of the ``search``-ed parameter groups from the ``start`` point
+(`SearchSpace`); the workload turns its rows into full parameter vectors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +28,7 @@ import torch
 
 from kvpolicy.errors import CheckpointError, InvalidConfigError
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.jobs import Job, JobResult
+from kvpolicy.evolve.jobs import Job, JobResult, item_split
 from kvpolicy.evolve.models import load_model_and_tokenizer
 from kvpolicy.policy import Policy, build
 from kvpolicy.types import PolicyConfig
@@ -59,6 +65,78 @@ def load_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor]) -> None:
                 raise CheckpointError(f"calibrated buffers do not fit the {role} {component.name!r}: {exc}") from exc
 
 
+class SearchSpace:
+    """The part of a policy's flat parameters an optimizer searches, and where it starts.
+
+    ``names`` are parameter groups ``role.name`` (e.g. ``scorer.w_s``: BAM's linear read-out);
+    empty means every parameter. ``start`` maps groups to values (a list, or one number for the
+    whole group). A search row ``x`` becomes ``start`` with ``x`` added on the searched indices.
+    """
+
+    def __init__(self, policy: Policy, names: tuple[str, ...], start: Mapping[str, Any] | str) -> None:
+        layout = parameter_layout(policy)
+        if isinstance(start, str):
+            start = _start_from_file(start, policy, layout)
+        unknown = sorted((set(names) | set(start)) - set(layout))
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown parameter group(s) {', '.join(unknown)}; this policy has {', '.join(layout)}"
+            )
+        self.full = policy.num_params
+        self.start = torch.zeros(self.full)
+        for name, value in start.items():
+            part = layout[name]
+            values = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+            if values.numel() == 1:
+                values = values.expand(part.stop - part.start)
+            if values.numel() != part.stop - part.start:
+                raise InvalidConfigError(
+                    f"start value for {name} has {values.numel()} numbers; the group has {part.stop - part.start}"
+                )
+            self.start[part] = values
+        index = [torch.arange(layout[n].start, layout[n].stop) for n in names] or [torch.arange(self.full)]
+        self.index = torch.cat(index)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.numel())
+
+    def full_params(self, rows: torch.Tensor) -> torch.Tensor:
+        """Search rows ``[rows, dim]`` (or ``[dim]``) as full parameter vectors ``[rows, num_params]``."""
+        rows = torch.as_tensor(rows, dtype=torch.float32)
+        single = rows.dim() == 1
+        rows = rows.reshape(-1, self.dim)
+        full = self.start.expand(rows.shape[0], -1).clone()
+        full[:, self.index] += rows
+        return full[0] if single else full
+
+
+def _start_from_file(path: str, policy: Policy, layout: dict[str, slice]) -> dict[str, Any]:
+    """The named parameter groups of a saved policy (e.g. an earlier stage's result), checked to fit."""
+    saved = Policy.load(path)
+    if saved.num_params != policy.num_params or parameter_layout(saved).keys() != layout.keys():
+        raise InvalidConfigError(
+            f"start file {path} holds a {saved.scorer.name} scorer with {saved.num_params} parameters; "
+            f"the evolved policy's {policy.scorer.name} has {policy.num_params}"
+        )
+    flat = saved.get_flat()
+    return {name: flat[part].tolist() for name, part in layout.items()}
+
+
+def parameter_layout(policy: Policy) -> dict[str, slice]:
+    """Flat-vector slice of every named parameter group, ``role.name`` (the order of `Policy.get_flat`)."""
+    layout: dict[str, slice] = {}
+    offset = 0
+    for role, component in policy.parametric().items():
+        params = getattr(component, "params", None)
+        shapes = getattr(params, "shapes", None) or {"all": (component.num_params,)}
+        for name, shape in shapes.items():
+            size = int(torch.Size(shape).numel())
+            layout[f"{role}.{name}"] = slice(offset, offset + size)
+            offset += size
+    return layout
+
+
 class HfWorkload:
     """Built once per process; the model is loaded on the first job (the parent process of a
     process pool never loads it)."""
@@ -77,12 +155,23 @@ class HfWorkload:
         self.full = build("full")
         schedule = self.policy.schedule
         self.chunk_size = schedule.every if schedule.kind == "every_n" else 512
+        self.space = SearchSpace(self.policy, config.search, config.start)
         self._model: Any = None
         self._tokenizer: Any = None
+        self._prefills: Any = None
+        if config.fitness.shared_prefill:
+            from kvpolicy.eval.forked import PrefillStore
+
+            if schedule.kind != "after_prefill":
+                raise InvalidConfigError(
+                    "fitness.shared_prefill needs a policy whose first eviction pass comes after the whole prompt "
+                    f"(schedule 'after_prefill'); this policy's schedule is {schedule.kind!r}"
+                )
+            self._prefills = PrefillStore(int(config.fitness.prefill_store_gib * 2**30))
 
     @property
     def num_params(self) -> int:
-        return self.policy.num_params
+        return self.space.dim
 
     def _ensure_model(self) -> tuple[Any, Any]:
         if self._model is None:
@@ -94,7 +183,7 @@ class HfWorkload:
         from kvpolicy.eval.tasks import make_item
 
         model, tokenizer = self._ensure_model()
-        item = make_item(task, split, seed, length)
+        item = make_item(task, item_split(split), seed, length)
         result = run_item(policy, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size)
         return result.score, result.kept_fraction
 
@@ -106,27 +195,58 @@ class HfWorkload:
         from kvpolicy.eval.tasks import make_item
 
         model, tokenizer = self._ensure_model()
-        item = make_item(task, split, seed, length)
+        item = make_item(task, item_split(split), seed, length)
         results = run_population(
             self.policy, params, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size
         )
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
         return scores, torch.tensor([r.kept_fraction for r in results], dtype=torch.float64)
 
+    def _score_forked(
+        self, params: torch.Tensor | None, task: str, split: str, length: int, seed: int, buffers_key: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [rows], kept [rows])`` of every parameter row forked from the item's shared
+        prefill; ``params=None``: the full cache of that prefill (the reference)."""
+        from kvpolicy.eval.forked import forked_scores
+        from kvpolicy.eval.prompting import encode
+        from kvpolicy.eval.tasks import make_item
+        from kvpolicy.integrations.hf.shared import prefill
+
+        model, tokenizer = self._ensure_model()
+        item = make_item(task, item_split(split), seed, length)
+        encoded = encode(item, tokenizer)
+        key = (task, split, length, seed, buffers_key)
+        shared = self._prefills.get(key, lambda: prefill(self.policy, model, encoded.prompt_ids, self.chunk_size))
+        if params is not None:
+            self.policy.set_flat(params)
+        rows = 1 if params is None else params.shape[0]
+        forked = forked_scores(
+            self.policy, rows, item, encoded, shared, model, tokenizer, self.config.fitness.metric,
+            evict=params is not None,
+        )  # fmt: skip
+        return forked.scores, forked.kept
+
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         if job.kind == "calibrate":
             return self._calibrate(job, start)
         load_buffers(self.policy, job.buffers)
-        if job.params is not None and self.config.fitness.population_batch:
+        params = None if job.params is None else self.space.full_params(job.params)
+        if self._prefills is not None:
+            scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
+            kept = torch.ones_like(scores)
+            # the reference jobs carry no buffers: they share the prefill made with the current ones
+            key = _buffers_key(job.buffers or self.policy.buffers())
+            for i, seed in enumerate(job.seeds):
+                scores[:, i], kept[:, i] = self._score_forked(params, job.task, job.split, job.length, seed, key)
+            return JobResult(scores, kept, {}, time.perf_counter() - start)
+        if params is not None and self.config.fitness.population_batch:
             scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
             kept = torch.ones_like(scores)
             for i, seed in enumerate(job.seeds):
-                scores[:, i], kept[:, i] = self._score_population(
-                    job.params.float(), job.task, job.split, job.length, seed
-                )
+                scores[:, i], kept[:, i] = self._score_population(params, job.task, job.split, job.length, seed)
             return JobResult(scores, kept, {}, time.perf_counter() - start)
-        rows = [None] if job.params is None else list(job.params)
+        rows = [None] if params is None else list(params)
         scores = torch.zeros(len(rows), len(job.seeds), dtype=torch.float64)
         kept = torch.ones_like(scores)
         for r, row in enumerate(rows):
@@ -141,7 +261,7 @@ class HfWorkload:
         extractor = self.policy.extractor
         if not (hasattr(extractor, "start_calibration") and hasattr(extractor, "freeze")):
             return JobResult(torch.ones(1, 0), torch.ones(1, 0), {}, time.perf_counter() - start)
-        self.policy.set_flat(torch.zeros(self.num_params))
+        self.policy.set_flat(self.space.start)
         tasks = job.tasks or (job.task,)
         extractor.start_calibration()
         try:
@@ -156,5 +276,14 @@ class HfWorkload:
     def save_result(self, params: torch.Tensor, buffers: dict[str, torch.Tensor], path: Path) -> None:
         """Write the policy with these parameters and buffers as a policy file (`Policy.save`)."""
         load_buffers(self.policy, buffers)
-        self.policy.set_flat(params.float())
+        self.policy.set_flat(self.space.full_params(params))
         self.policy.save(str(path))
+
+
+def _buffers_key(buffers: Mapping[str, torch.Tensor]) -> str:
+    """A digest of the frozen buffers: features made with other calibration statistics differ."""
+    digest = hashlib.sha256()
+    for name in sorted(buffers):
+        digest.update(name.encode())
+        digest.update(buffers[name].detach().cpu().double().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -15,6 +15,13 @@ import attrs
 import torch
 
 JobKind = Literal["evaluate", "calibrate"]
+#: the split of validation jobs: items of the ``train`` split whose seeds no generation draws
+VALIDATION = "validation"
+
+
+def item_split(split: str) -> str:
+    """The task split a job's items come from (validation items are ``train`` items)."""
+    return "train" if split == VALIDATION else split
 
 
 @attrs.frozen(eq=False)

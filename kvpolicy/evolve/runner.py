@@ -31,7 +31,7 @@ from kvpolicy.evolve import log
 from kvpolicy.evolve.config import EvolveConfig, StageConfig
 from kvpolicy.evolve.executors import Executor, make_executor
 from kvpolicy.evolve.fitness import population_fitness, to_loss
-from kvpolicy.evolve.jobs import Job, JobResult, Workload
+from kvpolicy.evolve.jobs import VALIDATION, Job, JobResult, Workload
 from kvpolicy.evolve.state import (
     PartialGeneration,
     RunState,
@@ -157,8 +157,11 @@ class Evolution:
         return tuple(int(s) for s in rng.choice(self.config.train_pool, size=stage.items, replace=False))
 
     def _heldout(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """Validation items: ``train``-split seeds just past the pool generations draw from, so they
+        are never trained on, and the ``test`` split is left for the final report alone."""
         last = self.config.stages[-1]
-        return [(task, last.length, tuple(range(self.config.eval_items))) for task in last.tasks]
+        pool = self.config.train_pool
+        return [(task, last.length, tuple(range(pool, pool + self.config.eval_items))) for task in last.tasks]
 
     # ----------------------------------------------------------------- running jobs
 
@@ -275,7 +278,9 @@ class Evolution:
         if heldout:
             for task, length, seeds in self._heldout():
                 jobs.append(
-                    Job(len(jobs), "evaluate", task, "test", length, seeds, rows[-1:], buffers, (rows.shape[0] - 1,))
+                    Job(
+                        len(jobs), "evaluate", task, VALIDATION, length, seeds, rows[-1:], buffers, (rows.shape[0] - 1,)
+                    )
                 )
         return jobs
 
@@ -291,7 +296,7 @@ class Evolution:
         heldout = generation % self.config.eval_every == 0 or generation == self.config.total_generations - 1
         wanted = [(t, "train", n, s) for t, n, s in train]
         if heldout:
-            wanted += [(t, "test", n, s) for t, n, s in self._heldout()]
+            wanted += [(t, VALIDATION, n, s) for t, n, s in self._heldout()]
         self._ensure_references(wanted)
         jobs = self._evaluation_jobs(rows, train, heldout, state.buffers)
         results = self._run_jobs(jobs, generation, rows)
@@ -303,7 +308,7 @@ class Evolution:
         heldout_kept: list[torch.Tensor] = []
         for job in jobs:
             result = results[job.index]
-            if job.split == "test":
+            if job.split == VALIDATION:
                 heldout_scores[job.task] = result.scores.double()
                 heldout_kept.append(result.kept.double().reshape(-1))
                 continue
@@ -355,7 +360,7 @@ class Evolution:
         generation: int,
     ) -> dict[str, Any]:
         """Held-out fitness of the mean; a new best is saved as the result policy at once."""
-        references = {task: self._reference(task, "test", n, s) for task, n, s in self._heldout()}
+        references = {task: self._reference(task, VALIDATION, n, s) for task, n, s in self._heldout()}
         kept_fraction = torch.cat(kept).mean().reshape(1)
         fitness = float(population_fitness(scores, references, kept_fraction, self.config.fitness.cache_weight)[0])
         if state.best_fitness is None or fitness > state.best_fitness:
@@ -367,7 +372,7 @@ class Evolution:
         """Score the last mean on the held-out items, keep it if best, save it, mark the run done."""
         generation = state.next_generation
         final = optimizer.result.reshape(1, -1)
-        self._ensure_references([(t, "test", n, s) for t, n, s in self._heldout()])
+        self._ensure_references([(t, VALIDATION, n, s) for t, n, s in self._heldout()])
         jobs = self._evaluation_jobs(final, [], True, state.buffers)
         results = self._run_jobs(jobs, generation, final)
         scores = {job.task: results[job.index].scores.double() for job in jobs}

@@ -24,8 +24,11 @@ import torch
 from kvpolicy.atomic import atomic_write_bytes
 from kvpolicy.errors import CheckpointError
 
-CHECKPOINT_MAGIC = b"KVPOLICY-EVOLVE-CHECKPOINT/1\n"
-PARTIAL_MAGIC = b"KVPOLICY-EVOLVE-PARTIAL/1\n"
+#: the first line of each file says plainly what it is: local resume state, never a file to share
+CHECKPOINT_MAGIC = b"KVPOLICY-EVOLVE-CHECKPOINT/1 local resume state of one run (a pickle); share result.safetensors\n"
+PARTIAL_MAGIC = b"KVPOLICY-EVOLVE-PARTIAL/1 local resume state of one run (a pickle); share result.safetensors\n"
+#: headers of earlier versions, still read
+_LEGACY = {CHECKPOINT_MAGIC: b"KVPOLICY-EVOLVE-CHECKPOINT/1\n", PARTIAL_MAGIC: b"KVPOLICY-EVOLVE-PARTIAL/1\n"}
 
 
 @attrs.define(eq=False)
@@ -70,11 +73,12 @@ def _read(path: Path, magic: bytes, what: str) -> Any:
         raw = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-    if not raw.startswith(magic):
+    header = next((m for m in (magic, _LEGACY[magic]) if raw.startswith(m)), None)
+    if header is None:
         raise CheckpointError(
             f"{path} is not a kvpolicy {what} (wrong header); move it away or use a new output folder"
         )
-    digest, _, data = raw[len(magic) :].partition(b"\n")
+    digest, _, data = raw[len(header) :].partition(b"\n")
     if hashlib.sha256(data).hexdigest().encode() != digest:
         raise CheckpointError(
             f"the {what} {path} is corrupt (its checksum does not match; truncated or overwritten). "

@@ -29,6 +29,7 @@ from kvpolicy.types import (
     Protection,
     Requirements,
     Schedule,
+    SpanPooling,
     non_negative,
     positive,
 )
@@ -411,6 +412,8 @@ def policy_overrides(policy: Policy, max_budget: int = 32) -> st.SearchStrategy[
             out["schedule"] = Schedule("every_n", every=draw(st.integers(1, 12)))
         elif kind == "every_step":
             out["schedule"] = Schedule("every_step", slack=draw(st.integers(0, 4)))
+        # span pooling composes with every scorer: the invariants then hold for the pooled scores
+        out["span"] = SpanPooling(draw(st.sampled_from([1, 1, 3, 5])), draw(st.sampled_from(["max", "avg"])))
         return out
 
     return draw_overrides()

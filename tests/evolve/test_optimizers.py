@@ -104,3 +104,31 @@ def test_bad_input_gives_clear_errors():
     wrong_dim = registry.create("optimizer", "cma_es", {"popsize": 8}, dim=7)
     with pytest.raises(CheckpointError, match="dim=6"):
         wrong_dim.load_state_dict(opt.state_dict())
+
+
+def test_cma_es_stop_rules_are_off_unless_asked():
+    """Tied fitness (every member equal) trips pycma's tolfun / tolflatfitness at once; a run
+    should nevertheless last as configured unless the config enables pycma's stop rules."""
+    registry = default_registry()
+    quiet = registry.create("optimizer", "cma_es", {"popsize": 4}, dim=6, seed=0)
+    strict = registry.create("optimizer", "cma_es", {"popsize": 4, "stop_rules": True}, dim=6, seed=0)
+    for opt in (quiet, strict):
+        for _ in range(3):
+            x = opt.ask()
+            opt.tell(x, torch.zeros(x.shape[0], dtype=torch.float64))
+    assert not quiet.stop() and quiet.stop_reasons == {}
+    assert strict.stop() and strict.stop_reasons
+
+
+def test_cma_es_is_diagonal_above_the_full_covariance_limit():
+    from kvpolicy_plugins.cma_es import FULL_COVARIANCE_MAX_DIM
+
+    registry = default_registry()
+    small = registry.create("optimizer", "cma_es", dim=26, seed=0)
+    large = registry.create("optimizer", "cma_es", dim=FULL_COVARIANCE_MAX_DIM + 1, seed=0)
+    forced = registry.create("optimizer", "cma_es", {"diagonal": False}, dim=FULL_COVARIANCE_MAX_DIM + 1, seed=0)
+    assert (small.diagonal, large.diagonal, forced.diagonal) == (False, True, False)
+    import pickle
+
+    # the checkpointed strategy stays small: no dim x dim covariance in the diagonal case
+    assert len(pickle.dumps(large.state_dict())) < 2_000_000

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import threading
 import time
+import warnings
 import weakref
 from contextlib import AbstractContextManager
 from typing import Any
@@ -25,14 +26,20 @@ import torch
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from kvpolicy.errors import AttachError, InvalidConfigError, ShapeError, UnsupportedModelError
+from kvpolicy.errors import (
+    AttachError,
+    BudgetOverriddenWarning,
+    InvalidConfigError,
+    ShapeError,
+    UnsupportedModelError,
+)
 from kvpolicy.integrations.hf.attention import (
     SUPPORTED_IMPLEMENTATIONS,
     make_attention_function,
     make_mask_function,
 )
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_types
-from kvpolicy.integrations.hf.report import build_report
+from kvpolicy.integrations.hf.report import budget_override_note, build_report
 from kvpolicy.types import CacheReport
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -80,7 +87,9 @@ class Attachment(AbstractContextManager):
         self.managed = tuple(i for i, t in enumerate(types) if t == "full_attention" and i not in skip and evicts)
         self.requirements = policy.requirements
         self.records_statistics = self.requirements.needs_attention
-        self.notes = self._notes(types, skip)
+        self._fixed_notes = self._notes(types, skip)
+        #: the latest ``model.generate`` ran with ``use_cache=False``: no cache, so no policy effect
+        self.uncached = False
         self.name = ""
         self.implementation = ""
         self.active_cache: EvictingCache | None = None
@@ -89,6 +98,8 @@ class Attachment(AbstractContextManager):
         self._saved_implementations: list[tuple[Any, Any]] = []
         self._had_generate = False
         self._entered = False
+        #: while true, forward calls record statistics but no layer evicts (`Handle.feed(evict=False)`)
+        self.deferring = False
 
     def _notes(self, types: list[str], skip: set[int]) -> tuple[str, ...]:
         notes = []
@@ -102,6 +113,22 @@ class Attachment(AbstractContextManager):
             notes.append(f"layers {sorted(skip)} are skipped by the policy and keep every token")
         if self.policy.schedule.kind == "never":
             notes.append("schedule 'never': every token is kept")
+        return tuple(notes)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the report must say besides its figures: the fixed notes of this model and policy,
+        then what the latest run did that the figures alone do not show."""
+        notes = list(self._fixed_notes)
+        if self.uncached:
+            notes.append(
+                "use_cache=False: generate ran without a cache, so the policy kept and evicted nothing "
+                "(exactly the bare model's logits); the figures describe an empty cache"
+            )
+        elif self.cache is not None and self.cache.updates and self.policy.schedule.kind != "never":
+            note = budget_override_note(self.policy.budget, self.policy.protect, self.cache.seen)
+            if note:
+                notes.append(note)
         return tuple(notes)
 
     # ----------------------------------------------------------------- enter / exit
@@ -193,6 +220,13 @@ class Attachment(AbstractContextManager):
         if not self._own(cache):
             self.active_cache = None
             return None
+        if kwargs.get("use_cache") is False:  # the model would still append to the cache it was given
+            raise AttachError(
+                "the model was called with use_cache=False and the policy's cache: the tokens would be written "
+                "into the cache anyway and numbered as new ones. Call it without the cache for a cacheless "
+                "forward, or with use_cache=True"
+            )
+        self.uncached = False
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         inputs = input_ids if input_ids is not None else embeds
@@ -220,7 +254,7 @@ class Attachment(AbstractContextManager):
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         cache, self.active_cache = self.active_cache, None
-        if cache is not None:
+        if cache is not None and not self.deferring:
             self.update(cache)
 
     def update(self, cache: EvictingCache) -> None:
@@ -253,8 +287,25 @@ class Attachment(AbstractContextManager):
 
     # ----------------------------------------------------------------- generate
 
+    def _uses_cache(self, kwargs: dict[str, Any]) -> bool:
+        """``use_cache`` as ``generate`` will read it: the keyword, else the generation config given, else the model's."""
+        if kwargs.get("use_cache") is not None:
+            return bool(kwargs["use_cache"])
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        return getattr(config, "use_cache", True) is not False
+
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         given = _given_cache(kwargs)
+        if not self._uses_cache(kwargs):
+            # Without a cache every step re-feeds the whole sequence; handed the policy's cache, the
+            # model would append it again as new tokens (wrong logits). Run it cacheless: exact, and
+            # the report says the policy did nothing.
+            if given is not None:
+                raise AttachError("model.generate got use_cache=False and a cache; drop one of them")
+            self.cache = self.new_cache()
+            self.uncached = True
+            return self._original_generate(*args, **kwargs)
+        self.uncached = False
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
         if given is None:
@@ -284,7 +335,12 @@ class Attachment(AbstractContextManager):
         cache.prompt_end = inputs.shape[1]
         kwargs[cache_keyword(self.model)] = cache
         self.cache = cache
-        return self._original_generate(*args, **kwargs)
+        output = self._original_generate(*args, **kwargs)
+        if cache.updates and self.policy.schedule.kind != "never":
+            note = budget_override_note(self.policy.budget, self.policy.protect, cache.seen)
+            if note:
+                warnings.warn(note, BudgetOverriddenWarning, stacklevel=2)
+        return output
 
 
 class Handle:
@@ -308,10 +364,18 @@ class Handle:
         """Start over with a fresh, empty cache."""
         self._attachment.cache = self._attachment.new_cache()
 
-    def feed(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def feed(
+        self, input_ids: torch.Tensor, chunk_size: int | None = None, *, evict: bool = True, last_only: bool = False
+    ) -> torch.Tensor:
         """Run ``input_ids [batch, tokens]`` through the model on the handle's cache, in chunks of
         ``chunk_size`` with eviction between them; returns the logits of the last forward
-        ``[batch, chunk, vocab]``. Calls continue the same sequence until `reset`."""
+        ``[batch, chunk, vocab]``. Calls continue the same sequence until `reset`.
+
+        ``evict=False`` records the statistics the policy needs but runs no eviction pass: the
+        update that was due is left for later (`kvpolicy.integrations.hf.shared` forks many
+        parameter rows from that point). ``last_only=True`` computes the logits of the last
+        token only (``[batch, 1, vocab]``): a 2k-token prompt's full logits cost SmolLM2 a fifth
+        of its forward pass."""
         attachment = self._attachment
         if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
             raise AttachError("handle.feed works only inside its `with policy.attach(model)` block")
@@ -333,10 +397,16 @@ class Handle:
         cache.prompt_end = cache.seen + ids.shape[1]
         keyword = cache_keyword(attachment.model)
         logits = None
-        with torch.no_grad():
-            for chunk in ids.split(chunk_size or ids.shape[1], dim=1):
-                output = attachment.model(input_ids=chunk, use_cache=True, **{keyword: cache})
-                logits = output.logits
+        deferring = attachment.deferring
+        attachment.deferring = deferring or not evict
+        try:
+            with torch.no_grad():
+                extra = {"logits_to_keep": 1} if last_only else {}
+                for chunk in ids.split(chunk_size or ids.shape[1], dim=1):
+                    output = attachment.model(input_ids=chunk, use_cache=True, **{keyword: cache}, **extra)
+                    logits = output.logits
+        finally:
+            attachment.deferring = deferring
         return logits
 
     def report(self, row: int | None = None) -> CacheReport:

@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpolicy.errors import ShapeError
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
-from kvpolicy.types import CacheReport
+from kvpolicy.types import Budget, CacheReport, Protection
 
 
 def _stored(layer) -> bool:
@@ -75,6 +75,24 @@ def _check_row(cache: EvictingCache, row: int) -> None:
     if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < batch:
         accepted = f"0..{batch - 1}" if batch else "none: the cache is empty, feed tokens first"
         raise ShapeError(f"report row {row!r} does not exist; the cache holds {batch} rows (rows {accepted})")
+
+
+def budget_override_note(budget: Budget, protect: Protection, seen: int) -> str | None:
+    """Why the cache exceeds a ratio budget, if it does: protection (sinks, the recent window, the
+    newest token) always wins over the budget. A token budget smaller than the protected tokens is
+    refused when the policy is built, so only a ratio can be overridden, and only once known how
+    many tokens were seen."""
+    capacity = budget.capacity(seen)
+    if budget.ratio is None or capacity is None:
+        return None
+    protected = min(seen, protect.sinks + max(protect.recent, 1))
+    if protected <= capacity:
+        return None
+    return (
+        f"budget {budget.ratio * 100:g}% of {seen} tokens is {capacity} per head, but the policy protects {protected} "
+        f"({protect.sinks} sinks + {max(protect.recent, 1)} recent, capped at the tokens seen): "
+        f"protection wins, so the cache keeps {protected / seen:.0%} instead of {budget.ratio * 100:g}%"
+    )
 
 
 def build_report(cache: EvictingCache, notes: tuple[str, ...], row: int | None = None) -> CacheReport:

@@ -1,0 +1,121 @@
+"""Many policies on one suite for the price of one prompt per item (``kvpolicy compare --shared-prefill``).
+
+The ordinary harness runs every (policy, budget) over every item: the prompt's forward calls are
+repeated for each, and they are most of the cost. Here the items come first: each prompt runs
+once with nothing evicted while the statistics every policy asks for are recorded
+(`kvpolicy.integrations.hf.shared.record_prompt`); then each policy takes its own view of that
+recording, makes its first eviction pass, and decodes (or teacher-forces) the answer with its own
+schedule from there. The full-cache reference comes from the same recording.
+
+The protocol this measures: **every policy's first eviction pass comes after the whole prompt**
+(question included) — what SnapKV and kvpolicy's evolved NAMM always do, and how kvpress
+compresses. Policies that would otherwise evict between prompt chunks (H2O, TOVA, L2,
+StreamingLLM, FastGen with the harness's chunked prefill) keep the whole prompt until then, so
+their scores here are for compression *after* prefill, not for a bounded prefill peak. Results
+land in the same per-run stores as the ordinary harness (so tables, plots and resuming work the
+same); their summaries record ``"prefill": "shared"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.forked import forked_scores
+from kvpolicy.eval.harness import check_run_arguments, item_result
+from kvpolicy.eval.items import Item
+from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.references import reference_path
+from kvpolicy.eval.results import ResultStore
+from kvpolicy.integrations.hf.shared import due_layers, prepare, record_prompt
+from kvpolicy.types import Requirements
+
+
+def fill_shared(
+    runs: Sequence[tuple[str, Any, Path]],
+    items: Sequence[Item],
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    metric: str,
+    chunk_size: int,
+    reference_dir: str | Path | None = None,
+    progress: bool = True,
+) -> int:
+    """Compute every missing result of ``runs`` (``(label, policy, out folder)``) and of the
+    full-cache reference, item by item from one recorded prompt each; returns the prompts run."""
+    check_run_arguments(metric, chunk_size)
+    if metric == "both":
+        raise InvalidConfigError("--shared-prefill scores with 'task' or 'loglik', not 'both'")
+    references = ResultStore(reference_path(model_name, metric, chunk_size, reference_dir))
+    evicting = [(label, policy, ResultStore(Path(out) / "results.jsonl")) for label, policy, out in runs
+                if policy.schedule.kind != "never"]  # fmt: skip
+    union = Requirements()
+    for _, policy, _ in evicting:
+        policy.bind_tokenizer(tokenizer)
+        union = union | policy.requirements
+    recorded = 0
+    for item in _progress(items, progress):
+        pending = [run for run in evicting if not run[2].done(item.uid, item.fingerprint)]
+        need_reference = not references.done(item.uid, item.fingerprint)
+        if not pending and not need_reference:
+            continue
+        encoded = encode(item, tokenizer)
+        start = time.perf_counter()
+        cache, last = record_prompt(model, encoded.prompt_ids, union, chunk_size)
+        prompt_seconds = time.perf_counter() - start
+        recorded += 1
+        if need_reference and evicting:  # any policy's view of the recording, nothing evicted
+            policy = evicting[0][1]
+            shared = prepare(policy, model, cache, last, prompt_seconds)
+            references.add(_result(item, encoded, shared, policy, "full", model, tokenizer, metric, evict=False))
+        prepared: dict[str, Any] = {}  # budgets of one policy share its features
+        for label, policy, store in pending:
+            key = _feature_key(policy) + str(due_layers(policy, model, cache))
+            if key not in prepared:
+                prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
+            store.add(_result(item, encoded, prepared[key], policy, label, model, tokenizer, metric))
+    return recorded
+
+
+def _feature_key(policy: Any) -> str:
+    """Policies equal but for their budget extract the same features from a recorded prompt (and,
+    after a whole prompt larger than any budget, are due on the same layers)."""
+    import hashlib
+    import json
+
+    config = policy.config.to_dict()
+    config.pop("budget")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(policy.buffers().items()):
+        digest.update(name.encode() + tensor.detach().cpu().double().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _result(item, encoded, shared, policy, label, model, tokenizer, metric, *, evict: bool = True):  # noqa: ANN001, ANN202
+    start = time.perf_counter()
+    forked = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, metric, evict=evict)
+    by_likelihood = metric == "loglik" or item.metric == "likelihood"
+    return item_result(
+        item,
+        encoded,
+        forked.reports[0],
+        policy=label,
+        by_likelihood=by_likelihood,
+        score=float(forked.scores[0]),
+        prediction=forked.predictions[0],
+        answer_logprob=None if forked.logprobs is None else float(forked.logprobs[0]),
+        seconds=shared.seconds + time.perf_counter() - start,
+    )
+
+
+def _progress(items: Sequence[Item], progress: bool) -> Any:
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True)

@@ -1,0 +1,73 @@
+"""The shipped, evolved NAMM: loads with nothing but kvpolicy installed, is the pipeline its
+evolution config evolved, and evicts on a real model exactly as its file says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy.evolve.config import EvolveConfig
+from kvpolicy.evolve.hf_workload import build_policy, parameter_layout
+from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy_plugins.namm import EVOLVED_SMOLLM2, evolved_config
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "namm-smollm2"
+
+
+def test_the_shipped_weights_are_package_data_and_load_by_name():
+    assert EVOLVED_SMOLLM2.is_file()
+    policy = kvpolicy.build("namm-bam-smollm2")
+    assert policy.config == kvpolicy.Policy.from_config(evolved_config()).config
+    assert policy.buffers()["extractor.count"].item() > 0  # calibrated on SmolLM2, frozen
+    w_s = policy.get_flat()[parameter_layout(policy)["scorer.w_s"]]
+    assert w_s[-1] > 0  # the log-votes feature still carries the most weight
+    assert torch.count_nonzero(w_s[:-1]) > 0  # and evolution moved the others
+
+
+def test_every_evolution_config_evolves_the_shipped_pipeline():
+    shipped = kvpolicy.Policy.from_config(evolved_config()).config
+    for path in sorted(EXAMPLE.glob("evolve_*.json")):
+        assert build_policy(EvolveConfig.from_file(path).policy).config == shipped, path.name
+
+
+def test_budget_overrides_keep_the_learned_parameters():
+    shipped = kvpolicy.build("namm-bam-smollm2")
+    smaller = kvpolicy.build("namm-bam-smollm2", budget="12.5%")
+    assert torch.equal(smaller.get_flat(), shipped.get_flat()) and smaller.budget.ratio == 0.125
+
+
+@pytest.mark.parametrize("ratio", [0.125, 0.25, 0.5])
+def test_it_keeps_the_configured_share_of_any_model(ratio):
+    model = tiny_model("qwen2")
+    policy = kvpolicy.build("namm-bam-smollm2", budget=ratio)
+    ids = random_ids(1, 600, seed=1)
+    out = policy.generate(model, {"input_ids": ids}, max_new_tokens=4, do_sample=False, prefill_chunk_size=256)
+    assert out.report.updates == 1  # once, after the whole prompt
+    assert out.report.kept_fraction == pytest.approx(ratio, abs=0.02)
+
+
+@pytest.mark.real_model
+def test_on_smollm2_it_keeps_the_needle_a_quarter_of_the_cache_holds(tmp_path):
+    """The shipped NAMM on the model it was evolved for, on ci-profile needle items (test split):
+    25% of the cache, and the needle answered on every item the full cache answers."""
+    from kvpolicy.eval.profiles import get_profile
+    from kvpolicy.eval.shared_suite import fill_shared
+    from kvpolicy.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    items = get_profile("ci").items("test", tasks=("needle",))
+    policy = kvpolicy.build("namm-bam-smollm2")
+    fill_shared([("namm", policy, tmp_path / "namm")], items, model, tokenizer, model_name="smollm2-135m-instruct",
+                metric="task", chunk_size=512, reference_dir=tmp_path / "refs", progress=False)  # fmt: skip
+    from kvpolicy.eval.references import reference_path
+    from kvpolicy.eval.results import ResultStore
+
+    full = {
+        r.uid: r.score for r in ResultStore(reference_path("smollm2-135m-instruct", "task", 512, tmp_path / "refs"))
+    }
+    for result in ResultStore(tmp_path / "namm" / "results.jsonl"):
+        assert result.kept_fraction == pytest.approx(0.25, abs=0.02)
+        assert result.score >= full[result.uid]

@@ -9,10 +9,12 @@ Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned sco
 Both start with zero parameters (nothing is evicted); `calibrate` collects the spectrogram's
 normalisation statistics with that zero policy, as the paper does before evolution.
 
-- ``namm-bam-smollm2``: an *evolved* NAMM, shipped with its learned parameters and calibration
+- ``namm-bam-smollm2``: a NAMM for SmolLM2 shipped with its parameters and calibration
   (``data/namm-bam-smollm2.safetensors``, made by ``examples/namm-smollm2/``): spectrogram plus
   the newest queries' votes → BAM → top-k at 25% of the cache, once after the prompt, scores
-  max-pooled over 31 neighbouring tokens so spans are kept. ``budget=`` changes the ratio.
+  max-pooled over 31 neighbouring tokens so spans are kept. Its parameters are the best
+  validation mean of a CMA-ES run over BAM's read-out — so far its start, which ranks tokens
+  by the votes alone (docs/learned_eviction.md). ``budget=`` changes the ratio.
 """
 
 from __future__ import annotations
@@ -102,6 +104,6 @@ def kvpolicy_register_policies(register) -> None:
     register(
         "namm-bam-smollm2",
         evolved_config(),
-        description="evolved NAMM (CMA-ES on SmolLM2-135M): spectrogram + votes → BAM → top-k 25%, spans of 31",
+        description="NAMM for SmolLM2 (best CMA-ES validation mean): spectrogram + votes → BAM → top-k 25%, spans of 31",
         weights=EVOLVED_SMOLLM2,
     )

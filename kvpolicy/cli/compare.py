@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "compare.md", header + table)
     runs = [
         (
-            spec.partition(":")[0],
+            policy_label(spec),  # one curve per policy spec across budgets (a span variant is its own curve)
             s.label,
             s.overall.kept_fraction,
             s.overall.normalised or 0.0,

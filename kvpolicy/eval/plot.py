@@ -45,7 +45,8 @@ def comparison_figure(runs: Sequence[tuple[str, str, float, float, float, Sequen
     right.set_ylabel("cache kept (%)")
     right.set_title("per-layer retention")
     right.grid(alpha=0.3)
-    right.legend(fontsize="small")
+    if len(runs) <= 12:  # beyond that a legend hides the plot; the table names every run
+        right.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

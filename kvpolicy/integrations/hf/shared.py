@@ -30,7 +30,7 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.attach import Handle
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
-from kvpolicy.types import LayerView, Requirements, Schedule
+from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
 
 @attrs.define(eq=False)
@@ -160,7 +160,7 @@ class _Recorder:
     name = "shared_prefill_recorder"
 
     def __init__(self, requirements: Requirements) -> None:
-        self.config = attrs.make_class("RecorderConfig", [], frozen=True)()
+        self.config = EmptyConfig()
         self.requirements = requirements
 
     def extract(self, view: LayerView) -> torch.Tensor:

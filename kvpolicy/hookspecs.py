@@ -91,7 +91,7 @@ def kvpolicy_register_policies(register: RegisterPolicy) -> None:
     Call ``register(name, config, description=..., weights=None)`` with a `kvpolicy.PolicyConfig`
     that names its components. ``kvpolicy.build(name, budget=..., ...)`` starts from the preset
     and applies the caller's overrides. ``weights``: the path of a saved policy file (e.g. package
-    data) whose learned parameters and frozen buffers a built preset starts with — how an evolved
+    data) whose learned parameters and frozen buffers a built preset starts with — how a learned
     NAMM ships.
 
     .. versionadded:: 0.1

@@ -30,7 +30,7 @@ from kvpolicy.errors import InvalidConfigError
 from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule, SpanPooling
 
 UPDATE_EVERY = 512
-#: weights of the shipped, evolved NAMM (package data)
+#: weights of the shipped NAMM for SmolLM2 (package data: the best validation mean of its CMA-ES run)
 EVOLVED_SMOLLM2 = Path(__file__).parent / "data" / "namm-bam-smollm2.safetensors"
 
 
@@ -45,7 +45,7 @@ def namm_config(scorer: str) -> PolicyConfig:
 
 
 def evolved_config() -> PolicyConfig:
-    """The evolved NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes → BAM
+    """The shipped NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes → BAM
     (26 features) → top_k at 25%, once after the prompt, the 32 newest tokens protected, scores
     max-pooled over 31 cached neighbours."""
     return PolicyConfig(

@@ -130,16 +130,17 @@ def kvpolicy_register_scorers(register) -> None:
 
 @hookimpl
 def kvpolicy_register_policies(register) -> None:
+    snapkv = PolicyConfig(
+        extractor=ComponentRef("window_votes", {"window_size": 32}),
+        scorer=ComponentRef("snapkv", {"window_size": 32, "kernel_size": 5, "pooling": "avg"}),
+        selector=ComponentRef("top_k"),
+        schedule=Schedule("after_prefill"),
+        protect=Protection(),
+        budget=Budget(tokens=512),
+    )
     register(
         "snapkv",
-        PolicyConfig(
-            extractor=ComponentRef("window_votes", {"window_size": 32}),
-            scorer=ComponentRef("snapkv", {"window_size": 32, "kernel_size": 5, "pooling": "avg"}),
-            selector=ComponentRef("top_k"),
-            schedule=Schedule("after_prefill"),
-            protect=Protection(),
-            budget=Budget(tokens=512),
-        ),
+        snapkv,
         description="SnapKV: pooled votes of the last 32 prompt queries, once after prefill (Li et al. 2024)",
     )
     # Not the paper's: its votes max-pooled over 31 cached neighbours (kvpolicy's span pooling), so
@@ -147,13 +148,6 @@ def kvpolicy_register_policies(register) -> None:
     # the full cache against 36.4% for the published 5-token average (docs/learned_eviction.md).
     register(
         "snapkv-span",
-        PolicyConfig(
-            extractor=ComponentRef("window_votes", {"window_size": 32}),
-            scorer=ComponentRef("snapkv", {"window_size": 32, "kernel_size": 5, "pooling": "avg"}),
-            selector=ComponentRef("top_k"),
-            schedule=Schedule("after_prefill"),
-            budget=Budget(ratio=0.25),
-            span=SpanPooling(kernel=31, mode="max"),
-        ),
+        attrs.evolve(snapkv, budget=Budget(ratio=0.25), span=SpanPooling(kernel=31, mode="max")),
         description="SnapKV with its scores max-pooled over 31 cached tokens (spans kept), 25% of the cache",
     )

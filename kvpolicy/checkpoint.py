@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,12 @@ def install_weights(policy: Policy, tensors: dict[str, torch.Tensor], source: st
     if policy.num_params:
         policy.set_flat(params)
     buffers = {k.removeprefix("buffer."): v for k, v in tensors.items() if k.startswith("buffer.")}
+    install_buffers(policy, buffers, source)
+
+
+def install_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor], source: str) -> None:
+    """Give each component its frozen buffers, keyed ``role.name`` (the layout of `Policy.buffers`):
+    a policy file's, or the calibration an evolution run ships to its workers."""
     parts = {"extractor": policy.extractor, "scorer": policy.scorer, "selector": policy.selector}
     for role, component in parts.items():
         own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}

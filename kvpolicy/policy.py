@@ -258,7 +258,7 @@ class Policy:
         """Score → pool over spans → select, from features already extracted.
 
         Split from `plan` so that features computed once can be scored by many parameter rows
-        (members forked from one shared prefill: `kvpolicy.integrations.hf.shared`).
+        (members forked from one shared prefill: `kvpolicy.integrations.hf.shared_prefill`).
         """
         scores = self.scorer.score(features, view)
         _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)

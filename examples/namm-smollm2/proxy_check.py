@@ -24,8 +24,8 @@ from kvpolicy.eval.forked import forked_scores
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import SearchSpace
-from kvpolicy.integrations.hf.shared import prefill
+from kvpolicy.evolve.search_space import SearchSpace
+from kvpolicy.integrations.hf.shared_prefill import prefill
 from kvpolicy.models import load_model
 
 

@@ -22,8 +22,9 @@ from kvpolicy.eval.forked import forked_scores
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import SearchSpace, build_policy
-from kvpolicy.integrations.hf.shared import prefill
+from kvpolicy.evolve.hf_workload import build_policy
+from kvpolicy.evolve.search_space import SearchSpace
+from kvpolicy.integrations.hf.shared_prefill import prefill
 from kvpolicy.models import load_model
 from kvpolicy.types import SpanPooling
 
@@ -43,9 +44,9 @@ def main() -> None:
     policy = build_policy(config.policy)
     if args.calibration:
         from kvpolicy import Policy
-        from kvpolicy.evolve.hf_workload import load_buffers
+        from kvpolicy.checkpoint import install_buffers
 
-        load_buffers(policy, Policy.load(args.calibration).buffers())
+        install_buffers(policy, Policy.load(args.calibration).buffers(), args.calibration)
     policy.set_flat(SearchSpace(policy, config.search, config.start).start)
     model, tokenizer = load_model(config.model)
     tasks = config.stages[-1].tasks

@@ -1,6 +1,6 @@
 """Score every row of a population on one item from a prefill shared by all of them.
 
-`kvpolicy.integrations.hf.shared` runs the prompt once and forks one batch row per member at the
+`kvpolicy.integrations.hf.shared_prefill` runs the prompt once and forks one batch row per member at the
 policy's first eviction pass; here each row's continuation is scored with the harness's metrics:
 ``loglik`` teacher-forces the gold answer (``exp(mean log p)``), ``task`` decodes greedily in
 every row and scores each row's text (items scored by likelihood are always teacher-forced).
@@ -20,7 +20,7 @@ import torch
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.metrics import answer_logprobs, likelihood_score, score_text
 from kvpolicy.eval.prompting import EncodedItem
-from kvpolicy.integrations.hf.shared import Prefill, fork
+from kvpolicy.integrations.hf.shared_prefill import Prefill, fork
 from kvpolicy.types import CacheReport
 
 

@@ -3,7 +3,7 @@
 The ordinary harness runs every (policy, budget) over every item: the prompt's forward calls are
 repeated for each, and they are most of the cost. Here the items come first: each prompt runs
 once with nothing evicted while the statistics every policy asks for are recorded
-(`kvpolicy.integrations.hf.shared.record_prompt`); then each policy takes its own view of that
+(`kvpolicy.integrations.hf.shared_prefill.record_prompt`); then each policy takes its own view of that
 recording, makes its first eviction pass, and decodes (or teacher-forces) the answer with its own
 schedule from there. The full-cache reference comes from the same recording.
 
@@ -18,11 +18,13 @@ same); their summaries record ``"prefill": "shared"``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.forked import forked_scores
 from kvpolicy.eval.harness import check_run_arguments, item_result
@@ -30,7 +32,7 @@ from kvpolicy.eval.items import Item
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ResultStore
-from kvpolicy.integrations.hf.shared import due_layers, prepare, record_prompt
+from kvpolicy.integrations.hf.shared_prefill import due_layers, prepare, record_prompt
 from kvpolicy.types import Requirements
 
 
@@ -85,15 +87,9 @@ def fill_shared(
 def _feature_key(policy: Any) -> str:
     """Policies equal but for their budget extract the same features from a recorded prompt (and,
     after a whole prompt larger than any budget, are due on the same layers)."""
-    import hashlib
-    import json
-
     config = policy.config.to_dict()
     config.pop("budget")
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, tensor in sorted(policy.buffers().items()):
-        digest.update(name.encode() + tensor.detach().cpu().double().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return json.dumps(config, sort_keys=True) + tensor_checksum(policy.buffers())
 
 
 def _result(item, encoded, shared, policy, label, model, tokenizer, metric, *, evict: bool = True):  # noqa: ANN001, ANN202

@@ -55,7 +55,7 @@ class FitnessConfig:
     figures equal one-by-one runs up to the rounding of batched kernels, so it is fingerprinted.
     ``shared_prefill``: members share everything up to their first eviction pass — each item's
     prompt runs once, its features are extracted once, and every member of a job is forked from
-    that (`kvpolicy.integrations.hf.shared`); the prefill is kept for later generations in a
+    that (`kvpolicy.integrations.hf.shared_prefill`); the prefill is kept for later generations in a
     store of at most ``prefill_store_gib`` GiB per process. Needs a policy whose first eviction
     pass comes after the whole prompt (``after_prefill``). Same figures as ``population_batch``.
     """

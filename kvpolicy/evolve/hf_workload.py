@@ -18,7 +18,6 @@ The optimizer searches the offset of the ``search``-ed parameter groups from the
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,10 +25,12 @@ from typing import Any
 
 import torch
 
-from kvpolicy.errors import CheckpointError, InvalidConfigError
+from kvpolicy.checkpoint import install_buffers, tensor_checksum
+from kvpolicy.errors import InvalidConfigError
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
 from kvpolicy.evolve.models import load_model_and_tokenizer
+from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.policy import Policy, build
 from kvpolicy.types import PolicyConfig
 
@@ -51,90 +52,6 @@ def build_policy(spec: Any) -> Policy:
     if isinstance(spec, Mapping):
         return Policy.from_config(PolicyConfig.from_dict(spec))
     raise InvalidConfigError(f"policy must be a preset name or a config object, got {spec!r}")
-
-
-def load_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor]) -> None:
-    """Install frozen buffers keyed ``role.name`` (the layout of `Policy.buffers`)."""
-    parts = {"extractor": policy.extractor, "scorer": policy.scorer, "selector": policy.selector}
-    for role, component in parts.items():
-        own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}
-        if own:
-            try:
-                component.load_state_dict(own)
-            except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"calibrated buffers do not fit the {role} {component.name!r}: {exc}") from exc
-
-
-class SearchSpace:
-    """The part of a policy's flat parameters an optimizer searches, and where it starts.
-
-    ``names`` are parameter groups ``role.name`` (e.g. ``scorer.w_s``: BAM's linear read-out);
-    empty means every parameter. ``start`` maps groups to values (a list, or one number for the
-    whole group). A search row ``x`` becomes ``start`` with ``x`` added on the searched indices.
-    """
-
-    def __init__(self, policy: Policy, names: tuple[str, ...], start: Mapping[str, Any] | str) -> None:
-        layout = parameter_layout(policy)
-        if isinstance(start, str):
-            start = _start_from_file(start, policy, layout)
-        unknown = sorted((set(names) | set(start)) - set(layout))
-        if unknown:
-            raise InvalidConfigError(
-                f"unknown parameter group(s) {', '.join(unknown)}; this policy has {', '.join(layout)}"
-            )
-        self.full = policy.num_params
-        self.start = torch.zeros(self.full)
-        for name, value in start.items():
-            part = layout[name]
-            values = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
-            if values.numel() == 1:
-                values = values.expand(part.stop - part.start)
-            if values.numel() != part.stop - part.start:
-                raise InvalidConfigError(
-                    f"start value for {name} has {values.numel()} numbers; the group has {part.stop - part.start}"
-                )
-            self.start[part] = values
-        index = [torch.arange(layout[n].start, layout[n].stop) for n in names] or [torch.arange(self.full)]
-        self.index = torch.cat(index)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.numel())
-
-    def full_params(self, rows: torch.Tensor) -> torch.Tensor:
-        """Search rows ``[rows, dim]`` (or ``[dim]``) as full parameter vectors ``[rows, num_params]``."""
-        rows = torch.as_tensor(rows, dtype=torch.float32)
-        single = rows.dim() == 1
-        rows = rows.reshape(-1, self.dim)
-        full = self.start.expand(rows.shape[0], -1).clone()
-        full[:, self.index] += rows
-        return full[0] if single else full
-
-
-def _start_from_file(path: str, policy: Policy, layout: dict[str, slice]) -> dict[str, Any]:
-    """The named parameter groups of a saved policy (e.g. an earlier stage's result), checked to fit."""
-    saved = Policy.load(path)
-    if saved.num_params != policy.num_params or parameter_layout(saved).keys() != layout.keys():
-        raise InvalidConfigError(
-            f"start file {path} holds a {saved.scorer.name} scorer with {saved.num_params} parameters; "
-            f"the evolved policy's {policy.scorer.name} has {policy.num_params}"
-        )
-    flat = saved.get_flat()
-    return {name: flat[part].tolist() for name, part in layout.items()}
-
-
-def parameter_layout(policy: Policy) -> dict[str, slice]:
-    """Flat-vector slice of every named parameter group, ``role.name`` (the order of `Policy.get_flat`)."""
-    layout: dict[str, slice] = {}
-    offset = 0
-    for role, component in policy.parametric().items():
-        params = getattr(component, "params", None)
-        shapes = getattr(params, "shapes", None) or {"all": (component.num_params,)}
-        for name, shape in shapes.items():
-            size = int(torch.Size(shape).numel())
-            layout[f"{role}.{name}"] = slice(offset, offset + size)
-            offset += size
-    return layout
 
 
 class HfWorkload:
@@ -210,7 +127,7 @@ class HfWorkload:
         from kvpolicy.eval.forked import forked_scores
         from kvpolicy.eval.prompting import encode
         from kvpolicy.eval.tasks import make_item
-        from kvpolicy.integrations.hf.shared import prefill
+        from kvpolicy.integrations.hf.shared_prefill import prefill
 
         model, tokenizer = self._ensure_model()
         item = make_item(task, item_split(split), seed, length)
@@ -230,13 +147,13 @@ class HfWorkload:
         start = time.perf_counter()
         if job.kind == "calibrate":
             return self._calibrate(job, start)
-        load_buffers(self.policy, job.buffers)
+        install_buffers(self.policy, job.buffers, "the calibration of this run")
         params = None if job.params is None else self.space.full_params(job.params)
         if self._prefills is not None:
             scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
             kept = torch.ones_like(scores)
             # the reference jobs carry no buffers: they share the prefill made with the current ones
-            key = _buffers_key(job.buffers or self.policy.buffers())
+            key = tensor_checksum(dict(job.buffers or self.policy.buffers()))
             for i, seed in enumerate(job.seeds):
                 scores[:, i], kept[:, i] = self._score_forked(params, job.task, job.split, job.length, seed, key)
             return JobResult(scores, kept, {}, time.perf_counter() - start)
@@ -275,15 +192,6 @@ class HfWorkload:
 
     def save_result(self, params: torch.Tensor, buffers: dict[str, torch.Tensor], path: Path) -> None:
         """Write the policy with these parameters and buffers as a policy file (`Policy.save`)."""
-        load_buffers(self.policy, buffers)
+        install_buffers(self.policy, buffers, "the calibration of this run")
         self.policy.set_flat(self.space.full_params(params))
         self.policy.save(str(path))
-
-
-def _buffers_key(buffers: Mapping[str, torch.Tensor]) -> str:
-    """A digest of the frozen buffers: features made with other calibration statistics differ."""
-    digest = hashlib.sha256()
-    for name in sorted(buffers):
-        digest.update(name.encode())
-        digest.update(buffers[name].detach().cpu().double().contiguous().numpy().tobytes())
-    return digest.hexdigest()

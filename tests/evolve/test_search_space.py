@@ -11,8 +11,8 @@ import torch
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import SearchSpace, parameter_layout
 from kvpolicy.evolve.runner import Evolution
+from kvpolicy.evolve.search_space import SearchSpace, parameter_layout
 
 
 def bam26() -> kvpolicy.Policy:

@@ -10,7 +10,8 @@ import torch
 
 import kvpolicy
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import build_policy, parameter_layout
+from kvpolicy.evolve.hf_workload import build_policy
+from kvpolicy.evolve.search_space import parameter_layout
 from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy_plugins.namm import EVOLVED_SMOLLM2, evolved_config
 

@@ -372,7 +372,7 @@ class Handle:
         ``[batch, chunk, vocab]``. Calls continue the same sequence until `reset`.
 
         ``evict=False`` records the statistics the policy needs but runs no eviction pass: the
-        update that was due is left for later (`kvpolicy.integrations.hf.shared` forks many
+        update that was due is left for later (`kvpolicy.integrations.hf.shared_prefill` forks many
         parameter rows from that point). ``last_only=True`` computes the logits of the last
         token only (``[batch, 1, vocab]``): a 2k-token prompt's full logits cost SmolLM2 a fifth
         of its forward pass."""

@@ -33,6 +33,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError, ShapeError
+from kvpolicy.selection import pool_neighbours
 from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
 
 EMA_KEY = "stft.ema"
@@ -314,14 +315,25 @@ class StftExtractor:
 @attrs.frozen
 class StftVotesConfig(StftConfig):
     """`StftConfig` plus ``votes_window``: how many of the newest queries vote (SnapKV's
-    observation window), and ``votes_eps``, added before the logarithm."""
+    observation window), ``votes_eps``, added before the logarithm, and ``votes_kernels``: odd
+    span widths over which the log votes are also max-pooled, one extra feature each (so a
+    scorer can weigh spans of several widths instead of one fixed span pooling)."""
 
     votes_window: int = attrs.field(default=32, validator=positive)
     votes_eps: float = attrs.field(default=1e-6, validator=positive)
+    votes_kernels: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+
+    @votes_kernels.validator
+    def _check_kernels(self, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
+        for kernel in value:
+            if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 3 or kernel % 2 == 0:
+                raise ValueError(
+                    f"votes_kernels must be odd integers >= 3 (span widths in cached tokens); got {value!r}"
+                )
 
     @property
     def num_features(self) -> int:
-        return self.recency_dims + self.bins + 1
+        return self.recency_dims + self.bins + 1 + len(self.votes_kernels)
 
 
 class StftVotesExtractor(StftExtractor):
@@ -332,7 +344,9 @@ class StftVotesExtractor(StftExtractor):
     so a scorer over the spectrogram alone cannot tell what will be asked. The newest queries'
     votes carry that, and a linear scorer whose only weight is on this feature ranks tokens
     exactly as SnapKV's votes do: a strong, known starting point for evolution. 26 features by
-    default.
+    default; with ``votes_kernels`` the log votes max-pooled over each width follow (neighbours in
+    cached order, as `kvpolicy.selection.pool_neighbours` defines them), so a one-hot scorer on
+    the width-31 feature ranks tokens exactly as the raw votes with ``span=31`` do.
     """
 
     name: ClassVar[str] = "stft_votes"
@@ -345,7 +359,16 @@ class StftVotesExtractor(StftExtractor):
         spectral = super().extract(view)
         window = view.attention[:, :, -self.config.votes_window :, :].to(torch.float32)
         votes = torch.log(window.sum(dim=2) + self.config.votes_eps).to(spectral.device)
-        return torch.cat([spectral, votes.unsqueeze(-1)], dim=-1)
+        columns = [spectral, votes.unsqueeze(-1)]
+        if self.config.votes_kernels:
+            padded = view.positions < 0
+            mask = padded if bool(padded.any()) else None
+            for kernel in self.config.votes_kernels:
+                pooled = pool_neighbours(votes, kernel, "max", mask)
+                if mask is not None:  # padded slots hold no token: give them a finite, ignored value
+                    pooled = pooled.masked_fill(mask, 0.0)
+                columns.append(pooled.unsqueeze(-1))
+        return torch.cat(columns, dim=-1)
 
 
 @hookimpl

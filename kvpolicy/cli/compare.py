@@ -181,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
         else f"prompt in chunks of {args.chunk_size} with eviction between them"
     )
     header = (
-        f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split, "
-        f"{len(items)} items, {args.model}; {protocol}); mean ± standard error; Δ = paired difference to the "
+        f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split"
+        + (f" from seed {args.first_seed}" if args.first_seed else "")
+        + f", {len(items)} items, {args.model}; {protocol}); mean ± standard error; Δ = paired difference to the "
         "full cache in points.\n\n"
     )
     atomic_write_text(out / "compare.md", header + table)

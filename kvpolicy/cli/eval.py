@@ -24,6 +24,13 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated subset of the profile's tasks")
     parser.add_argument("--lengths", help="comma-separated context lengths in tokens (default: the profile's)")
     parser.add_argument("--seeds", type=int, help="items per task and length (default: the profile's)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seed of the first item (default 0); e.g. --split train --first-seed 1000 for tuning items "
+        "that no evolution pool draws",
+    )
     parser.add_argument("--split", default="test", choices=SPLITS, help="test for reporting, train for tuning")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--metric", default="task", choices=METRIC_MODES, help="task metric, loglik, or both")
@@ -50,7 +57,12 @@ def suite_items(args: argparse.Namespace) -> list:
             raise InvalidConfigError(f"--lengths takes comma-separated token counts, got {args.lengths!r}") from None
     if args.seeds is not None and args.seeds <= 0:
         raise InvalidConfigError(f"--seeds must be a positive count, got {args.seeds}")
-    seeds = tuple(range(args.seeds)) if args.seeds else None
+    first = getattr(args, "first_seed", 0) or 0
+    if first < 0:
+        raise InvalidConfigError(f"--first-seed must be 0 or more, got {first}")
+    seeds = tuple(range(first, first + args.seeds)) if args.seeds else None
+    if first and seeds is None:
+        seeds = tuple(first + s for s in profile.seeds)
     return profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
 
 

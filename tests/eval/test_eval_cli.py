@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from kvpolicy.cli import main
+from kvpolicy.cli.eval import add_suite_arguments, suite_items
 from kvpolicy.cli.compare import _grid, comparison_table, length_comparison_table
 from kvpolicy.eval.report import TaskSummary
 from kvpolicy.eval.run import RunSummary
@@ -20,11 +22,25 @@ from kvpolicy.eval.run import RunSummary
         (["eval", "--policy", "random", "--budget", "64", "--tasks", "needle,sudoku"], "unknown task(s) sudoku"),
         (["eval", "--policy", "random", "--budget", "64", "--lengths", "1k"], "--lengths takes"),
         (["compare", "--policy", "full", "--policy", "random", "--budget", "64", "--seeds", "0"], "--seeds must be"),
+        (["eval", "--policy", "random", "--budget", "64", "--first-seed", "-3"], "--first-seed must be"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path: Path, capsys) -> None:
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_first_seed_moves_the_items_to_seeds_no_default_run_draws() -> None:
+    parser = argparse.ArgumentParser()
+    add_suite_arguments(parser)
+    base = ["--out", "x", "--profile", "full", "--tasks", "needle", "--lengths", "2048", "--split", "train"]
+    default = suite_items(parser.parse_args([*base, "--seeds", "3"]))
+    tuning = suite_items(parser.parse_args([*base, "--seeds", "3", "--first-seed", "1000"]))
+    assert [i.seed for i in default] == [0, 1, 2]
+    assert [i.seed for i in tuning] == [1000, 1001, 1002]
+    assert {i.context for i in tuning}.isdisjoint({i.context for i in default})
+    profile_sized = suite_items(parser.parse_args([*base, "--first-seed", "1000"]))
+    assert profile_sized[0].seed == 1000 and len(profile_sized) == len(suite_items(parser.parse_args(base)))
 
 
 def test_compare_runs_self_sizing_policies_once() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvpolicy.cli import main
-from kvpolicy.cli.eval import add_suite_arguments, suite_items
 from kvpolicy.cli.compare import _grid, comparison_table, length_comparison_table
+from kvpolicy.cli.eval import add_suite_arguments, suite_items
 from kvpolicy.eval.report import TaskSummary
 from kvpolicy.eval.run import RunSummary
 

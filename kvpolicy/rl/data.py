@@ -47,6 +47,9 @@ class DataConfig:
     warmup: int = 100  # forward steps before the turn-around is scored
     medium_fraction: float = 0.25  # medium = the snapshot after this fraction of the iterations
     episodes: dict[str, int] = attrs.field(factory=lambda: {"random": 16, "medium": 48, "expert": 64})
+    #: medium / expert episodes whose return before the final phase is below this are replayed
+    #: with another seed (the controller flipped the cheetah over); None keeps every episode
+    min_main_return: float | None = 0.0
     seed: int = 0
 
 
@@ -152,7 +155,7 @@ def make_dataset(config: DataConfig, out: Path, log: Callable[[str], None] = pri
             controller,
             config.episodes[kind],
             seed=10_000 * (index + 1) + config.seed,
-            min_main_return=None if kind == "random" else 0.0,
+            min_main_return=None if kind == "random" else config.min_main_return,
         )
         returns = parts[kind]["rewards"].sum(axis=1)
         cues = parts[kind]["cues"]

@@ -61,8 +61,8 @@ class PolicySpec:
 
 
 #: token budgets for the budgeted reference presets, ratios for the presets sized by a ratio
-TOKEN_BUDGETS = (64, 256, 1024)
-RATIO_BUDGETS = (0.1, 0.25, 0.5)
+TOKEN_BUDGETS = (128, 512)
+RATIO_BUDGETS = (0.1, 0.25)
 TOKEN_PRESETS = ("h2o", "tova", "l2", "snapkv", "streaming_llm", "random")
 RATIO_PRESETS = ("snapkv-span", "namm-bam-smollm2")
 

@@ -31,7 +31,7 @@ from kvpolicy.rl.model import DecisionTransformer, DecisionTransformerConfig
 class TrainConfig:
     """Optimisation settings (defaults: the shipped model)."""
 
-    updates: int = 400
+    updates: int = 100
     batch: int = 4
     lr: float = 1e-3
     warmup: int = 20

@@ -17,6 +17,7 @@ from kvpolicy.rl.envs import CueTaskConfig, make_env  # noqa: E402
 from kvpolicy.rl.model import DecisionTransformer  # noqa: E402
 from kvpolicy.rl.rollout import rollout  # noqa: E402
 from kvpolicy.rl.train import returns_to_go  # noqa: E402
+from kvpolicy.types import Schedule  # noqa: E402
 
 
 def test_cue_is_visible_only_early_and_decides_the_final_reward():
@@ -64,7 +65,7 @@ def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
     assert bare.actions.shape == (60, 6)
     assert np.array_equal(bare.actions, attached.actions)
     assert bare.episode_return == attached.episode_return
-    evicting = rollout(model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8))
+    evicting = rollout(model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step")))
     assert evicting.kept_fraction < 0.3 and not np.array_equal(bare.actions, evicting.actions)
 
 

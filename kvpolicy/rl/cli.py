@@ -83,6 +83,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget(args: argparse.Namespace) -> int:
+    """The expert controller with and without its memory of the cue: what forgetting costs."""
+    import numpy as np
+
+    from kvpolicy.rl.controllers import CueController
+    from kvpolicy.rl.data import DataConfig, collect, final_phase_returns, make_controllers
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.train import normalised
+
+    config = DataConfig()
+    expert = make_controllers(config, Path(args.out) / "controllers.npz")["expert"]
+    references = DecisionTransformer.load(args.model).metadata["reference_returns"]
+    for follow in (True, False):
+        controller = CueController(expert.forward, expert.backward, follow_cue=follow)
+        data = collect(config.task, controller, args.episodes, seed=777, min_main_return=config.min_main_return)
+        scores = np.array([normalised(r, references) for r in data["rewards"].sum(axis=1)])
+        right = int((final_phase_returns(config.task, data["rewards"]) > 0).sum())
+        print(
+            f"expert, {'remembers' if follow else 'ignores'} the cue: normalised {scores.mean():.1f} ± "
+            f"{scores.std(ddof=1) / np.sqrt(len(scores)):.1f}, final phase right {right}/{len(scores)}"
+        )
+    return 0
+
+
 def _spec(text: str):
     from kvpolicy.rl.evaluate import PolicySpec
 
@@ -116,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seeds", type=int, default=4, help="episodes per policy (cues alternate)")
     ev.add_argument("--steps", type=int, help="cut episodes short (debugging)")
     ev.set_defaults(run=_evaluate)
+    forget = sub.add_parser("forget", help="the expert controller with and without its memory of the cue")
+    forget.add_argument("--out", required=True, help="the folder of `make` (its controllers.npz)")
+    forget.add_argument("--model", default=str(SHIPPED_MODEL), help="whose reference returns normalise")
+    forget.add_argument("--episodes", type=int, default=8)
+    forget.set_defaults(run=_forget)
     smoke = sub.add_parser("smoke", help="make + evaluate, tiny, in seconds")
     smoke.add_argument("--out", required=True)
     smoke.set_defaults(run=_smoke)

@@ -65,7 +65,9 @@ def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
     assert bare.actions.shape == (60, 6)
     assert np.array_equal(bare.actions, attached.actions)
     assert bare.episode_return == attached.episode_return
-    evicting = rollout(model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step")))
+    evicting = rollout(
+        model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step"))
+    )
     assert evicting.kept_fraction < 0.3 and not np.array_equal(bare.actions, evicting.actions)
 
 

@@ -26,7 +26,9 @@ def supported_list() -> str:
 
 
 class HFAdapter:
-    """Attaches policies to one transformers causal LM."""
+    """Attaches policies to one transformers model of a supported family: a causal LM, or its
+    base model (e.g. `LlamaModel`) driven with ``inputs_embeds`` — a Decision Transformer or any
+    model that embeds its own inputs. `generate` needs the causal LM."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -36,15 +38,21 @@ class HFAdapter:
         family = SUPPORTED_FAMILIES.get(self.model_type, "unsupported")
         return f"transformers {type(self.model).__name__} ({family})"
 
-    def _check(self) -> str:
+    def _check(self, *, generating: bool = False) -> str:
         if self.model_type not in SUPPORTED_FAMILIES:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} (model_type {self.model_type!r}) is not supported; "
                 f"supported families: {supported_list()}"
             )
-        if not hasattr(self.model, "generate") or not hasattr(self.model, "lm_head"):
+        if not hasattr(self.model, "layers") and not hasattr(getattr(self.model, "model", None), "layers"):
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} is not a causal LM with a head; attach to the *ForCausalLM model"
+                f"{type(self.model).__name__} has no decoder layers; attach to the *ForCausalLM model or its base "
+                "model (e.g. LlamaModel)"
+            )
+        if generating and (not hasattr(self.model, "generate") or not hasattr(self.model, "lm_head")):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a causal LM with a head, so it cannot generate; attach it and "
+                "drive it with handle.feed_embeds, or generate with the *ForCausalLM model"
             )
         return SUPPORTED_FAMILIES[self.model_type]
 
@@ -64,6 +72,7 @@ class HFAdapter:
         if "input_ids" not in inputs:
             raise ShapeError(f"inputs lack input_ids; got keys {sorted(inputs)}")
         prompt = inputs["input_ids"]
+        self._check(generating=True)
         with self.attach(policy) as handle:
             output = self.model.generate(**inputs, **generate_kwargs)
             report = handle.report()

@@ -97,6 +97,7 @@ class Attachment(AbstractContextManager):
         self._hooks: list[Any] = []
         self._saved_implementations: list[tuple[Any, Any]] = []
         self._had_generate = False
+        self._wraps_generate = False
         self._entered = False
         #: while true, forward calls record statistics but no layer evicts (`Handle.feed(evict=False)`)
         self.deferring = False
@@ -163,9 +164,12 @@ class Attachment(AbstractContextManager):
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward),
         ]
+        # A base model (LlamaModel, driven with inputs_embeds) has no generate to wrap.
+        self._wraps_generate = hasattr(self.model, "generate")
         self._had_generate = "generate" in self.model.__dict__
-        self._original_generate = self.model.generate
-        self.model.generate = self._generate
+        if self._wraps_generate:
+            self._original_generate = self.model.generate
+            self.model.generate = self._generate
         self._entered = True
         return Handle(self)
 
@@ -192,9 +196,9 @@ class Attachment(AbstractContextManager):
             config.__dict__["_attn_implementation_internal"] = value
         AttentionInterface._global_mapping.pop(self.name, None)
         AttentionMaskInterface._global_mapping.pop(self.name, None)
-        if self._had_generate:
+        if self._wraps_generate and self._had_generate:
             self.model.generate = self._original_generate
-        else:
+        elif self._wraps_generate:
             self.model.__dict__.pop("generate", None)
         self.active_cache = None
         with _LOCK:
@@ -376,9 +380,6 @@ class Handle:
         parameter rows from that point). ``last_only=True`` computes the logits of the last
         token only (``[batch, 1, vocab]``): a 2k-token prompt's full logits cost SmolLM2 a fifth
         of its forward pass."""
-        attachment = self._attachment
-        if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
-            raise AttachError("handle.feed works only inside its `with policy.attach(model)` block")
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
@@ -386,28 +387,58 @@ class Handle:
             raise ShapeError(
                 f"feed takes integer input_ids [batch, tokens] with tokens >= 1; got {tuple(ids.shape)} {ids.dtype}"
             )
+        ids = ids.to(self._attachment.model.device, torch.long)
+        return self._forward_chunks("input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed")
+
+    def feed_embeds(
+        self, inputs_embeds: torch.Tensor, chunk_size: int | None = None, *, evict: bool = True
+    ) -> torch.Tensor:
+        """Like `feed`, for a model driven by its own embeddings: ``inputs_embeds [batch, tokens,
+        hidden]`` go through the model on the handle's cache (chunks of ``chunk_size``, eviction
+        between them). Returns the last forward's logits ``[batch, chunk, vocab]`` for a causal LM,
+        or its last hidden state ``[batch, chunk, hidden]`` for a base model (e.g. the `LlamaModel`
+        of a Decision Transformer). Policies that need token ids cannot run on embeddings."""
+        embeds = torch.as_tensor(inputs_embeds)
+        hidden = self._attachment.config.hidden_size
+        if embeds.dim() != 3 or embeds.shape[1] == 0 or embeds.shape[2] != hidden or not embeds.is_floating_point():
+            raise ShapeError(
+                f"feed_embeds takes floating inputs_embeds [batch, tokens, {hidden}] with tokens >= 1; "
+                f"got {tuple(embeds.shape)} {embeds.dtype}"
+            )
+        embeds = embeds.to(self._attachment.model.device)
+        return self._forward_chunks(
+            "inputs_embeds", embeds, chunk_size, evict=evict, last_only=False, what="feed_embeds"
+        )
+
+    def _forward_chunks(
+        self, key: str, inputs: torch.Tensor, chunk_size: int | None, *, evict: bool, last_only: bool, what: str
+    ) -> torch.Tensor:
+        attachment = self._attachment
+        if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
+            raise AttachError(f"handle.{what} works only inside its `with policy.attach(model)` block")
         if chunk_size is not None and chunk_size < 1:
             raise InvalidConfigError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         cache = self.cache
         if cache.seen and cache.layers and isinstance(cache.layers[0], EvictingLayer):
-            batch = cache.layers[0].keys.shape[0] if cache.layers[0].keys is not None else ids.shape[0]
-            if batch != ids.shape[0]:
-                raise ShapeError(f"the cache holds a batch of {batch}; feed got {ids.shape[0]} rows (call reset first)")
-        ids = ids.to(attachment.model.device, torch.long)
-        cache.prompt_end = cache.seen + ids.shape[1]
+            batch = cache.layers[0].keys.shape[0] if cache.layers[0].keys is not None else inputs.shape[0]
+            if batch != inputs.shape[0]:
+                raise ShapeError(
+                    f"the cache holds a batch of {batch}; {what} got {inputs.shape[0]} rows (call reset first)"
+                )
+        cache.prompt_end = cache.seen + inputs.shape[1]
         keyword = cache_keyword(attachment.model)
-        logits = None
+        result = None
         deferring = attachment.deferring
         attachment.deferring = deferring or not evict
         try:
             with torch.no_grad():
                 extra = {"logits_to_keep": 1} if last_only else {}
-                for chunk in ids.split(chunk_size or ids.shape[1], dim=1):
-                    output = attachment.model(input_ids=chunk, use_cache=True, **{keyword: cache}, **extra)
-                    logits = output.logits
+                for chunk in inputs.split(chunk_size or inputs.shape[1], dim=1):
+                    output = attachment.model(**{key: chunk}, use_cache=True, **{keyword: cache}, **extra)
+                    result = output.logits if hasattr(output, "logits") else output.last_hidden_state
         finally:
             attachment.deferring = deferring
-        return logits
+        return result
 
     def report(self, row: int | None = None) -> CacheReport:
         """Tokens seen, kept per layer and head, KV bytes stored vs a full cache, time in the policy.

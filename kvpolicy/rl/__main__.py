@@ -1,0 +1,5 @@
+import sys
+
+from kvpolicy.rl.cli import main
+
+sys.exit(main())

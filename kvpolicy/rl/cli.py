@@ -1,0 +1,158 @@
+"""``python -m kvpolicy.rl``: make the data and the model, evaluate policies, or a smoke run.
+
+python -m kvpolicy.rl make --out runs/dt            # ARS controllers, data, training (resumable)
+python -m kvpolicy.rl evaluate --out runs/dt-eval   # every policy on the shipped model (resumable)
+python -m kvpolicy.rl smoke --out /tmp/dt-smoke     # the whole pipeline, tiny, in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import torch
+
+from kvpolicy.atomic import atomic_write_text
+from kvpolicy.errors import KVPolicyError
+from kvpolicy.rl import require_rl_extra
+
+#: the Decision Transformer shipped with kvpolicy (made by ``python -m kvpolicy.rl make``)
+SHIPPED_MODEL = Path(__file__).parent / "data" / "decision_transformer.safetensors"
+
+
+def smoke_configs():
+    """Tiny task, data, model and training: the pipeline end to end in seconds (CI)."""
+    from kvpolicy.rl.controllers import ArsConfig
+    from kvpolicy.rl.data import DataConfig
+    from kvpolicy.rl.envs import CueTaskConfig
+    from kvpolicy.rl.model import DecisionTransformerConfig
+    from kvpolicy.rl.train import TrainConfig
+
+    task = CueTaskConfig(horizon=60, cue_start=3, cue_steps=3, final_steps=15)
+    data = DataConfig(
+        task=task,
+        forward=ArsConfig(iterations=2, directions=2, top=1, episode_steps=60, seed=0),
+        backward=ArsConfig(iterations=2, directions=2, top=1, episode_steps=15, seed=1),
+        warmup=10,
+        medium_fraction=0.5,
+        episodes={"random": 2, "medium": 2, "expert": 2},
+        min_main_return=None,  # two ARS iterations do not run yet
+    )
+    model = DecisionTransformerConfig(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, max_timesteps=64)
+    train = TrainConfig(updates=3, batch=2, warmup=1, checkpoint_every=2)
+    return data, model, train
+
+
+def _make(args: argparse.Namespace) -> int:
+    from kvpolicy.rl.data import DataConfig, make_dataset
+    from kvpolicy.rl.model import DecisionTransformerConfig
+    from kvpolicy.rl.train import TrainConfig, train
+
+    out = Path(args.out)
+    if args.smoke:
+        data, model_config, train_config = smoke_configs()
+    else:
+        data, model_config, train_config = DataConfig(), DecisionTransformerConfig(), TrainConfig()
+        if args.updates is not None:
+            train_config = attrs.evolve(train_config, updates=args.updates)
+    began = time.perf_counter()
+    dataset = make_dataset(data, out, log=print)
+    print(f"data ready: {dataset} ({time.perf_counter() - began:.0f} s)", flush=True)
+    train(dataset, out, data.task, model_config, train_config, log=lambda s: print(s, flush=True))
+    print(f"model: {out / 'decision_transformer.safetensors'} ({time.perf_counter() - began:.0f} s in all)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from kvpolicy.rl.evaluate import PolicySpec, default_specs, evaluate, markdown_table, plot
+    from kvpolicy.rl.model import DecisionTransformer
+
+    model = DecisionTransformer.load(args.model)
+    specs = [PolicySpec(p) if "@" not in p else _spec(p) for p in args.policy] if args.policy else default_specs()
+    out = Path(args.out)
+    summary = evaluate(model, specs, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True))
+    table = markdown_table(summary)
+    atomic_write_text(out / "summary.md", table)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    plot(summary, out / "return_vs_cache.png", "Decision Transformer on the cue task")
+    print(table)
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    """The expert controller with and without its memory of the cue: what forgetting costs."""
+    import numpy as np
+
+    from kvpolicy.rl.controllers import CueController
+    from kvpolicy.rl.data import DataConfig, collect, final_phase_returns, make_controllers
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.train import normalised
+
+    config = DataConfig()
+    expert = make_controllers(config, Path(args.out) / "controllers.npz")["expert"]
+    references = DecisionTransformer.load(args.model).metadata["reference_returns"]
+    for follow in (True, False):
+        controller = CueController(expert.forward, expert.backward, follow_cue=follow)
+        data = collect(config.task, controller, args.episodes, seed=777, min_main_return=config.min_main_return)
+        scores = np.array([normalised(r, references) for r in data["rewards"].sum(axis=1)])
+        right = int((final_phase_returns(config.task, data["rewards"]) > 0).sum())
+        print(
+            f"expert, {'remembers' if follow else 'ignores'} the cue: normalised {scores.mean():.1f} ± "
+            f"{scores.std(ddof=1) / np.sqrt(len(scores)):.1f}, final phase right {right}/{len(scores)}"
+        )
+    return 0
+
+
+def _spec(text: str):
+    from kvpolicy.rl.evaluate import PolicySpec
+
+    preset, budget = text.split("@", 1)
+    value = float(budget.rstrip("%")) / 100 if budget.endswith("%") else int(budget)
+    return PolicySpec(preset, value)
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    args.smoke = True
+    _make(args)
+    args.model = str(Path(args.out) / "decision_transformer.safetensors")
+    args.policy = ["full", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
+    args.seeds = 2
+    args.steps = None
+    return _evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvpolicy.rl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="train controllers, generate data, train the Decision Transformer")
+    make.add_argument("--out", required=True)
+    make.add_argument("--smoke", action="store_true", help="tiny everything (seconds)")
+    make.add_argument("--updates", type=int, help="training updates (default: the shipped model's)")
+    make.set_defaults(run=_make)
+    ev = sub.add_parser("evaluate", help="normalised return against cache kept for every policy")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--model", default=str(SHIPPED_MODEL))
+    ev.add_argument("--policy", action="append", help="preset or preset@budget (256, 25%%); repeat; default: all")
+    ev.add_argument("--seeds", type=int, default=4, help="episodes per policy (cues alternate)")
+    ev.add_argument("--steps", type=int, help="cut episodes short (debugging)")
+    ev.set_defaults(run=_evaluate)
+    forget = sub.add_parser("forget", help="the expert controller with and without its memory of the cue")
+    forget.add_argument("--out", required=True, help="the folder of `make` (its controllers.npz)")
+    forget.add_argument("--model", default=str(SHIPPED_MODEL), help="whose reference returns normalise")
+    forget.add_argument("--episodes", type=int, default=8)
+    forget.set_defaults(run=_forget)
+    smoke = sub.add_parser("smoke", help="make + evaluate, tiny, in seconds")
+    smoke.add_argument("--out", required=True)
+    smoke.set_defaults(run=_smoke)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        require_rl_extra()
+        return int(args.run(args) or 0)
+    except KVPolicyError as exc:
+        print(f"kvpolicy.rl: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,223 @@
+"""Normalised return against measured cache kept, for every policy, on the cue task.
+
+Each (policy, budget) runs the same episodes — env seeds ``0 .. seeds-1``, cue +1 on even seeds
+and -1 on odd ones — and is reported as the mean normalised return (random data = 0, expert
+data = 100) with its standard error over episodes, the time-averaged cache kept, and how often
+the final phase went the right way (its return > 0: the cue was remembered).
+
+Policies whose preset evicts once after the prompt (SnapKV, the shipped NAMM) never evict again
+in a stream with no prompt; here they run every `STREAMING_EVERY` tokens instead, with their
+components, weights and budgets unchanged. FastGen is left out: it classifies *token ids*
+(special, punctuation), which a Decision Transformer fed embeddings does not have.
+
+Results are appended one line per episode to ``results.jsonl`` (a torn last line from a killed
+run is dropped and that episode rerun), so rerunning the command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+import kvpolicy
+from kvpolicy.atomic import atomic_path, atomic_write_text
+from kvpolicy.errors import CheckpointError
+from kvpolicy.rl.model import DecisionTransformer
+from kvpolicy.rl.rollout import rollout
+from kvpolicy.rl.train import normalised
+
+#: tokens between updates for presets that evict once after the prompt (SnapKV, the shipped NAMM)
+STREAMING_EVERY = 64
+
+
+@attrs.frozen
+class PolicySpec:
+    """A preset at one budget (``None``: the preset's own)."""
+
+    preset: str
+    budget: int | float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.budget is None:
+            return self.preset
+        budget = f"{self.budget * 100:g}%" if isinstance(self.budget, float) else str(self.budget)
+        return f"{self.preset}@{budget}"
+
+    def build(self) -> kvpolicy.Policy:
+        overrides: dict[str, Any] = {}
+        if self.budget is not None:
+            overrides["budget"] = self.budget
+        base = kvpolicy.build(self.preset)
+        if base.schedule.kind == "after_prefill":
+            overrides["every"] = STREAMING_EVERY
+        return kvpolicy.build(self.preset, **overrides)
+
+
+#: token budgets for the budgeted reference presets, ratios for the presets sized by a ratio
+TOKEN_BUDGETS = (128, 512)
+RATIO_BUDGETS = (0.1, 0.25)
+TOKEN_PRESETS = ("h2o", "tova", "l2", "snapkv", "streaming_llm", "random")
+RATIO_PRESETS = ("snapkv-span", "namm-bam-smollm2")
+
+
+def default_specs(token_budgets: Iterable[int] = TOKEN_BUDGETS, ratios: Iterable[float] = RATIO_BUDGETS) -> list:
+    """The full cache, every reference preset at each token budget, the ratio presets at each ratio."""
+    specs = [PolicySpec("full")]
+    specs += [PolicySpec(p, b) for p in TOKEN_PRESETS for b in token_budgets]
+    specs += [PolicySpec(p, float(r)) for p in RATIO_PRESETS for r in ratios]
+    return specs
+
+
+class EpisodeStore:
+    """``results.jsonl``: one JSON line per finished episode, appended and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if number == len(lines):  # torn last line of a killed run: rerun that episode
+                    atomic_write_text(self.path, "\n".join(lines[: number - 1]) + "\n")
+                    break
+                raise CheckpointError(f"{self.path}:{number} is not a JSON line ({exc})") from exc
+            self.rows[(row["policy"], row["seed"])] = row
+
+    def done(self, label: str, seed: int) -> bool:
+        return (label, seed) in self.rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows[(row["policy"], row["seed"])] = row
+
+
+def cue_for(seed: int) -> int:
+    return 1 if seed % 2 == 0 else -1
+
+
+def evaluate(
+    model: DecisionTransformer,
+    specs: list[PolicySpec],
+    seeds: int,
+    out: Path,
+    *,
+    steps: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every spec on episodes ``0 .. seeds-1`` (resuming from ``out/results.jsonl``) and
+    return one summary row per spec."""
+    store = EpisodeStore(Path(out) / "results.jsonl")
+    references = model.metadata["reference_returns"]
+    for spec in specs:
+        policy = spec.build()
+        for seed in range(seeds):
+            if store.done(spec.label, seed):
+                continue
+            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps)
+            row = {
+                "policy": spec.label,
+                "preset": spec.preset,
+                "budget": spec.budget,
+                "seed": seed,
+                "cue": result.cue,
+                "return": result.episode_return,
+                "final_return": result.final_return,
+                "normalised": normalised(result.episode_return, references),
+                "kept_fraction": result.kept_fraction,
+                "final_kept_fraction": result.final_kept_fraction,
+            }
+            store.add(row)
+            log(
+                f"{spec.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
+                f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}"
+            )
+    return summarise(store.rows.values(), specs)
+
+
+def summarise(rows: Iterable[dict[str, Any]], specs: list[PolicySpec]) -> list[dict[str, Any]]:
+    """Per spec: mean ± standard error of the normalised return, mean cache kept, cue recalled."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(row["policy"], []).append(row)
+    summary = []
+    for spec in specs:
+        runs = by_label.get(spec.label, [])
+        if not runs:
+            continue
+        scores = np.array([r["normalised"] for r in runs])
+        sem = float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
+        summary.append(
+            {
+                "policy": spec.label,
+                "preset": spec.preset,
+                "budget": spec.budget,
+                "episodes": len(runs),
+                "normalised": float(scores.mean()),
+                "sem": sem,
+                "kept": float(np.mean([r["kept_fraction"] for r in runs])),
+                "final_kept": float(np.mean([r["final_kept_fraction"] for r in runs])),
+                "cue_recalled": float(np.mean([r["final_return"] > 0 for r in runs])),
+            }
+        )
+    return summary
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| policy | cache kept (time-averaged) | cache kept at the end | normalised return | final phase right |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in summary:
+        lines.append(
+            f"| {row['policy']} | {row['kept']:.1%} | {row['final_kept']:.1%} | "
+            f"{row['normalised']:.1f} ± {row['sem']:.1f} | {row['cue_recalled'] * row['episodes']:.0f}/{row['episodes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Normalised return against cache kept, one curve per preset, standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    presets: dict[str, list[dict[str, Any]]] = {}
+    for row in summary:
+        presets.setdefault(row["preset"], []).append(row)
+    for preset, rows in presets.items():
+        rows = sorted(rows, key=lambda r: r["kept"])
+        x = [100 * r["kept"] for r in rows]
+        y = [r["normalised"] for r in rows]
+        err = [r["sem"] for r in rows]
+        style = {"marker": "*", "markersize": 14, "color": "black"} if preset == "full" else {"marker": "o"}
+        ax.errorbar(x, y, yerr=err, label=preset, capsize=3, **style)
+    ax.axhline(100, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("cache kept, time-averaged (% of the full cache, log scale)")
+    ax.set_ylabel("normalised return (random 0, expert data 100)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""Rolling a Decision Transformer out in the cue task, one timestep per forward call.
+
+Each step feeds ``[a_{t-1}, R_t, s_t]`` as ``inputs_embeds`` to the backbone over the cache and
+acts from the last hidden state; the return-to-go starts at the model's target return and falls
+by every reward received. With a kvpolicy policy the backbone runs attached (`Handle.feed_embeds`,
+eviction between steps); without one it runs on a plain `DynamicCache` — the bare model, which a
+keep-all policy must match bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from kvpolicy.integrations.hf.attach import cache_keyword
+from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.rl.envs import CueTaskConfig, make_env
+from kvpolicy.rl.model import DecisionTransformer
+
+
+@attrs.frozen(eq=False)
+class RolloutResult:
+    """One episode: its return, the final phase's return, the actions taken, and the cache kept.
+
+    ``kept_fraction`` is the time-averaged memory: Σ_t kept_t ÷ Σ_t seen_t, with kept_t the
+    tokens cached after step t (mean over layers and KV heads) and seen_t the tokens fed so far —
+    the share of a full cache's memory the rollout used. ``final_kept_fraction`` is the same
+    ratio at the last step; ``tokens_seen`` the length of the whole token stream.
+    """
+
+    episode_return: float
+    final_return: float
+    cue: int
+    actions: np.ndarray
+    kept_fraction: float
+    final_kept_fraction: float
+    tokens_seen: int
+
+
+def task_config(model: DecisionTransformer) -> CueTaskConfig:
+    """The task the model was trained on (from its metadata)."""
+    return CueTaskConfig(**model.metadata["task"])
+
+
+def _kept(cache: EvictingCache) -> float:
+    counts = [layer.kept_per_head().mean().item() for layer in cache.layers if isinstance(layer, EvictingLayer)]
+    return float(np.mean(counts)) if counts else 0.0
+
+
+def rollout(
+    model: DecisionTransformer,
+    *,
+    seed: int,
+    cue: int,
+    policy: Any | None = None,
+    target_return: float | None = None,
+    task: CueTaskConfig | None = None,
+    steps: int | None = None,
+) -> RolloutResult:
+    """Play one episode of the cue task (env seed ``seed``, cue ``cue``) with ``model``.
+
+    ``policy``: a `kvpolicy.Policy` managing the backbone's cache, or None for the bare model.
+    ``target_return`` defaults to the model's metadata (the expert data's mean return);
+    ``steps`` cuts the episode short (tests).
+    """
+    task = task or task_config(model)
+    target = float(model.metadata["target_return"] if target_return is None else target_return)
+    env = make_env(task)
+    obs, _ = env.reset(seed=seed, options={"cue": cue})
+    horizon = task.horizon if steps is None else min(steps, task.horizon)
+    model.eval()
+    actions, rewards = [], []
+    kept_sum = seen_sum = 0.0
+    last_kept = 1.0
+    rtg = target
+    previous: torch.Tensor | None = None
+    keyword = cache_keyword(model.backbone)
+
+    def run(step_forward) -> None:
+        nonlocal obs, rtg, previous, kept_sum, seen_sum, last_kept
+        for _ in range(horizon):
+            state = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+            with torch.no_grad():
+                embeds = model.embed_step(previous, torch.tensor([rtg], dtype=torch.float32), state)
+                hidden, kept, seen = step_forward(embeds)
+                action = model.act(hidden[:, -1])[0]
+            obs, reward, terminated, truncated, _ = env.step(action.double().numpy())
+            actions.append(action.numpy().copy())
+            rewards.append(float(reward))
+            rtg -= float(reward)
+            previous = action.unsqueeze(0)
+            kept_sum += kept
+            seen_sum += seen
+            last_kept = kept / seen
+            if terminated or truncated:
+                break
+
+    if policy is None:
+        cache = DynamicCache(config=model.backbone.config)
+
+        def bare(embeds: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+            out = model.backbone(inputs_embeds=embeds, use_cache=True, **{keyword: cache})
+            length = cache.get_seq_length()
+            return out.last_hidden_state, float(length), length
+
+        run(bare)
+    else:
+        with policy.attach(model.backbone) as handle:
+            handle.reset()
+
+            def attached(embeds: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+                hidden = handle.feed_embeds(embeds)
+                return hidden, _kept(handle.cache), handle.cache.seen
+
+            run(attached)
+    env.close()
+    final = sum(rewards[task.final_start :])
+    return RolloutResult(
+        episode_return=float(sum(rewards)),
+        final_return=float(final),
+        cue=cue,
+        actions=np.asarray(actions),
+        kept_fraction=kept_sum / seen_sum if seen_sum else 1.0,
+        final_kept_fraction=last_kept,
+        tokens_seen=int(seen_sum and 3 * len(actions) - 1),
+    )

@@ -1,0 +1,81 @@
+"""The Decision Transformer pipeline on the real cue task (gymnasium + MuJoCo), tiny: skipped
+cleanly when the ``rl`` extra is not installed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gymnasium", reason="needs the rl extra: pip install 'kvpolicy[rl]'")
+pytest.importorskip("mujoco", reason="needs the rl extra: pip install 'kvpolicy[rl]'")
+
+import kvpolicy  # noqa: E402
+from kvpolicy.rl.cli import SHIPPED_MODEL, main, smoke_configs  # noqa: E402
+from kvpolicy.rl.envs import CueTaskConfig, make_env  # noqa: E402
+from kvpolicy.rl.model import DecisionTransformer  # noqa: E402
+from kvpolicy.rl.rollout import rollout  # noqa: E402
+from kvpolicy.rl.train import returns_to_go  # noqa: E402
+from kvpolicy.types import Schedule  # noqa: E402
+
+
+def test_cue_is_visible_only_early_and_decides_the_final_reward():
+    task = CueTaskConfig(
+        horizon=40, cue_start=3, cue_steps=2, final_steps=10, final_weight=2.0, final_weight_backward=3.0
+    )
+    rewards = {}
+    for cue in (1, -1):
+        env = make_env(task)
+        obs, info = env.reset(seed=0, options={"cue": cue})
+        shown, flags, total_final = [], [], 0.0
+        for t in range(task.horizon):
+            shown.append(obs[17])
+            flags.append(obs[18])
+            obs, reward, _, truncated, info = env.step(np.sin(t + np.arange(6)))
+            if t >= task.final_start:
+                expected = (2.0 if cue == 1 else -3.0) * info["x_velocity"] + info["reward_ctrl"]
+                assert reward == pytest.approx(expected)
+                total_final += reward
+        assert truncated  # the episode ends at the horizon
+        assert [t for t, v in enumerate(shown) if v != 0] == [3, 4] and all(shown[t] == cue for t in (3, 4))
+        assert [t for t, v in enumerate(flags) if v] == list(range(task.final_start, task.horizon))
+        rewards[cue] = total_final
+    assert rewards[1] != rewards[-1]
+
+
+def test_returns_to_go():
+    assert returns_to_go(np.array([[1.0, 2.0, 3.0]])).tolist() == [[6.0, 5.0, 3.0]]
+
+
+def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
+    assert main(["smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["policy"] for row in summary] == ["full", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
+    full = summary[0]
+    assert full["kept"] == 1.0 and full["episodes"] == 2
+    assert summary[1]["kept"] < 0.5  # 16 of up to 179 tokens
+    assert (tmp_path / "return_vs_cache.png").stat().st_size > 0
+
+    model = DecisionTransformer.load(tmp_path / "decision_transformer.safetensors")
+    task, _, _ = smoke_configs()
+    assert model.metadata["task"] == task.task.to_dict()
+    bare = rollout(model, seed=3, cue=-1)
+    attached = rollout(model, seed=3, cue=-1, policy=kvpolicy.build("full"))
+    assert bare.actions.shape == (60, 6)
+    assert np.array_equal(bare.actions, attached.actions)
+    assert bare.episode_return == attached.episode_return
+    evicting = rollout(
+        model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step"))
+    )
+    assert evicting.kept_fraction < 0.3 and not np.array_equal(bare.actions, evicting.actions)
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="the shipped Decision Transformer is not installed")
+def test_shipped_model_keep_all_is_exact_over_a_whole_rollout():
+    model = DecisionTransformer.load(SHIPPED_MODEL)
+    assert model.metadata["task"]["horizon"] >= 1000
+    bare = rollout(model, seed=0, cue=1)
+    attached = rollout(model, seed=0, cue=1, policy=kvpolicy.build("full"))
+    assert bare.actions.shape[0] == model.metadata["task"]["horizon"]
+    assert np.array_equal(bare.actions, attached.actions)

@@ -371,14 +371,15 @@ SPAN_POOLER = "span"
 
 def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef:
     """The ``span`` shorthand as a reference to the built-in ``span`` pooler: ``15`` → max over 15
-    cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields (an absent kernel is 1, as
-    in policy files written before poolers were components). Values are checked by the pooler's
-    own config when the policy is built, so its error messages name the problem."""
+    cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields. Absent fields take the
+    defaults the ``span`` setting always had (kernel 1, mode max), so policy files written before
+    poolers were components mean what they meant. Values are checked by the pooler's own config
+    when the policy is built, so its error messages name the problem."""
     if isinstance(value, Mapping):
-        return ComponentRef(SPAN_POOLER, {"kernel": 1, **value})
+        return ComponentRef(SPAN_POOLER, {"kernel": 1, "mode": "max", **value})
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidConfigError(f"span must be an odd kernel size or {{'kernel': k, 'mode': ...}}, got {value!r}")
-    return ComponentRef(SPAN_POOLER, {"kernel": int(value)})
+    return ComponentRef(SPAN_POOLER, {"kernel": int(value), "mode": "max"})
 
 
 def _config_mapping(value: Any) -> dict[str, Any]:

@@ -307,9 +307,12 @@ class Policy:
             raise InvalidScoresError(
                 f"{where} returned {pooled.dtype} scores on layer {view.layer}; they must be floats"
             )
-        _check_no_nan(pooled, padded, view, where)
         if padded is not None:
             pooled = pooled.masked_fill(padded, float("-inf"))
+        # padded slots are -inf now, so a NaN anywhere is on a cached token; the max propagates
+        # NaN, one reduction instead of a mask (this runs on every update)
+        if pooled.numel() and bool(torch.isnan(pooled.amax())):
+            _check_no_nan(pooled, padded, view, where)
         return pooled
 
     # ----------------------------------------------------------------- learnable parameters

@@ -68,7 +68,10 @@ class SpanPooler:
 
     def pool(self, scores: torch.Tensor, view: LayerView) -> torch.Tensor:
         """``scores [batch, kv_heads, tokens]`` pooled; padded slots (position < 0) stay -inf."""
+        if self.config.kernel == 1:
+            return scores
         padded = view.positions < 0
+        # masking costs more than pooling on a CPU: only when some head holds padding
         return pool_neighbours(scores, self.config.kernel, self.config.mode, padded if bool(padded.any()) else None)
 
 

@@ -122,8 +122,7 @@ def install_weights(policy: Policy, tensors: dict[str, torch.Tensor], source: st
 def install_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor], source: str) -> None:
     """Give each component its frozen buffers, keyed ``role.name`` (the layout of `Policy.buffers`):
     a policy file's, or the calibration an evolution run ships to its workers."""
-    parts = {"extractor": policy.extractor, "scorer": policy.scorer, "selector": policy.selector}
-    for role, component in parts.items():
+    for role, component in policy.components().items():
         own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}
         if own:
             if not hasattr(component, "load_state_dict"):
@@ -138,6 +137,6 @@ def install_buffers(policy: Policy, buffers: Mapping[str, torch.Tensor], source:
 
 def load_weights(policy: Policy, path: str | os.PathLike[str]) -> None:
     """Give ``policy`` the parameters and buffers saved in the policy file ``path`` (a preset's
-    shipped weights); its own config (budget, span, …) is kept."""
+    shipped weights); its own config (budget, pooler, …) is kept."""
     _, tensors = read_policy_file(path)
     install_weights(policy, tensors, str(path))

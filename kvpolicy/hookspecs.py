@@ -61,6 +61,21 @@ def kvpolicy_register_scorers(register: RegisterComponent) -> None:
 
 
 @hookspec
+def kvpolicy_register_poolers(register: RegisterComponent) -> None:
+    """Register poolers, run between scorer and selector when a policy names one.
+
+    Call ``register(name, cls, description=...)`` once per pooler. ``cls`` implements
+    `kvpolicy.types.Pooler`: ``cls(config).pool(scores, view)`` takes and returns scores
+    ``[batch, kv_heads, tokens]``, each token's score pooled over its neighbours in *cached order*
+    (after an eviction, adjacent cached tokens need not be adjacent in position). Padded slots
+    (``view.positions < 0``) arrive as -inf and must stay -inf; a NaN on a cached token is an
+    `kvpolicy.errors.InvalidScoresError` naming the pooler. The built-in ``span`` pooler is one.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
 def kvpolicy_register_selectors(register: RegisterComponent) -> None:
     """Register selectors.
 

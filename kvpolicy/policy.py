@@ -1,4 +1,4 @@
-"""`Policy`: extractor → scorer → selector, plus when it runs, what it protects and its budget.
+"""`Policy`: extractor → scorer → (pooler) → selector, plus when it runs, what it protects and its budget.
 
 A policy is built from component objects or from registry names with configs, serialises to
 JSON (`Policy.config`), and is attached to a model through the model-adapter hook, so this
@@ -22,7 +22,6 @@ from kvpolicy.errors import (
     ShapeError,
 )
 from kvpolicy.registry import Registry, default_registry
-from kvpolicy.selection import pool_neighbours
 from kvpolicy.types import (
     Budget,
     ComponentKind,
@@ -34,11 +33,11 @@ from kvpolicy.types import (
     Requirements,
     Schedule,
     Selection,
-    SpanPooling,
     Stateful,
     TokenizerAware,
     config_to_dict,
     layer_indices,
+    span_pooler_ref,
 )
 
 ComponentLike = str | ComponentRef | tuple[str, Mapping[str, Any]] | Any
@@ -63,12 +62,15 @@ def _as_component(kind: ComponentKind, value: ComponentLike, registry: Registry)
 
 
 class Policy:
-    """A KV-cache eviction policy assembled from three components.
+    """A KV-cache eviction policy assembled from three components and an optional pooler.
 
     Parameters
     ----------
     extractor, scorer, selector:
         Registry names (``"stft"``), ``(name, config_dict)`` pairs, `ComponentRef`s or objects.
+    pooler:
+        Run between scorer and selector (a `kvpolicy.types.Pooler`), given like a component:
+        ``"span"``, ``("span", {"kernel": 15, "mode": "avg"})``, a `ComponentRef` or an object.
     schedule, every:
         When the policy updates; ``every=n`` is shorthand for ``Schedule("every_n", every=n)``.
     protect, sinks, recent:
@@ -78,8 +80,8 @@ class Policy:
     skip_layers:
         Layers never evicted.
     span:
-        Pool scores over neighbouring cached tokens before selection (`SpanPooling`): ``15``
-        (max over 15), ``{"kernel": 15, "mode": "avg"}``, or None (off).
+        Shorthand for the built-in ``span`` pooler: ``15`` (max over 15 neighbouring cached
+        tokens) or ``{"kernel": 15, "mode": "avg"}``. Give ``pooler`` or ``span``, not both.
     """
 
     def __init__(
@@ -95,13 +97,15 @@ class Policy:
         recent: int | None = None,
         budget: Budget | int | float | str | None = None,
         skip_layers: tuple[int, ...] | list[int] = (),
-        span: SpanPooling | int | Mapping[str, Any] | None = None,
+        pooler: ComponentLike | None = None,
+        span: int | Mapping[str, Any] | None = None,
         registry: Registry | None = None,
     ) -> None:
         self.registry = registry or default_registry()
         self.extractor = _as_component("extractor", extractor, self.registry)
         self.scorer = _as_component("scorer", scorer, self.registry)
         self.selector = _as_component("selector", selector, self.registry)
+        self.pooler = _as_pooler(pooler, span, self.registry)
         if schedule is not None and every is not None:
             raise InvalidConfigError("give either schedule or every, not both")
         _expect("schedule", schedule, Schedule, 'Schedule("every_step"), or every=n for Schedule("every_n", every=n)')
@@ -114,7 +118,6 @@ class Policy:
         )
         self.budget = Budget.parse(budget)
         self.skip_layers = layer_indices(skip_layers)
-        self.span = SpanPooling.parse(span)
         self._check_budget()
 
     # ----------------------------------------------------------------- construction & JSON
@@ -170,7 +173,7 @@ class Policy:
             protect=self.protect,
             budget=self.budget,
             skip_layers=self.skip_layers,
-            span=self.span,
+            pooler=None if self.pooler is None else ComponentRef(self.pooler.name, config_to_dict(self.pooler.config)),
         )
 
     def to_json(self, **kwargs: Any) -> str:
@@ -186,7 +189,7 @@ class Policy:
             protect=config.protect,
             budget=config.budget,
             skip_layers=config.skip_layers,
-            span=config.span,
+            pooler=config.pooler,
             registry=registry,
         )
 
@@ -201,7 +204,7 @@ class Policy:
             + (f"/{self.schedule.every}" if self.schedule.kind == "every_n" else "")
             + f", budget={self.budget.tokens or self.budget.ratio}, sinks={self.protect.sinks}, "
             f"recent={self.protect.recent}"
-            + (f", span={self.span.mode}{self.span.kernel}" if self.span.active else "")
+            + (f", {self.pooler.name}={self.pooler.config}" if self.pooler is not None else "")
             + ")"
         )
 
@@ -209,10 +212,21 @@ class Policy:
 
     @property
     def requirements(self) -> Requirements:
-        """The union of what the three components declared."""
+        """The union of what the components declared."""
         if self.schedule.kind == "never":
             return Requirements()
-        return self.extractor.requirements | self.scorer.requirements | self.selector.requirements
+        needs = Requirements()
+        for component in self.components().values():
+            needs = needs | component.requirements
+        return needs
+
+    def components(self) -> dict[str, Any]:
+        """The pipeline's components by role (``pooler`` only when there is one), in order."""
+        parts = {"extractor": self.extractor, "scorer": self.scorer}
+        if self.pooler is not None:
+            parts["pooler"] = self.pooler
+        parts["selector"] = self.selector
+        return parts
 
     # ----------------------------------------------------------------- runtime
 
@@ -255,7 +269,7 @@ class Policy:
         return features
 
     def choose(self, view: LayerView, features: torch.Tensor) -> Selection:
-        """Score → pool over spans → select, from features already extracted.
+        """Score → pool (when the policy has a pooler) → select, from features already extracted.
 
         Split from `plan` so that features computed once can be scored by many parameter rows
         (members forked from one shared prefill: `kvpolicy.integrations.hf.shared_prefill`).
@@ -266,11 +280,11 @@ class Policy:
         # below every real token so they never take a real token's place.
         padded = view.positions < 0
         any_padded = bool(padded.any())
-        _check_no_nan(scores, padded if any_padded else None, view, self.scorer.name)
+        _check_no_nan(scores, padded if any_padded else None, view, f"scorer {self.scorer.name!r}")
         if any_padded:
             scores = scores.float().masked_fill(padded, float("-inf"))
-        if self.span.active:
-            scores = pool_neighbours(scores, self.span.kernel, self.span.mode, padded if any_padded else None)
+        if self.pooler is not None:
+            scores = self._pool(scores, view, padded if any_padded else None)
         protected = self.protected_mask(view)
         selection = self.selector.select(scores, protected, self.budget, view)
         indices = getattr(selection, "indices", None)
@@ -283,12 +297,29 @@ class Policy:
         _check_selection(selection, protected, padded if any_padded else None, view, self.selector.name)
         return selection
 
+    def _pool(self, scores: torch.Tensor, view: LayerView, padded: torch.Tensor | None) -> torch.Tensor:
+        """The pooler's scores, checked like a scorer's: same shape, floats, no NaN on a cached
+        token; padded slots are set back to -inf so no pooler can let padding displace a token."""
+        where = f"pooler {self.pooler.name!r}"
+        pooled = self.pooler.pool(scores, view)
+        _check_leading(pooled, view, f"{where} scores", extra_dims=0)
+        if not pooled.is_floating_point():
+            raise InvalidScoresError(
+                f"{where} returned {pooled.dtype} scores on layer {view.layer}; they must be floats"
+            )
+        if padded is not None:
+            pooled = pooled.masked_fill(padded, float("-inf"))
+        # padded slots are -inf now, so a NaN anywhere is on a cached token; the max propagates
+        # NaN, one reduction instead of a mask (this runs on every update)
+        if pooled.numel() and bool(torch.isnan(pooled.amax())):
+            _check_no_nan(pooled, padded, view, where)
+        return pooled
+
     # ----------------------------------------------------------------- learnable parameters
 
     def parametric(self) -> dict[str, Parametric]:
         """Components with learnable parameters, by role."""
-        parts = {"extractor": self.extractor, "scorer": self.scorer, "selector": self.selector}
-        return {role: c for role, c in parts.items() if isinstance(c, Parametric)}
+        return {role: c for role, c in self.components().items() if isinstance(c, Parametric)}
 
     @property
     def num_params(self) -> int:
@@ -320,16 +351,15 @@ class Policy:
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Frozen, saved state of `Stateful` components, keyed ``role.name``."""
-        parts = {"extractor": self.extractor, "scorer": self.scorer, "selector": self.selector}
         out: dict[str, torch.Tensor] = {}
-        for role, component in parts.items():
+        for role, component in self.components().items():
             if isinstance(component, Stateful):
                 out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
         return out
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Let tokenizer-dependent components (`TokenizerAware`) fill in their configs."""
-        for component in (self.extractor, self.scorer, self.selector):
+        for component in self.components().values():
             if isinstance(component, TokenizerAware):
                 component.bind_tokenizer(tokenizer)
 
@@ -363,9 +393,22 @@ def _expect(name: str, value: Any, cls: type, hint: str) -> None:
         raise InvalidConfigError(f"{name} must be a {cls.__name__} or None, e.g. {hint}; got {value!r}")
 
 
-def _check_no_nan(scores: torch.Tensor, padded: torch.Tensor | None, view: LayerView, scorer: str) -> None:
+def _as_pooler(pooler: ComponentLike | None, span: int | Mapping[str, Any] | None, registry: Registry) -> Any:
+    """The pooler object from ``pooler`` (any registered pooler) or the ``span`` shorthand, or None."""
+    if pooler is not None and span is not None:
+        raise InvalidConfigError(
+            f"give either pooler ({pooler!r}) or span ({span!r}), not both; span=k is shorthand for "
+            "pooler=('span', {'kernel': k})"
+        )
+    if span is not None:
+        return _as_component("pooler", span_pooler_ref(span), registry)
+    return None if pooler is None else _as_component("pooler", pooler, registry)
+
+
+def _check_no_nan(scores: torch.Tensor, padded: torch.Tensor | None, view: LayerView, source: str) -> None:
     """A NaN score has no rank, so the selector would keep or evict that token arbitrarily;
-    ±inf are legal (+inf pins a token, padded slots are set to −inf)."""
+    ±inf are legal (+inf pins a token, padded slots are set to −inf). ``source`` names the
+    component that produced ``scores`` (``scorer 'h2o'``, ``pooler 'span'``)."""
     nan = torch.isnan(scores)
     if padded is not None:
         nan &= ~padded
@@ -373,7 +416,7 @@ def _check_no_nan(scores: torch.Tensor, padded: torch.Tensor | None, view: Layer
         return
     row, head, slot = (int(i) for i in nan.nonzero()[0])
     raise InvalidScoresError(
-        f"scorer {scorer!r} returned NaN for {int(nan.sum())} cached token(s) on layer {view.layer} (first: batch "
+        f"{source} returned NaN for {int(nan.sum())} cached token(s) on layer {view.layer} (first: batch "
         f"row {row}, head {head}, position {int(view.positions[row, head, slot])}); scores must be numbers or ±inf"
     )
 
@@ -440,6 +483,24 @@ def _check_leading(tensor: torch.Tensor, view: LayerView, what: str, extra_dims:
         raise ShapeError(f"{what} have shape {shape}; expected {dims} with leading dims {expected}")
 
 
+def _merged_pooler(base: PolicyConfig | None, pooler: Any, span: Any) -> ComponentLike | None:
+    """The pooler `build` passes on: the base's unless ``pooler`` or ``span`` overrides it (a dict
+    of fields without ``name`` is merged into the base's pooler config, like components)."""
+    base_pooler = base.pooler if base is not None else None
+    if span is not ...:
+        return None if pooler is ... else pooler  # Policy refuses pooler and span together
+    if pooler is ...:
+        return base_pooler
+    if isinstance(pooler, Mapping) and "name" not in pooler:
+        if base_pooler is None:
+            raise InvalidConfigError(
+                f"pooler fields {sorted(pooler)} need a pooler to change; the base policy has none: "
+                "name one, e.g. pooler=('span', {'kernel': 15})"
+            )
+        return ComponentRef(base_pooler.name, {**base_pooler.config, **pooler})
+    return pooler
+
+
 def build(
     preset_or_config: str | PolicyConfig | Mapping[str, Any] | None = None,
     *,
@@ -453,14 +514,16 @@ def build(
     sinks: int | None = None,
     recent: int | None = None,
     skip_layers: tuple[int, ...] | None = None,
-    span: SpanPooling | int | Mapping[str, Any] | None = ...,  # type: ignore[assignment]
+    pooler: ComponentLike | None = ...,  # type: ignore[assignment]
+    span: int | Mapping[str, Any] | None = ...,  # type: ignore[assignment]
 ) -> Policy:
     """Build a policy from a preset name, a `PolicyConfig` / its dict, or components alone.
 
     Overrides replace the preset's values: ``build("h2o", budget=256, recent=32)``. Component
     overrides given as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the preset's
-    config of that component; a name or object replaces it. A preset registered with ``weights``
-    starts with the learned parameters and buffers of that file.
+    config of that component; a name or object replaces it. ``pooler`` (or its shorthand ``span``)
+    replaces the preset's pooler, None removes it. A preset registered with ``weights`` starts
+    with the learned parameters and buffers of that file.
     """
     registry = registry or default_registry()
     weights = None
@@ -499,7 +562,8 @@ def build(
         protect=protect,
         budget=(base.budget if base is not None else None) if budget is ... else budget,
         skip_layers=skip_layers if skip_layers is not None else (base.skip_layers if base is not None else ()),
-        span=(base.span if base is not None else None) if span is ... else span,
+        pooler=_merged_pooler(base, pooler, span),
+        span=None if span is ... else span,
         registry=registry,
     )
     if weights is not None:  # a preset shipped with learned parameters (an evolved NAMM)

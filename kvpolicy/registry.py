@@ -42,6 +42,7 @@ STRICT_ENV = "KVPOLICY_STRICT_PLUGINS"
 _REGISTER_HOOKS: dict[ComponentKind, str] = {
     "extractor": "kvpolicy_register_extractors",
     "scorer": "kvpolicy_register_scorers",
+    "pooler": "kvpolicy_register_poolers",
     "selector": "kvpolicy_register_selectors",
     "optimizer": "kvpolicy_register_optimizers",
 }

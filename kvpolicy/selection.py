@@ -44,25 +44,66 @@ def pool_neighbours(scores: torch.Tensor, kernel: int, mode: str, padded: torch.
     need not be adjacent in position). ``padded`` slots (heads keeping fewer tokens than the
     layer's longest) neither lend nor receive a score: they stay at -inf. Scores are made finite
     first (`finite_scores`), so a pinned (+inf) token lifts its neighbours without NaNs.
+
+    ``max`` is one ``max_pool1d``. ``avg`` divides each window's sum by its count of real tokens
+    (the cache's ends and padded slots do not count). Window sums are built in float64 from
+    shifted sums of widths 1, 2, 4, ... (`_window_sums`: ~2·log2(kernel) elementwise adds; a
+    convolution costs more than the rest of an update on a CPU). Each window is summed from its
+    own scores only, never as a difference of prefix sums, so the float-max stand-ins for ±inf
+    cancel exactly and never swamp other windows: the result equals a float64 convolution.
     """
     if kernel <= 1:
         return scores
     batch, heads, tokens = scores.shape
-    x = finite_scores(scores).reshape(batch * heads, 1, tokens)
-    pad = kernel // 2
+    rows = batch * heads
+    x = finite_scores(scores).reshape(rows, tokens)
     if mode == "max":
         if padded is not None:
-            x = x.masked_fill(padded.reshape(batch * heads, 1, tokens), torch.finfo(torch.float32).min)
-        pooled = torch.nn.functional.max_pool1d(x, kernel_size=kernel, stride=1, padding=pad)
+            x = x.masked_fill(padded.reshape(rows, tokens), torch.finfo(torch.float32).min)
+        # reshape, not unsqueeze: max_pool1d takes a slow path (~5x) on the strides unsqueeze gives
+        x = x.reshape(rows, 1, tokens)
+        pooled = torch.nn.functional.max_pool1d(x, kernel_size=kernel, stride=1, padding=kernel // 2)
     else:
-        weight = torch.ones(1, 1, kernel, dtype=torch.float64, device=x.device)
-        real = torch.ones_like(x, dtype=torch.float64)
-        if padded is not None:
-            real = (~padded).reshape(batch * heads, 1, tokens).to(torch.float64)
-        total = torch.nn.functional.conv1d(x.double() * real, weight, padding=pad)
-        count = torch.nn.functional.conv1d(real, weight, padding=pad).clamp_min(1.0)
-        pooled = (total / count).clamp(torch.finfo(torch.float32).min, torch.finfo(torch.float32).max).float()
+        if padded is None:  # every row counts the same neighbours: one row of ones gives the counts
+            real = torch.ones(1, tokens, dtype=torch.float64, device=x.device)
+            values = x.double()
+        else:
+            real = (~padded).reshape(rows, tokens).to(torch.float64)
+            values = x.double() * real  # -inf stand-ins of padded slots become 0: they lend nothing
+        sums = _window_sums(torch.cat([values, real]), kernel)
+        total, count = sums[:rows], sums[rows:].clamp_min(1.0)
+        finite = torch.finfo(torch.float32)
+        pooled = (total / count).clamp(finite.min, finite.max).float()
     pooled = pooled.reshape(batch, heads, tokens)
     if padded is not None:
         pooled = pooled.masked_fill(padded, float("-inf"))
     return pooled
+
+
+def _window_sums(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``x [rows, tokens]`` summed over centred windows of odd width ``kernel`` (zeros outside).
+
+    Each row is zero-padded by ``kernel // 2`` on both sides and the rows are laid end to end in
+    one contiguous vector, so every shifted add runs on contiguous memory; sums over widths 1, 2,
+    4, ... are built by adding shifted copies, and a window of width ``kernel`` is the sum of the
+    widths in ``kernel``'s binary expansion laid end to end. Windows that straddle two rows are
+    computed too and never read."""
+    rows, tokens = x.shape
+    length = tokens + kernel - 1  # one padded row
+    flat = torch.nn.functional.pad(x, (kernel // 2, kernel // 2)).reshape(-1)
+    spans = {1: flat}
+    width = 1
+    while 2 * width <= kernel:
+        previous = spans[width]
+        spans[2 * width] = previous[:-width] + previous[width:]
+        width *= 2
+    total: torch.Tensor | None = None
+    offset = 0
+    valid = rows * length - kernel + 1  # windows that start inside the vector and end inside it
+    for width in sorted(spans, reverse=True):
+        if kernel & width:
+            part = spans[width][offset : offset + valid]
+            total = part if total is None else total + part
+            offset += width
+    assert total is not None  # an odd kernel has bit 1 set
+    return total.as_strided((rows, tokens), (length, 1))

@@ -4,10 +4,12 @@ Configs are frozen attrs classes with validators, serialisable to JSON. Tensors 
 `eq=False` state objects (`LayerView`, `Selection`). Tensor dimensions are always named
 ``batch, kv_heads, tokens, head_dim`` (and ``queries`` for attention rows).
 
-The four component kinds form the pipeline run on each layer when a policy updates::
+Four component kinds form the pipeline run on each layer when a policy updates (the pooler is
+optional)::
 
     FeatureExtractor.extract(view)            -> features  [batch, kv_heads, tokens, features]
     Scorer.score(features, view)              -> scores    [batch, kv_heads, tokens]  (higher = keep)
+    Pooler.pool(scores, view)                 -> scores    [batch, kv_heads, tokens]  (over neighbours)
     Selector.select(scores, protected, budget, view) -> Selection (indices of kept tokens)
 
 and an Optimizer searches the flat parameter vector of any `Parametric` component.
@@ -27,8 +29,8 @@ import torch
 
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
 
-ComponentKind = Literal["extractor", "scorer", "selector", "optimizer"]
-COMPONENT_KINDS: tuple[ComponentKind, ...] = ("extractor", "scorer", "selector", "optimizer")
+ComponentKind = Literal["extractor", "scorer", "pooler", "selector", "optimizer"]
+COMPONENT_KINDS: tuple[ComponentKind, ...] = ("extractor", "scorer", "pooler", "selector", "optimizer")
 
 
 # --------------------------------------------------------------------------- config helpers
@@ -363,48 +365,21 @@ class Protection:
         return self.sinks + max(self.recent, 1)
 
 
-SpanMode = Literal["max", "avg"]
+#: the registered name of the built-in pooler the ``span`` shorthand stands for
+SPAN_POOLER = "span"
 
 
-@attrs.frozen
-class SpanPooling:
-    """Pool every token's score over its neighbours before selection, so a policy keeps spans
-    (a fact with its context) rather than scattered tokens.
-
-    ``kernel`` (odd) neighbouring *cached* tokens of the same head are pooled — after an
-    eviction, neighbours are neighbours in cached order, not in absolute position — with ``mode``
-    ``max`` (a token is kept if any neighbour is worth keeping) or ``avg``. ``kernel=1`` is off.
-    """
-
-    kernel: int = attrs.field(default=1, validator=_positive)
-    mode: SpanMode = attrs.field(default="max")
-
-    @kernel.validator
-    def _odd(self, attribute: attrs.Attribute, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value % 2 == 0:
-            raise InvalidConfigError(f"SpanPooling.kernel must be an odd whole number (1, 3, 5, ...), got {value!r}")
-
-    @mode.validator
-    def _mode(self, attribute: attrs.Attribute, value: str) -> None:
-        if value not in ("max", "avg"):
-            raise InvalidConfigError(f"SpanPooling.mode must be 'max' or 'avg', got {value!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.kernel > 1
-
-    @classmethod
-    def parse(cls, value: SpanPooling | int | Mapping[str, Any] | None) -> SpanPooling:
-        """``15`` → max pooling over 15 tokens; ``{"kernel": 15, "mode": "avg"}``; None → off."""
-        if isinstance(value, SpanPooling):
-            return value
-        if value is None:
-            return cls()
-        if isinstance(value, Mapping):
-            return config_from_dict(cls, value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidConfigError(f"span must be an odd kernel size or {{'kernel': k, 'mode': ...}}, got {value!r}")
-        return cls(kernel=value)
+def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef:
+    """The ``span`` shorthand as a reference to the built-in ``span`` pooler: ``15`` → max over 15
+    cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields. Absent fields take the
+    defaults the ``span`` setting always had (kernel 1, mode max), so policy files written before
+    poolers were components mean what they meant. Values are checked by the pooler's own config
+    when the policy is built, so its error messages name the problem."""
+    if isinstance(value, Mapping):
+        return ComponentRef(SPAN_POOLER, {"kernel": 1, "mode": "max", **value})
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidConfigError(f"span must be an odd kernel size or {{'kernel': k, 'mode': ...}}, got {value!r}")
+    return ComponentRef(SPAN_POOLER, {"kernel": int(value), "mode": "max"})
 
 
 def _config_mapping(value: Any) -> dict[str, Any]:
@@ -428,11 +403,14 @@ class ComponentRef:
 
 @attrs.frozen
 class PolicyConfig:
-    """A whole policy as data: three components, when it runs, what it protects, its budget,
-    and how scores are pooled over neighbouring tokens before selection (``span``).
+    """A whole policy as data: three components, an optional ``pooler`` run between scorer and
+    selector (e.g. ``span``: scores pooled over neighbouring cached tokens), when it runs, what it
+    protects and its budget.
 
     ``skip_layers`` lists layers the policy never evicts (e.g. L2-norm leaves the first layers
-    uncompressed). Round-trips through JSON (`to_json` / `from_json`).
+    uncompressed). Round-trips through JSON (`to_json` / `from_json`); `from_dict` also reads the
+    older ``"span"`` key (a kernel size or ``{"kernel", "mode"}``) as the ``span`` pooler, so
+    policy files saved before poolers were components keep loading.
     """
 
     extractor: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
@@ -446,7 +424,9 @@ class PolicyConfig:
     )
     budget: Budget = attrs.field(default=Budget(), converter=lambda b: Budget.parse(b))
     skip_layers: tuple[int, ...] = attrs.field(default=(), converter=layer_indices)
-    span: SpanPooling = attrs.field(default=SpanPooling(), converter=lambda s: SpanPooling.parse(s))
+    pooler: ComponentRef | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_instance_of(ComponentRef, "a ComponentRef or None"))
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -462,13 +442,25 @@ class PolicyConfig:
         missing = [k for k in ("extractor", "scorer", "selector") if k not in data]
         if missing:
             raise InvalidConfigError(f"policy config lacks {', '.join(missing)}")
-        for key in ("extractor", "scorer", "selector"):
-            ref = data[key]
+        for key in ("extractor", "scorer", "selector", "pooler"):
+            ref = data.get(key)
+            if key == "pooler" and ref is None:
+                continue
             if not isinstance(ref, str | Mapping):
                 raise InvalidConfigError(
-                    f'policy config {key} must be a name or {{"name": ..., "config": {{...}}}}, got {ref!r}'
+                    f'policy config {key} must be a name or {{"name": ..., "config": {{...}}}}'
+                    + (" or null" if key == "pooler" else "")
+                    + f", got {ref!r}"
                 )
             data[key] = ComponentRef(ref) if isinstance(ref, str) else config_from_dict(ComponentRef, ref)
+        if "span" in data:  # the policy-level option poolers replaced: read as the built-in span pooler
+            legacy = data.pop("span")
+            if data.get("pooler") is not None and legacy is not None:
+                raise InvalidConfigError(
+                    f'policy config has both "pooler" and the older "span" ({legacy!r}); keep only "pooler"'
+                )
+            if legacy is not None:
+                data["pooler"] = span_pooler_ref(legacy)
         return config_from_dict(cls, data)
 
     @classmethod
@@ -670,6 +662,21 @@ class Scorer(Component, Protocol):
 
 
 @runtime_checkable
+class Pooler(Component, Protocol):
+    """Pools scores over neighbouring cached tokens between scorer and selector, so a policy can
+    keep spans (a fact with its context) instead of scattered tokens.
+
+    ``pool(scores, view)`` takes and returns ``[batch, kv_heads, tokens]``. Neighbours are
+    neighbours in *cached order* (index along ``tokens``): after an eviction, adjacent cached
+    tokens need not be adjacent in absolute position. Padded slots (``view.positions < 0``, heads
+    keeping fewer tokens than the layer's longest) arrive as -inf and must stay -inf, neither
+    lending nor receiving a score; real slots must not become NaN.
+    """
+
+    def pool(self, scores: torch.Tensor, view: LayerView) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class Selector(Component, Protocol):
     """Chooses the tokens to keep from scores, never dropping ``protected`` ones."""
 
@@ -735,6 +742,7 @@ class TokenizerAware(Protocol):
 PROTOCOLS: dict[ComponentKind, type] = {
     "extractor": FeatureExtractor,
     "scorer": Scorer,
+    "pooler": Pooler,
     "selector": Selector,
     "optimizer": Optimizer,
 }

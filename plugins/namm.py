@@ -27,7 +27,7 @@ import torch
 
 from kvpolicy import Policy, hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule, SpanPooling
+from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
 
 UPDATE_EVERY = 512
 #: weights of the shipped NAMM for SmolLM2 (package data: the best validation mean of its CMA-ES run)
@@ -47,7 +47,7 @@ def namm_config(scorer: str) -> PolicyConfig:
 def evolved_config() -> PolicyConfig:
     """The shipped NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes → BAM
     (26 features) → top_k at 25%, once after the prompt, the 32 newest tokens protected, scores
-    max-pooled over 31 cached neighbours."""
+    max-pooled over 31 cached neighbours (the ``span`` pooler)."""
     return PolicyConfig(
         extractor=ComponentRef("stft_votes"),
         scorer=ComponentRef("bam", {"features": 26}),
@@ -55,7 +55,7 @@ def evolved_config() -> PolicyConfig:
         schedule=Schedule("after_prefill"),
         protect=Protection(recent=32),
         budget=Budget(ratio=0.25),
-        span=SpanPooling(kernel=31, mode="max"),
+        pooler=ComponentRef("span", {"kernel": 31, "mode": "max"}),
     )
 
 

@@ -32,7 +32,6 @@ from kvpolicy.types import (
     Protection,
     Requirements,
     Schedule,
-    SpanPooling,
     positive,
 )
 
@@ -143,11 +142,11 @@ def kvpolicy_register_policies(register) -> None:
         snapkv,
         description="SnapKV: pooled votes of the last 32 prompt queries, once after prefill (Li et al. 2024)",
     )
-    # Not the paper's: its votes max-pooled over 31 cached neighbours (kvpolicy's span pooling), so
+    # Not the paper's: its votes max-pooled over 31 cached neighbours (the `span` pooler), so
     # whole spans are kept. On the test split at 2k tokens and 25% of the cache it scores 107.9% of
     # the full cache against 36.4% for the published 5-token average (docs/learned_eviction.md).
     register(
         "snapkv-span",
-        attrs.evolve(snapkv, budget=Budget(ratio=0.25), span=SpanPooling(kernel=31, mode="max")),
+        attrs.evolve(snapkv, budget=Budget(ratio=0.25), pooler=ComponentRef("span", {"kernel": 31, "mode": "max"})),
         description="SnapKV with its scores max-pooled over 31 cached tokens (spans kept), 25% of the cache",
     )

@@ -26,7 +26,6 @@ from kvpolicy.evolve.hf_workload import build_policy
 from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.integrations.hf.shared_prefill import prefill
 from kvpolicy.models import load_model
-from kvpolicy.types import SpanPooling
 
 HERE = Path(__file__).parent
 
@@ -62,7 +61,7 @@ def main() -> None:
             full = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "loglik", evict=False).scores
             full_task = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "task", evict=False).scores
             for kernel in kernels:
-                policy.span = SpanPooling(kernel=kernel, mode=args.mode)
+                policy.pooler = policy.registry.create("pooler", "span", {"kernel": kernel, "mode": args.mode})
                 ll = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "loglik").scores
                 score = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "task").scores
                 table[kernel][task].append((float(ll / full), float(score), float(full_task)))

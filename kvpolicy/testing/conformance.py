@@ -21,6 +21,9 @@ Each check draws its inputs with hypothesis (settings from the loaded profile, s
   ascending and (unless they declare ``keeps_highest_scores = False``) never evict a token that
   scored higher than an unprotected survivor; a `Parametric` scorer scoring a population
   (``set_flat([batch, n])``) gives each row what that row's parameters give alone;
+- pooler: scores of the input's shape, floats, no NaN on a cached token; padded slots (position
+  < 0, arriving at -inf) still -inf; determinism, the scores and view left untouched,
+  batch-permutation equivariance;
 - optimizer: ask / tell shapes, determinism under a seed, resuming from ``state_dict``;
 - preset: the `PolicyConfig` JSON round trip, `Policy.plan` honouring the invariants above, and
   the state machine driving a tiny model's evicting cache (`kvpolicy.testing.machine`).
@@ -54,7 +57,7 @@ from kvpolicy.types import (
     config_to_dict,
 )
 
-TargetKind = str  # "extractor" | "scorer" | "selector" | "optimizer" | "preset"
+TargetKind = str  # "extractor" | "scorer" | "pooler" | "selector" | "optimizer" | "preset"
 
 
 class ConformanceError(AssertionError):
@@ -130,7 +133,8 @@ def check_protocol(target: Target) -> None:
     kind = target.kind
     protocol = PROTOCOLS[kind]
     if not isinstance(obj, protocol):
-        missing = [m for m in ("name", "config", "requirements", "extract", "score", "select") if not hasattr(obj, m)]
+        methods = ("name", "config", "requirements", "extract", "score", "pool", "select")
+        missing = [m for m in methods if not hasattr(obj, m)]
         _fail(target, "protocol", f"{type(obj).__name__} does not implement {protocol.__name__} (lacks {missing})")
     name = getattr(type(obj), "name", None)
     if not isinstance(name, str) or not name:
@@ -350,6 +354,90 @@ def check_population_rows(target: Target) -> None:
     _for_all(st.tuples(views, kst.seeds), body)
 
 
+# --------------------------------------------------------------------------- poolers
+
+
+def _pooler_inputs(target: Target, padded: bool | None = None) -> st.SearchStrategy[kst.PoolerInputs]:
+    pooler = target.make()
+    return kst.pooler_inputs(pooler.requirements, padded=padded, aligned=_aligned(target, pooler))
+
+
+def check_pooler_output(target: Target) -> None:
+    def body(inputs: kst.PoolerInputs) -> None:
+        scores = inputs.scores
+        pooled = target.make().pool(scores.clone(), copy_view(inputs.view))
+        expected = tuple(scores.shape)
+        if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != expected:
+            shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+            _fail(target, "output_shape", f"pooled scores have shape {shape}; expected {list(expected)}")
+        if not pooled.is_floating_point():
+            _fail(target, "output_shape", f"pooled scores must be floats, got {pooled.dtype}")
+        if torch.isnan(pooled[~inputs.padded]).any():
+            _fail(target, "output_shape", "pooled scores have NaN on cached tokens (the scores had none)")
+
+    _for_all(_pooler_inputs(target), body)
+
+
+def check_pooler_padded_slots(target: Target) -> None:
+    """Padded slots neither receive a score (they stay -inf) nor become NaN."""
+
+    def body(inputs: kst.PoolerInputs) -> None:
+        pooled = target.make().pool(inputs.scores.clone(), copy_view(inputs.view))
+        padded = inputs.padded
+        if not bool((pooled[padded] == float("-inf")).all()):
+            _fail(
+                target,
+                "padded_slots",
+                f"a padded slot (position < 0) came back as {pooled[padded].max()}; it must stay -inf",
+            )
+
+    _for_all(_pooler_inputs(target, padded=True), body)
+
+
+def _pooler_deterministic(target: Target, inputs: kst.PoolerInputs) -> None:
+    a = target.make().pool(inputs.scores.clone(), copy_view(inputs.view))
+    b = target.make().pool(inputs.scores.clone(), copy_view(inputs.view))
+    if not _same(a, b, exact=True):
+        _fail(target, "deterministic", "two runs (fresh objects, same inputs) gave different scores")
+
+
+def _pooler_leaves_inputs_alone(target: Target, inputs: kst.PoolerInputs) -> None:
+    scores, probe = inputs.scores.clone(), copy_view(inputs.view)
+    before = snapshot(probe)
+    target.make().pool(scores, probe)
+    changed = [k for k, v in snapshot(probe).items() if not torch.equal(v, before[k])]
+    if not torch.equal(scores, inputs.scores):
+        changed.insert(0, "scores")
+    if changed:
+        _fail(target, "leaves_inputs_alone", f"modified the {', '.join(changed)} in place")
+
+
+def _pooler_batch_permutation(target: Target, inputs: kst.PoolerInputs) -> None:
+    """Row i's pooled scores depend on row i alone: reversing the batch reverses the output."""
+    if inputs.view.batch < 2:
+        return
+    order = torch.arange(inputs.view.batch).flip(0)
+    first = target.make().pool(inputs.scores.clone(), copy_view(inputs.view))
+    permuted = target.make().pool(inputs.scores.index_select(0, order), index_view(inputs.view, order))
+    if not _same(permuted, first.index_select(0, order)):
+        _fail(target, "batch_permutation", f"reordering the batch rows {order.tolist()} changed the rows' scores")
+
+
+_POOLER_BEHAVIOURS = {
+    "deterministic": _pooler_deterministic,
+    "leaves_inputs_alone": _pooler_leaves_inputs_alone,
+    "batch_permutation": _pooler_batch_permutation,
+}
+
+
+def _pooler_behaviour(check: str) -> Callable[[Target], None]:
+    def run(target: Target) -> None:
+        behaviour = _POOLER_BEHAVIOURS[check]
+        _for_all(_pooler_inputs(target), lambda inputs: behaviour(target, inputs))
+
+    return run
+
+
 # --------------------------------------------------------------------------- selectors
 
 
@@ -556,6 +644,16 @@ CHECKS: dict[TargetKind, tuple[Check, ...]] = {
         Check("batch_permutation", _scorer_behaviour("batch_permutation")),
         Check("population_rows", check_population_rows),
     ),
+    "pooler": (
+        Check("protocol", check_protocol),
+        Check("config_roundtrip", check_config_roundtrip),
+        Check("rejects_unknown_config", check_rejects_unknown_config),
+        Check("output_shape", check_pooler_output),
+        Check("padded_slots", check_pooler_padded_slots),
+        Check("deterministic", _pooler_behaviour("deterministic")),
+        Check("leaves_inputs_alone", _pooler_behaviour("leaves_inputs_alone")),
+        Check("batch_permutation", _pooler_behaviour("batch_permutation")),
+    ),
     "selector": (
         Check("protocol", check_protocol),
         Check("config_roundtrip", check_config_roundtrip),
@@ -584,12 +682,12 @@ def kind_of(obj: Any) -> TargetKind:
     """The component kind ``obj`` implements (a `Policy` is a ``preset``)."""
     if isinstance(obj, Policy):
         return "preset"
-    for kind in ("selector", "scorer", "extractor", "optimizer"):
-        method = {"selector": "select", "scorer": "score", "extractor": "extract", "optimizer": "ask"}[kind]
+    methods = {"selector": "select", "scorer": "score", "pooler": "pool", "extractor": "extract", "optimizer": "ask"}
+    for kind, method in methods.items():
         if callable(getattr(obj, method, None)):
             return kind
     raise ConformanceError(
-        f"{obj!r} is not a kvpolicy component: it has none of extract / score / select / ask "
+        f"{obj!r} is not a kvpolicy component: it has none of extract / score / pool / select / ask "
         "(see kvpolicy.types for the protocols)"
     )
 
@@ -640,7 +738,7 @@ def targets(registry: Registry | None = None, options: Mapping[str, Mapping[str,
     registry = registry or default_registry()
     options = options or {}
     found: list[Target] = []
-    for kind in ("extractor", "scorer", "selector", "optimizer"):
+    for kind in ("extractor", "scorer", "pooler", "selector", "optimizer"):
         for name in registry.names(kind):  # type: ignore[arg-type]
             make = _registry_maker(registry, kind, name)
             found.append(Target(kind, name, make, registry, dict(options.get(f"{kind}:{name}", {}))))

@@ -25,11 +25,12 @@ from kvpolicy.registry import Registry, default_registry
 from kvpolicy.types import (
     Budget,
     ComponentKind,
+    ComponentRef,
     LayerView,
     Protection,
     Requirements,
     Schedule,
-    SpanPooling,
+    config_to_dict,
     non_negative,
     positive,
 )
@@ -396,6 +397,53 @@ def components(kind: ComponentKind, registry: Registry | None = None) -> st.Sear
     )
 
 
+def pooler_refs(registry: Registry | None = None) -> st.SearchStrategy[ComponentRef]:
+    """A registered pooler with a drawn config, as a `ComponentRef` (what a `PolicyConfig` holds)."""
+    registry = registry or default_registry()
+    names = registry.names("pooler")
+    if not names:
+        return st.nothing()
+    return st.sampled_from(names).flatmap(
+        lambda name: component_configs("pooler", name, registry).map(lambda c: ComponentRef(name, config_to_dict(c)))
+    )
+
+
+@attrs.define(eq=False)
+class PoolerInputs:
+    """One call of `Pooler.pool`: scores as `Policy` passes them (padded slots at -inf) and the view."""
+
+    scores: torch.Tensor
+    view: LayerView
+
+    @property
+    def padded(self) -> torch.Tensor:
+        return self.view.positions < 0
+
+
+def pooler_inputs(
+    requirements: Requirements | None = None, padded: bool | None = None, **view_kwargs: Any
+) -> st.SearchStrategy[PoolerInputs]:
+    """Arguments for `Pooler.pool`: a view carrying ``requirements``, scores with ties, constants
+    and ±inf among them, and padded slots (always with ``padded=True``, never with False, in some
+    examples with None): heads keeping fewer tokens than the layer's longest hold their tokens
+    first and padding last, at position -1 with score -inf, as the integration lays them out."""
+
+    @st.composite
+    def draw_inputs(draw: st.DrawFn) -> PoolerInputs:
+        view = draw(layer_views(requirements or Requirements(), **view_kwargs))
+        scores = draw(score_tensors((view.batch, view.kv_heads, view.tokens)))
+        if padded or (padded is None and draw(st.booleans())):
+            generator = _generator(draw(seeds))
+            low = 1 if padded and view.tokens > 1 else 0  # at least one padded slot per head when asked
+            pads = torch.randint(low, max(view.tokens, low + 1), (view.batch, view.kv_heads, 1), generator=generator)
+            mask = torch.arange(view.tokens) >= view.tokens - pads  # the last `pads` slots of each head
+            view.positions = view.positions.masked_fill(mask, -1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        return PoolerInputs(scores, view)
+
+    return draw_inputs()
+
+
 def policy_overrides(policy: Policy, max_budget: int = 32) -> st.SearchStrategy[dict[str, Any]]:
     """Overrides of a policy's protection, budget and schedule scaled to a tiny model's cache."""
 
@@ -412,8 +460,8 @@ def policy_overrides(policy: Policy, max_budget: int = 32) -> st.SearchStrategy[
             out["schedule"] = Schedule("every_n", every=draw(st.integers(1, 12)))
         elif kind == "every_step":
             out["schedule"] = Schedule("every_step", slack=draw(st.integers(0, 4)))
-        # span pooling composes with every scorer: the invariants then hold for the pooled scores
-        out["span"] = SpanPooling(draw(st.sampled_from([1, 1, 3, 5])), draw(st.sampled_from(["max", "avg"])))
+        # a pooler composes with every scorer: the invariants then hold for the pooled scores
+        out["pooler"] = draw(st.one_of(st.none(), pooler_refs(policy.registry)))
         return out
 
     return draw_overrides()
@@ -438,6 +486,7 @@ __all__ = [
     "EVERYTHING",
     "CacheContents",
     "CacheShape",
+    "PoolerInputs",
     "SelectorInputs",
     "attention_rows",
     "budgets",
@@ -451,6 +500,8 @@ __all__ = [
     "make_view",
     "policies",
     "policy_overrides",
+    "pooler_inputs",
+    "pooler_refs",
     "positions_for",
     "protected_for",
     "protections",

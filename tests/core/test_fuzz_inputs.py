@@ -68,6 +68,10 @@ BAD_VALUES: dict[str, list[Any]] = {
     "skip_layers": ["abc", "", [1.5], ["a"], [-1], [True], [None], [[0]], 5, 2.5, True, {"a": 1}, {"0": 1}],
     "span": [2, 0, -1, "x", "3", 1.5, True, [3], {"kernel": 4}, {"kernel": 0}, {"kernel": "3"}, {"kernel": 3.0},
              {"mode": "min"}, {"mode": 1}, {"bogus": 1}],
+    "pooler": [5, 1.5, True, [], ["span"], "no_such_pooler", "", {"config": {}}, {"name": 3},
+               {"name": "span", "config": [1]}, {"name": "span", "config": {"bogus": 1}},
+               {"name": "span", "config": {"kernel": 4}}, {"name": "span", "config": {"mode": "min"}},
+               {"name": "span", "extra": 1}],
 }  # fmt: skip
 BAD_SHAPES = ["a list", "a string", "null", "a number", "missing extractor", "unknown field"]
 
@@ -115,6 +119,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "budget": st.sampled_from([None, 16, 64, 0.25, "25%", "50%", {"tokens": 32}, {"ratio": 0.5}]),
     "skip_layers": st.lists(st.integers(0, 3), max_size=3),
     "span": st.sampled_from([None, 1, 3, 5, {"kernel": 3, "mode": "avg"}]),
+    "pooler": st.sampled_from([None, "span", {"name": "span", "config": {"kernel": 5, "mode": "avg"}}]),
     "name": st.sampled_from(["position", "feature", "top_k", "threshold", "h2o", "tova", "key_norm", "l2", "random"]),
     "extractor": st.sampled_from(["position", "key_norm", "accumulated_attention", "last_query_attention"]),
     "scorer": st.sampled_from(["feature", "random", "l2", "h2o", "tova"]),

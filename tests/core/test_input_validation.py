@@ -12,7 +12,7 @@ import kvpolicy
 from kvpolicy.cli import main
 from kvpolicy.cli.run import add_arguments, prepare
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, KVPolicyError
-from kvpolicy.types import Budget, PolicyConfig, Protection, Schedule, SpanPooling
+from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
 
 BASE = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 64}
 
@@ -32,6 +32,9 @@ BASE = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budg
         ("budget", "150%", "out of range"),
         ("budget", {"tokens": 2.5}, "Budget.tokens must be a whole number"),
         ("span", 4, "odd"),
+        ("pooler", 4, "pooler must be a name or"),
+        ("pooler", {"name": "span", "config": {"kernel": 4}}, "SpanPoolerConfig.kernel must be an odd whole number"),
+        ("pooler", {"name": "span", "config": {"mode": "median"}}, "SpanPoolerConfig.mode must be 'max' or 'avg'"),
         ("extractor", 5, "extractor must be a name or"),
         ("scorer", {"name": "feature", "config": [1]}, "config must be a mapping"),
         ("scorer", {"name": "feature", "config": {"index": "0"}}, "FeatureScorerConfig.index must be a number"),
@@ -69,6 +72,9 @@ def test_policy_json_with_a_bad_field_is_a_named_error(field, value, message):
         (lambda: kvpolicy.build("h2o", budget=64, every=0), "Schedule.every must be > 0"),
         (lambda: kvpolicy.build("h2o", budget=64, sinks=-2), "Protection.sinks must be >= 0"),
         (lambda: kvpolicy.build("h2o", span="3"), "span must be an odd kernel size"),
+        (lambda: kvpolicy.build("h2o", span=3, pooler="span"), "give either pooler .* or span .*, not both"),
+        (lambda: kvpolicy.build("h2o", pooler={"kernel": 3}), "the base policy has none"),
+        (lambda: kvpolicy.Policy("position", "feature", "top_k", budget=64, pooler=5), "pooler object 5 lacks"),
     ],
 )
 def test_python_values_are_validated_when_the_policy_is_built(make, message):
@@ -78,9 +84,10 @@ def test_python_values_are_validated_when_the_policy_is_built(make, message):
 
 def test_valid_shorthands_still_work():
     config = PolicyConfig.from_dict({**BASE, "budget": "25%", "span": 3, "skip_layers": [0, 1]})
-    assert config.budget == Budget(ratio=0.25) and config.span == SpanPooling(3) and config.skip_layers == (0, 1)
+    span = ComponentRef("span", {"kernel": 3, "mode": "max"})
+    assert config.budget == Budget(ratio=0.25) and config.pooler == span and config.skip_layers == (0, 1)
     policy = kvpolicy.Policy.from_json(config.to_json())
-    assert (policy.budget, policy.span, policy.skip_layers) == (config.budget, config.span, config.skip_layers)
+    assert (policy.budget, policy.config.pooler, policy.skip_layers) == (config.budget, config.pooler, config.skip_layers)  # fmt: skip
     assert kvpolicy.build("h2o", budget=64, every=8, sinks=2).schedule == Schedule("every_n", every=8)
 
 

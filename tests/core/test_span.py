@@ -1,4 +1,4 @@
-"""Span pooling: scores pooled over neighbouring cached tokens before selection, for any policy."""
+"""The ``span`` pooler: scores pooled over neighbouring cached tokens before selection, for any policy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.selection import pool_neighbours
-from kvpolicy.types import LayerView, PolicyConfig, SpanPooling
+from kvpolicy.types import ComponentRef, LayerView, PolicyConfig, span_pooler_ref
 
 
 def test_max_pooling_spreads_a_peak_to_its_neighbours_only():
@@ -63,19 +63,19 @@ def test_pooling_properties(tokens, kernel, mode, seed):
 
 
 def test_span_config_is_validated_and_round_trips():
-    assert SpanPooling.parse(15) == SpanPooling(15, "max")
-    assert SpanPooling.parse({"kernel": 5, "mode": "avg"}) == SpanPooling(5, "avg")
-    assert not SpanPooling.parse(None).active
+    assert span_pooler_ref(15) == ComponentRef("span", {"kernel": 15, "mode": "max"})
+    assert span_pooler_ref({"kernel": 5, "mode": "avg"}) == ComponentRef("span", {"kernel": 5, "mode": "avg"})
+    assert kvpolicy.build("h2o", budget=64, span=None).pooler is None
     for bad in (4, 0, "15", True, {"kernel": 3, "mode": "median"}):
         with pytest.raises(InvalidConfigError):
-            SpanPooling.parse(bad)
+            kvpolicy.build("h2o", budget=64, span=bad)
     policy = kvpolicy.build("h2o", budget=64, span=15)
     again = kvpolicy.Policy.from_json(policy.to_json())
-    assert again.span == SpanPooling(15, "max")
-    # files written before spans existed still load: the field defaults to off
+    assert again.config.pooler == ComponentRef("span", {"kernel": 15, "mode": "max"})
+    # files written before poolers existed still load: the field defaults to none
     data = policy.config.to_dict()
-    del data["span"]
-    assert not PolicyConfig.from_dict(data).span.active
+    del data["pooler"]
+    assert PolicyConfig.from_dict(data).pooler is None
 
 
 def test_a_policy_with_a_span_keeps_whole_neighbourhoods():

@@ -61,7 +61,7 @@ TINY_SHARED = {
         "budget": {"ratio": 0.25},
         "schedule": {"kind": "after_prefill"},
         "protect": {"recent": 8},
-        "span": {"kernel": 5},
+        "pooler": {"name": "span", "config": {"kernel": 5}},
     },
     "optimizer": {"name": "cma_es", "config": {"popsize": 4, "sigma0": 0.3}},
     "stages": [{"tasks": ["needle"], "generations": 2, "items": 2, "length": 256}],

@@ -110,15 +110,21 @@ def kvpolicy_register_scorers(register) -> None:
 
 @hookimpl
 def kvpolicy_register_policies(register) -> None:
+    tova = PolicyConfig(
+        extractor=ComponentRef("last_query_attention"),
+        scorer=ComponentRef("tova"),
+        selector=ComponentRef("top_k"),
+        schedule=Schedule("every_step", slack=0),
+        protect=Protection(),
+        budget=Budget(tokens=512),
+    )
     register(
-        "tova",
-        PolicyConfig(
-            extractor=ComponentRef("last_query_attention"),
-            scorer=ComponentRef("tova"),
-            selector=ComponentRef("top_k"),
-            schedule=Schedule("every_step", slack=0),
-            protect=Protection(),
-            budget=Budget(tokens=512),
-        ),
-        description="TOVA: drop what the newest query attends to least, heads averaged (Oren et al. 2024)",
+        "tova", tova, description="TOVA: drop what the newest query attends to least, heads averaged (Oren et al. 2024)"
+    )
+    # Not the paper's: the same scores max-pooled over 31 cached neighbours (the `span` pooler),
+    # so whole spans are kept; the lift is measured in docs/span_pooling.md.
+    register(
+        "tova-span",
+        attrs.evolve(tova, pooler=ComponentRef("span", {"kernel": 31, "mode": "max"})),
+        description="TOVA with its scores max-pooled over 31 cached tokens (spans kept; not the paper's)",
     )

@@ -190,7 +190,14 @@ class RayExecutor:
             raise InvalidConfigError(f"attempts must be at least 1, got {attempts}")
         self._ray = ray
         if not ray.is_initialized():
-            ray.init(address=config.executor.address, log_to_driver=False)
+            address = config.executor.address
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as exc:
+                raise InvalidConfigError(
+                    f"cannot join a Ray cluster at {address or '$RAY_ADDRESS / the last `ray start`'} ({exc}); "
+                    "start one with `ray start --head`, or give the address it printed"
+                ) from exc
         self._threads = config.executor.threads or 1
         largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
         if self._threads > largest:

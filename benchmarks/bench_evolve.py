@@ -7,6 +7,9 @@ first (model loaded in every worker), then times the same jobs, so the figures a
 from one run. Projections are arithmetic on the measured rate, labelled as projections.
 
     python benchmarks/bench_evolve.py --lengths 1024 2048 --members 4 --executors inprocess process
+    python benchmarks/bench_evolve.py --lengths 1024 --members 8 --executors inprocess process ray
+
+``ray`` starts a local Ray instance (``pip install "kvpolicy[ray]"``) with ``--workers`` actors.
 
 ``--batched`` instead compares, in-process and on one item, the members scored one after another
 with the members scored as one batch (``"population_batch": true``, one parameter row per batch row):
@@ -152,7 +155,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--executors", nargs="+", default=["inprocess", "process"])
+    parser.add_argument(
+        "--executors", nargs="+", choices=("inprocess", "process", "ray"), default=["inprocess", "process"]
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (in-process and workers)")
     parser.add_argument("--metric", choices=("loglik", "task"), default="loglik")
     parser.add_argument("--batched", action="store_true", help="compare one-by-one with population-as-the-batch")

@@ -81,7 +81,8 @@ class FitnessConfig:
 class ExecutorConfig:
     """Where members are evaluated: ``inprocess``, ``process`` (``workers`` local processes, each
     with its own model copy) or ``ray`` (``workers`` actors). ``threads``: torch threads per
-    worker (default: the CPU count divided by the workers) or, in-process, during evaluation
+    worker (default: the CPU count divided by the workers; a Ray actor: 1, reserved on its
+    node) or, in-process, during evaluation
     (default: leave torch's setting). On a shared, busy CPU one thread per process avoids
     OpenMP threads spinning against each other (measured in ``benchmarks/bench_evolve.py``)."""
 
@@ -90,6 +91,14 @@ class ExecutorConfig:
     )
     workers: int = attrs.field(default=2, validator=positive)
     threads: int | None = attrs.field(default=None, validator=positive)
+    #: the Ray cluster to join (``"auto"``, ``"HEAD:6379"``, ``"local"``; other executors ignore
+    #: it); unset: ``$RAY_ADDRESS``, else a cluster ``ray start`` made here, else a local Ray
+    address: str | None = attrs.field(default=None)
+
+    @address.validator
+    def _check_address(self, attribute: attrs.Attribute, value: object) -> None:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InvalidConfigError(f'executor.address must be a Ray address such as "auto", got {value!r}')
 
 
 @attrs.frozen

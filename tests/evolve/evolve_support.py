@@ -6,6 +6,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+#: the real path, small: NAMM-BAM on a tiny random-weight Llama with kvpolicy's needle task
+TINY_HF = {
+    "model": "tiny:llama",
+    # NAMM (stft → bam → threshold) updating every 128 tokens so a short prompt sees several updates
+    "policy": {"preset": "namm-bam", "every": 128, "extractor": {"window": 128}},
+    "optimizer": {"name": "cma_es", "config": {"popsize": 4, "diagonal": True}},
+    "stages": [{"tasks": ["needle"], "generations": 2, "items": 1, "length": 256}],
+    "eval_items": 1,
+    "calibration_items": 1,
+    "members_per_job": 3,
+    "fitness": {"metric": "loglik", "cache_weight": 0.5},
+    "seed": 0,
+    # one torch thread: on a busy shared CPU, OpenMP threads spinning against each other cost ~5x
+    "executor": {"kind": "inprocess", "threads": 1},
+    "progress": False,
+}
+
 
 def quadratic_data(**overrides: Any) -> dict[str, Any]:
     data = {

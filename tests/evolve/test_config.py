@@ -25,6 +25,8 @@ from kvpolicy.evolve.runner import Evolution
         ({"executor": {"kind": "slurm"}}, "kind"),
         ({"stages": [{"tasks": ["a"], "generations": 1, "itemz": 2}]}, "no field.*itemz"),
         ({"populaton": 3}, "no field.*populaton"),
+        ({"executor": {"kind": "ray", "address": ""}}, "executor.address must be a Ray address"),
+        ({"executor": {"kind": "ray", "address": 6379}}, "executor.address must be a Ray address"),
     ],
 )
 def test_bad_config_is_a_clear_error(change, message):
@@ -53,6 +55,14 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     assert main(["evolve", str(path)]) == 2
     assert "stages" in capsys.readouterr().err
     assert main(["evolve", str(tmp_path / "missing.json")]) == 2
+
+
+def test_cli_address_goes_with_the_ray_executor_only(tmp_path, capsys):
+    path = tmp_path / "quadratic.json"
+    path.write_text(json.dumps(quadratic_data()))
+    assert main(["evolve", str(path), "--executor", "process", "--address", "auto", "--out", str(tmp_path / "o")]) == 2
+    assert "--address joins a Ray cluster" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_simple_es_drops_in_and_improves_the_quadratic(tmp_path):

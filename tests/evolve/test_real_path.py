@@ -9,38 +9,16 @@ import json
 import attrs
 import pytest
 import torch
+from evolve_support import TINY_HF as TINY
 from evolve_support import generation_records
 
 from kvpolicy import Policy
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.runner import Evolution
 
-TINY = {
-    "model": "tiny:llama",
-    # NAMM (stft → bam → threshold) updating every 128 tokens so a short prompt sees several updates
-    "policy": {"preset": "namm-bam", "every": 128, "extractor": {"window": 128}},
-    "optimizer": {"name": "cma_es", "config": {"popsize": 4, "diagonal": True}},
-    "stages": [{"tasks": ["needle"], "generations": 2, "items": 1, "length": 256}],
-    "eval_items": 1,
-    "calibration_items": 1,
-    "members_per_job": 3,
-    "fitness": {"metric": "loglik", "cache_weight": 0.5},
-    "seed": 0,
-    # one torch thread: on a busy shared CPU, OpenMP threads spinning against each other cost ~5x
-    "executor": {"kind": "inprocess", "threads": 1},
-    "progress": False,
-}
 
-
-@pytest.fixture(scope="module")
-def inprocess_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-inprocess")
-    result = Evolution(EvolveConfig.from_dict(TINY), out).run()
-    return result, out
-
-
-def test_short_run_improves_the_mean_and_saves_a_loadable_policy(inprocess_run):
-    result, out = inprocess_run
+def test_short_run_improves_the_mean_and_saves_a_loadable_policy(tiny_inprocess_run):
+    result, out = tiny_inprocess_run
     records = generation_records(out)
     calibration = records[0]
     assert calibration["type"] == "calibration" and "extractor.mean" in calibration["buffers"]
@@ -60,8 +38,8 @@ def test_short_run_improves_the_mean_and_saves_a_loadable_policy(inprocess_run):
     assert json.loads((out / "config.json").read_text())["model"] == "tiny:llama"
 
 
-def test_process_pool_gives_the_same_result(inprocess_run, tmp_path):
-    result, out = inprocess_run
+def test_process_pool_gives_the_same_result(tiny_inprocess_run, tmp_path):
+    result, out = tiny_inprocess_run
     config = attrs.evolve(EvolveConfig.from_dict(TINY), executor=attrs.evolve(EvolveConfig.from_dict(TINY).executor,
                                                                                 kind="process", workers=2))  # fmt: skip
     pooled = Evolution(config, tmp_path).run()

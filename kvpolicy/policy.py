@@ -401,7 +401,8 @@ def _as_pooler(pooler: ComponentLike | None, span: int | Mapping[str, Any] | Non
             "pooler=('span', {'kernel': k})"
         )
     if span is not None:
-        return _as_component("pooler", span_pooler_ref(span), registry)
+        ref = span_pooler_ref(span)
+        return None if ref is None else _as_component("pooler", ref, registry)
     return None if pooler is None else _as_component("pooler", pooler, registry)
 
 

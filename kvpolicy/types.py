@@ -369,17 +369,23 @@ class Protection:
 SPAN_POOLER = "span"
 
 
-def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef:
+def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef | None:
     """The ``span`` shorthand as a reference to the built-in ``span`` pooler: ``15`` → max over 15
     cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields. Absent fields take the
     defaults the ``span`` setting always had (kernel 1, mode max), so policy files written before
-    poolers were components mean what they meant. Values are checked by the pooler's own config
-    when the policy is built, so its error messages name the problem."""
+    poolers were components mean what they meant — and a kernel of 1, which always meant "off"
+    (every such file says ``"span": {"kernel": 1, ...}``), is no pooler at all. Other values are
+    checked by the pooler's own config when the policy is built, so its errors name the problem."""
     if isinstance(value, Mapping):
-        return ComponentRef(SPAN_POOLER, {"kernel": 1, "mode": "max", **value})
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        config = {"kernel": 1, "mode": "max", **value}
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidConfigError(f"span must be an odd kernel size or {{'kernel': k, 'mode': ...}}, got {value!r}")
-    return ComponentRef(SPAN_POOLER, {"kernel": int(value), "mode": "max"})
+    else:
+        config = {"kernel": int(value), "mode": "max"}
+    kernel = config["kernel"]
+    if isinstance(kernel, numbers.Integral) and not isinstance(kernel, bool) and kernel == 1:
+        return None
+    return ComponentRef(SPAN_POOLER, config)
 
 
 def _config_mapping(value: Any) -> dict[str, Any]:
@@ -459,8 +465,8 @@ class PolicyConfig:
                 raise InvalidConfigError(
                     f'policy config has both "pooler" and the older "span" ({legacy!r}); keep only "pooler"'
                 )
-            if legacy is not None:
-                data["pooler"] = span_pooler_ref(legacy)
+            if legacy is not None and (ref := span_pooler_ref(legacy)) is not None:
+                data["pooler"] = ref
         return config_from_dict(cls, data)
 
     @classmethod

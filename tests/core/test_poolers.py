@@ -182,7 +182,9 @@ def test_older_span_key_reads_as_the_span_pooler():
     data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
     assert PolicyConfig.from_dict({**data, "span": 31}).pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
     off = PolicyConfig.from_dict({**data, "span": {"kernel": 1, "mode": "max"}})  # saved with span off
-    assert off.pooler == ComponentRef("span", {"kernel": 1, "mode": "max"})
+    assert off.pooler is None  # kernel 1 always meant "no pooling": no pooler, none to run or print
+    assert kvpolicy.Policy.from_config(off).pooler is None and "span" not in repr(kvpolicy.Policy.from_config(off))
+    assert kvpolicy.build("h2o", span=1).pooler is None
     assert PolicyConfig.from_dict({**data, "span": None}).pooler is None
 
 

@@ -2,7 +2,8 @@
 
 ``streaming_llm`` → the preset; ``h2o:{"recent": 32}`` → the preset with `kvpolicy.build`
 overrides; ``path/policy.safetensors`` → a saved policy (`Policy.load`); ``path/policy.json`` →
-a policy config. ``budget`` (``256``, ``0.25``, ``25%``) overrides a preset's budget.
+a policy config. ``budget`` (``256``, ``0.25``, ``25%``) overrides a preset's or a saved
+policy's budget (a saved NAMM keeps its parameters and calibration at any budget).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def parse_policy(spec: str, budget: str | None = None) -> Policy:
     """Build the policy ``spec`` names (see the module docstring)."""
     path = Path(spec)
     if path.suffix in (".safetensors", ".json") and path.is_file():
-        if budget is not None:
-            raise InvalidConfigError(f"a saved policy ({spec}) keeps its own budget; drop --budget or use a preset")
         if path.suffix == ".json":
-            return Policy.from_json(path.read_text(encoding="utf-8"))
-        return Policy.load(str(path))
+            policy = Policy.from_json(path.read_text(encoding="utf-8"))
+        else:
+            policy = Policy.load(str(path))
+        # the learned parameters and calibrated buffers stay; only the cache size changes
+        return policy if budget is None else policy.override(budget=budget)
     if path.suffix in (".safetensors", ".json"):
         raise InvalidConfigError(f"policy file {spec} does not exist")
     name, _, overrides_text = spec.partition(":")

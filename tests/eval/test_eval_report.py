@@ -12,7 +12,9 @@ from pathlib import Path
 
 import attrs
 import pytest
+import torch
 
+import kvpolicy
 from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
 from kvpolicy.eval.policy_spec import parse_policy, policy_label
 from kvpolicy.eval.report import (
@@ -25,6 +27,7 @@ from kvpolicy.eval.report import (
     summarise_by_length,
 )
 from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
+from kvpolicy.types import Budget
 
 
 def result(uid: str, task: str, score: float, policy: str = "p", kept: float = 0.5, length: int = 1024) -> ItemResult:
@@ -204,5 +207,19 @@ def test_saved_policy_json_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "mine.json"
     path.write_text(policy.to_json())
     assert parse_policy(str(path)).config == policy.config
-    with pytest.raises(InvalidConfigError, match="keeps its own budget"):
-        parse_policy(str(path), "64")
+    resized = parse_policy(str(path), "64")  # --budget resizes a saved policy, nothing else
+    assert resized.budget == Budget(tokens=64)
+    assert attrs.evolve(resized.config, budget=policy.budget) == policy.config
+
+
+def test_a_saved_learned_policy_keeps_its_parameters_at_any_budget(tmp_path: Path) -> None:
+    shipped = kvpolicy.build("namm-bam-smollm2")
+    path = tmp_path / "namm.safetensors"
+    shipped.save(str(path))
+    for budget, ratio in (("12.5%", 0.125), ("50%", 0.5)):
+        policy = parse_policy(str(path), budget)
+        assert policy.budget == Budget(ratio=ratio)
+        torch.testing.assert_close(policy.get_flat(), shipped.get_flat(), rtol=0, atol=0)
+        assert all(torch.equal(policy.buffers()[k], v) for k, v in shipped.buffers().items())
+    with pytest.raises(InvalidBudgetError):
+        parse_policy(str(path), "lots")

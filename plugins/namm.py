@@ -9,12 +9,12 @@ Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned sco
 Both start with zero parameters (nothing is evicted); `calibrate` collects the spectrogram's
 normalisation statistics with that zero policy, as the paper does before evolution.
 
-- ``namm-bam-smollm2``: a NAMM for SmolLM2 shipped with its parameters and calibration
-  (``data/namm-bam-smollm2.safetensors``, made by ``examples/namm-smollm2/``): spectrogram plus
-  the newest queries' votes → BAM → top-k at 25% of the cache, once after the prompt, scores
-  max-pooled over 31 neighbouring tokens so spans are kept. Its parameters are the best
-  validation mean of a CMA-ES run over BAM's read-out — so far its start, which ranks tokens
-  by the votes alone (docs/learned_eviction.md). ``budget=`` changes the ratio.
+- ``namm-bam-smollm2``: a NAMM for SmolLM2 shipped with its evolved parameters and calibration
+  (``data/namm-bam-smollm2.safetensors``, made by ``examples/namm-smollm2/``): spectrogram, the
+  newest queries' votes and those votes max-pooled over spans of 7, 15, 31 and 63 cached tokens →
+  BAM → top-k, once after the prompt. Its parameters are the best validation mean of a CMA-ES
+  run over BAM's read-out at 12.5% of the cache (docs/learned_eviction.md); the preset keeps 25%,
+  ``budget=`` changes the ratio.
 """
 
 from __future__ import annotations
@@ -44,18 +44,23 @@ def namm_config(scorer: str) -> PolicyConfig:
     )
 
 
+#: span widths over which the shipped NAMM's extractor also max-pools the votes (one feature each)
+EVOLVED_VOTES_KERNELS = (7, 15, 31, 63)
+
+
 def evolved_config() -> PolicyConfig:
-    """The shipped NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes → BAM
-    (26 features) → top_k at 25%, once after the prompt, the 32 newest tokens protected, scores
-    max-pooled over 31 cached neighbours (the ``span`` pooler)."""
+    """The shipped NAMM's pipeline (its parameters come from `EVOLVED_SMOLLM2`): stft_votes with
+    the votes also max-pooled over 7, 15, 31 and 63 cached tokens (30 features) → BAM → top_k at
+    25%, once after the prompt, the 32 newest tokens protected. No pooler: the scorer weighs the
+    span widths itself (evolution gave most weight to 31, some to 15, and a little to the
+    spectrogram)."""
     return PolicyConfig(
-        extractor=ComponentRef("stft_votes"),
-        scorer=ComponentRef("bam", {"features": 26}),
+        extractor=ComponentRef("stft_votes", {"votes_kernels": list(EVOLVED_VOTES_KERNELS)}),
+        scorer=ComponentRef("bam", {"features": 30}),
         selector=ComponentRef("top_k"),
         schedule=Schedule("after_prefill"),
         protect=Protection(recent=32),
         budget=Budget(ratio=0.25),
-        pooler=ComponentRef("span", {"kernel": 31, "mode": "max"}),
     )
 
 
@@ -104,6 +109,6 @@ def kvpolicy_register_policies(register) -> None:
     register(
         "namm-bam-smollm2",
         evolved_config(),
-        description="NAMM for SmolLM2 (best CMA-ES validation mean): spectrogram + votes → BAM → top-k 25%, spans of 31",
+        description="NAMM for SmolLM2 (evolved, best CMA-ES validation mean): spectrogram + span-pooled votes → BAM → top-k 25%",
         weights=EVOLVED_SMOLLM2,
     )

@@ -5,6 +5,7 @@ The older ``span`` setting reads as the built-in ``span`` pooler, so saved polic
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 import kvpolicy
-import kvpolicy_plugins
 from kvpolicy import Registry, UnknownComponentError
 from kvpolicy.checkpoint import read_policy_file
 from kvpolicy.errors import InvalidConfigError, InvalidScoresError, ShapeError
+from kvpolicy.evolve.search_space import parameter_layout
 from kvpolicy.testing import ConformanceError, check_component
 from kvpolicy.types import ComponentRef, LayerView, PolicyConfig, Pooler, Requirements
 
@@ -188,13 +189,16 @@ def test_older_span_key_reads_as_the_span_pooler():
     assert PolicyConfig.from_dict({**data, "span": None}).pooler is None
 
 
-def test_the_shipped_namm_file_keeps_loading_with_its_span():
-    path = kvpolicy_plugins.__path__[0] + "/data/namm-bam-smollm2.safetensors"
-    stored = json.loads(read_policy_file(path)[0]["policy"])
+def test_a_policy_file_written_before_poolers_keeps_loading_with_its_span():
+    """A NAMM saved when span pooling was a policy-level option (the shipped NAMM's earlier
+    parameters: the votes alone, spans of 31) loads as the same pipeline with the span pooler."""
+    path = Path(__file__).parents[2] / "examples" / "namm-smollm2" / "start.safetensors"
+    stored = json.loads(read_policy_file(str(path))[0]["policy"])
     assert stored["span"] == {"kernel": 31, "mode": "max"} and "pooler" not in stored  # written before poolers
-    loaded = kvpolicy.Policy.load(path)
-    preset = kvpolicy.build("namm-bam-smollm2")
-    assert loaded.config == preset.config
+    loaded = kvpolicy.Policy.load(str(path))
     assert loaded.config.pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
-    assert torch.equal(loaded.get_flat(), preset.get_flat())
     assert repr(loaded).endswith("span=max31)")
+    w_s = loaded.get_flat()[parameter_layout(loaded)["scorer.w_s"]]
+    assert w_s[-1] == 1 and not w_s[:-1].any()  # one-hot on the log votes, as saved
+    again = kvpolicy.Policy.from_json(loaded.to_json())
+    assert again.config == loaded.config and json.loads(loaded.to_json())["pooler"]["name"] == "span"

@@ -2,7 +2,9 @@
 
 Side by side in one run, on the same ``--tokens``-token essay prompt fed in ``--chunk``-token
 prefill chunks (default 512), every variant once per round, rounds interleaved (``--rounds``)
-so that load from other processes hits them alike; medians are reported:
+so that load from other processes hits them alike. Each ratio is taken within a round (variant ÷
+keep-all of the same round, so a slow spell of the machine cancels) and the median over rounds
+is reported:
 
 - ``bare``: plain transformers, no policy attached (its ratio is keep-all's cost);
 - ``full``: the keep-all policy attached — the denominator of every other ratio;
@@ -62,7 +64,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length (default 2048)")
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (default 512)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed per round (default 8)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all variants (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants (default 3)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated presets ('full' always runs)")
     parser.add_argument("--slack", type=int, default=64, help="tokens a greedy policy may run over budget")
     parser.add_argument("--statistics", default="in_pass", choices=("in_pass", "recompute"))
@@ -178,6 +180,17 @@ def main() -> None:
             )
     base_prefill = statistics.median(prefill["full"])
     base_decode = statistics.median(decode["full"])
+    steps = args.steps
+
+    def ratio(series: dict[str, list[float]], name: str, per_round: int) -> float:
+        """Median over rounds of the variant's median ÷ keep-all's median in the same round."""
+        ratios = []
+        for index in range(args.rounds):
+            own = series[name][index * per_round : (index + 1) * per_round]
+            base = series["full"][index * per_round : (index + 1) * per_round]
+            ratios.append(statistics.median(own) / statistics.median(base))
+        return statistics.median(ratios)
+
     print(
         f"\nSmolLM2-135M-Instruct fp32, {args.tokens}-token prompt in {args.chunk}-token chunks, "
         f"{torch.get_num_threads()} threads, slack {args.slack}, statistics {args.statistics}; keep-all: prefill "
@@ -187,8 +200,7 @@ def main() -> None:
     print("|---|---|---|---:|")
     for name in [n for n in names if n != "full"]:
         target_p, target_d = _target(name, args.tokens)
-        ratio_p = statistics.median(prefill[name]) / base_prefill
-        ratio_d = statistics.median(decode[name]) / base_decode
+        ratio_p, ratio_d = ratio(prefill, name, 1), ratio(decode, name, steps)
         label = "bare transformers (keep-all ÷ bare)" if name == "bare" else name
         if name == "bare":  # keep-all's cost over plain transformers
             ratio_p, ratio_d = 1 / ratio_p, 1 / ratio_d

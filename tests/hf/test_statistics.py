@@ -10,7 +10,7 @@ import torch
 from hf_helpers import AccumulatedScorer, RecordingExtractor
 
 import kvpolicy
-from kvpolicy.integrations.hf import attention, cache, statistics
+from kvpolicy.integrations.hf import attention, cache, in_pass, statistics
 from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule, extend_tokens
 
@@ -58,6 +58,7 @@ def test_key_only_policy_computes_no_attention_statistics(llama, monkeypatch):
 
     monkeypatch.setattr(attention, "attention_columns", forbidden)
     monkeypatch.setattr(statistics, "attention_rows", forbidden)
+    monkeypatch.setattr(in_pass, "attend", forbidden)
     extractor = RecordingExtractor(Requirements(keys=True))
     policy = kvpolicy.Policy(extractor, "feature", "top_k", schedule=Schedule("every_step"), budget=6)
     with policy.attach(llama) as handle:
@@ -65,7 +66,7 @@ def test_key_only_policy_computes_no_attention_statistics(llama, monkeypatch):
         layers = [handle.cache.layers[i] for i in handle.cache.managed]
     assert extractor.views and all(v.keys is not None and v.attention is None for v in extractor.views)
     assert all(v.accumulated_attention is None and v.token_ids is None for v in extractor.views)
-    assert all(layer.queries is None and layer.accumulated is None for layer in layers)
+    assert all(layer.queries is None and layer.window is None and layer.accumulated is None for layer in layers)
 
 
 class CountingExtractor:

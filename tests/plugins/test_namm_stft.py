@@ -9,7 +9,7 @@ import torch
 
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView
-from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor
+from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor, folded_spectrogram
 
 GAMMA = 0.99
 
@@ -89,6 +89,31 @@ def test_spectrogram_equals_torch_stft_for_any_hop():
         ).abs()
         ref = ref.view(2, 3, 5, n_fft // 2 + 1, frames).permute(0, 1, 4, 3, 2)
         torch.testing.assert_close(extractor.spectrogram(series), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n_fft", "hop", "tile"), [(32, 16, 32), (32, 16, 7), (16, 6, 4)])
+def test_folded_spectrogram_equals_the_weighted_sum_of_torch_stft_frames(n_fft, hop, tile):
+    """The tile-wise operation (strided frames, one matmul, magnitudes folded over frames) equals
+    torch.stft's magnitudes weighted and summed frame by frame, for tiles that do not divide the
+    tokens and a series whose oldest values fall outside every frame."""
+    extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
+    generator = torch.Generator().manual_seed(9)
+    series = torch.rand(2, 3, 75, 23, generator=generator)
+    frames = extractor.frame_count(75)
+    weights = torch.rand(2, 3, frames, 23, generator=generator)
+    usable = n_fft + (frames - 1) * hop
+    magnitudes = torch.stft(
+        series[..., 75 - usable :, :].permute(0, 1, 3, 2).reshape(-1, usable),
+        n_fft=n_fft,
+        hop_length=hop,
+        window=torch.hann_window(n_fft, periodic=True),
+        center=False,
+        return_complex=True,
+    ).abs()  # [batch * heads * tokens, bins, frames]
+    magnitudes = magnitudes.view(2, 3, 23, n_fft // 2 + 1, frames)
+    expected = (magnitudes * weights.permute(0, 1, 3, 2).unsqueeze(3)).sum(-1)
+    folded = folded_spectrogram(series, weights, extractor._basis(series.device), hop, tile)
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
 
 
 def run_updates(extractor: StftExtractor, attention: torch.Tensor, splits: list[int], keep=None) -> LayerView:

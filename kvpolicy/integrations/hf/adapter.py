@@ -56,8 +56,9 @@ class HFAdapter:
             )
         return SUPPORTED_FAMILIES[self.model_type]
 
-    def attach(self, policy: Any) -> Attachment:
-        return Attachment(self.model, policy, self._check())
+    def attach(self, policy: Any, statistics: str = "in_pass") -> Attachment:
+        """``statistics``: ``in_pass`` (default) or ``recompute`` (see `attach.STATISTICS_PATHS`)."""
+        return Attachment(self.model, policy, self._check(), statistics)
 
     def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:
         """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``."""

@@ -42,6 +42,12 @@ from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_t
 from kvpolicy.integrations.hf.report import budget_override_note, build_report
 from kvpolicy.types import CacheReport
 
+#: ``in_pass``: the attention pass computes the statistics a policy declared from its own
+#: probabilities (`kvpolicy.integrations.hf.in_pass`); ``recompute``: the output comes from the
+#: model's kernel and the statistics from a second pass (`kvpolicy.integrations.hf.statistics`),
+#: the straightforward reference the in-pass path is tested against.
+STATISTICS_PATHS = ("in_pass", "recompute")
+
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
 _LOCK = threading.Lock()
@@ -72,7 +78,11 @@ class GenerationResult:
 class Attachment(AbstractContextManager):
     """One policy attached to one model (see the module docstring). ``__enter__`` returns a `Handle`."""
 
-    def __init__(self, model: torch.nn.Module, policy: Any, family: str) -> None:
+    def __init__(self, model: torch.nn.Module, policy: Any, family: str, statistics: str = "in_pass") -> None:
+        if statistics not in STATISTICS_PATHS:
+            raise InvalidConfigError(f"statistics must be one of {', '.join(STATISTICS_PATHS)}, got {statistics!r}")
+        #: how attention statistics are computed (see `STATISTICS_PATHS`)
+        self.statistics = statistics
         self.model = model
         self.policy = policy
         self.family = family

@@ -26,6 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpolicy.errors import AttachError, UnsupportedModelError
+from kvpolicy.integrations.hf import in_pass
 from kvpolicy.integrations.hf.cache import EvictingLayer
 from kvpolicy.integrations.hf.statistics import attention_columns, visibility
 
@@ -80,6 +81,60 @@ def masked_attention(
     return out.transpose(1, 2).contiguous()
 
 
+def _attend_in_pass(
+    original: Callable[..., Any],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: EvictingLayer,
+    cache: Any,
+    mask_fits: bool,
+    scaling: float,
+    softcap: float | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The call's output ``[batch, queries, heads, head_dim]``, recording the statistics the
+    policy declared in the same pass: queries whose probabilities are needed (all of them for
+    received attention, the newest ``attention_window`` for rows) are attended explicitly
+    (`in_pass.attend`); the older ones by the model's own kernel."""
+    requirements = cache.requirements
+    new, tokens = query.shape[2], key.shape[2]
+    past = tokens - new
+    rows = min(new, requirements.attention_window)
+    explicit = new if requirements.accumulated_attention else rows
+    prefix = new - explicit
+    query, key, value = query.detach(), key.detach(), value.detach()
+    output, row_stats, columns = in_pass.attend(
+        query[:, :, prefix:],
+        key,
+        value,
+        past_valid=layer.valid,
+        scaling=scaling,
+        softcap=softcap,
+        rows=rows,
+        columns=requirements.accumulated_attention,
+    )
+    if prefix:
+        visible = past + prefix
+        if layer.valid is None and mask_fits:
+            mask = None if attention_mask is None else attention_mask[..., :prefix, :visible]
+            older, _ = original(
+                module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], mask, **kwargs
+            )
+        else:
+            older = masked_attention(
+                module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
+            )
+        output = torch.cat([older, output], dim=1)
+    if row_stats is not None:
+        layer.add_rows(row_stats, torch.arange(layer.seen - rows, layer.seen), requirements.attention_window)
+    if columns is not None:
+        layer.add_accumulated(columns)
+    return output
+
+
 def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch.Tensor, None]]:
     """The attention function of one attachment (a closure: it reads the cache in use)."""
 
@@ -109,12 +164,20 @@ def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch
                 "transformers' AttentionMaskInterface"
             )
         mask_fits = attention_mask is None or attention_mask.shape[-1] == tokens
+        records = layer_idx in cache.managed and attachment.records_statistics
+        if records and attachment.statistics == "in_pass":
+            start = time.perf_counter()
+            output = _attend_in_pass(
+                original, module, query, key, value, attention_mask, layer, cache, mask_fits, scaling, softcap, kwargs
+            )
+            cache.policy_seconds += time.perf_counter() - start
+            return output, None
         if layer.valid is None and mask_fits:
             output, weights = original(module, query, key, value, attention_mask, **kwargs)
         else:
             output, weights = masked_attention(module, query, key, value, layer.valid, scaling, softcap), None
 
-        if layer_idx in cache.managed and attachment.records_statistics:
+        if records:  # the ``recompute`` path: a second pass over the scores (the reference)
             start = time.perf_counter()
             requirements = cache.requirements
             layer.scaling, layer.softcap = scaling, softcap

@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpolicy.errors import ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.window import AttentionWindow
 from kvpolicy.types import LayerView, Requirements, Selection, extend_tokens
 
 #: position stored for a padded (invalid) slot; such a slot is never attended
@@ -43,8 +44,9 @@ class EvictingLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None  # [batch, kv_heads, tokens] bool; None = every slot valid
         self.accumulated: torch.Tensor | None = None  # [batch, kv_heads, tokens] float32, when required
         self.state: dict[str, torch.Tensor] = {}
-        self.queries: torch.Tensor | None = None  # [batch, heads, queries, head_dim] newest queries
-        self.query_positions: torch.Tensor | None = None  # [queries] int64
+        self.window: AttentionWindow | None = None  # attention rows of the newest queries (in-pass)
+        self.queries: torch.Tensor | None = None  # [batch, heads, queries, head_dim] newest queries (recompute)
+        self.query_positions: torch.Tensor | None = None  # [queries] int64 (recompute)
         self.scaling: float = 1.0
         self.softcap: float | None = None
         self.seen = 0
@@ -82,9 +84,16 @@ class EvictingLayer(DynamicLayer):
             "an EvictingLayer is filled through EvictingCache.update, which knows the absolute positions"
         )
 
+    def add_rows(self, rows: torch.Tensor, positions: torch.Tensor, window: int) -> None:
+        """Keep ``rows [batch, kv_heads, queries, tokens]`` computed in this call's attention pass
+        (queries at ``positions [queries]``) among the ``window`` newest since the last update."""
+        if self.window is None:
+            self.window = AttentionWindow(window)
+        self.window = self.window.append(rows, positions.to(rows.device))
+
     def remember_queries(self, queries: torch.Tensor, positions: torch.Tensor, window: int) -> None:
-        """Keep the ``window`` newest queries since the last update (attention rows are computed
-        from them at update time: the keys they saw are all still cached until then)."""
+        """Keep the ``window`` newest queries since the last update (the ``recompute`` statistics
+        path computes their attention rows at update time: the keys they saw are all still cached)."""
         queries = queries.detach()[:, :, -window:]
         positions = positions[-window:].to(queries.device)
         if self.queries is not None:
@@ -125,7 +134,10 @@ class EvictingLayer(DynamicLayer):
         view = LayerView(layer=layer, num_layers=num_layers, positions=self.positions, seen=self.seen, state=self.state)
         if requirements.keys:
             view.keys = self.keys
-        if requirements.attention_window and self.queries is not None:
+        if requirements.attention_window and self.window is not None:
+            window = self.window.last(requirements.attention_window)
+            view.attention, view.query_positions = window.rows(self.tokens), window.query_positions
+        elif requirements.attention_window and self.queries is not None:
             view.attention = attention_rows(
                 self.queries,
                 self.query_positions,
@@ -149,6 +161,7 @@ class EvictingLayer(DynamicLayer):
         self.updates += 1
         self.new_tokens = 0
         self.queries = self.query_positions = None
+        self.window = None
 
     # ----------------------------------------------------------------- eviction
 
@@ -223,6 +236,8 @@ class EvictingLayer(DynamicLayer):
             tensor = getattr(self, name)
             if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.numel():
                 setattr(self, name, fn(tensor))
+        if self.window is not None:
+            self.window = self.window.map(fn)
         self.state = {k: fn(v) for k, v in self.state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:

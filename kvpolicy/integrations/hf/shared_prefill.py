@@ -35,8 +35,8 @@ from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
 @attrs.define(eq=False)
 class Prefill:
-    """A prompt consumed once with nothing evicted: the cache (statistics already turned into
-    features, so no attention rows are kept), the features of every layer due for its first
+    """A prompt consumed once with nothing evicted: the cache (statistics of the layers due
+    already turned into features, so their attention rows are not kept), the features of every layer due for its first
     eviction pass ``[1, kv_heads, tokens, features]``, and the logits of the last prompt token
     ``[1, vocab]`` (which predict the first answer token before any eviction, as in a normal run)."""
 
@@ -57,6 +57,8 @@ class Prefill:
                     total += tensor.numel() * tensor.element_size()
             for tensor in getattr(layer, "state", {}).values():
                 total += tensor.numel() * tensor.element_size()
+            window = getattr(layer, "window", None)
+            total += window.nbytes if window is not None else 0
         return total
 
 
@@ -118,7 +120,8 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
         if not isinstance(layer, EvictingLayer):
             continue
         window = wanted.attention_window
-        if window and layer.queries is not None:
+        layer.window = layer.window.last(window) if window and layer.window is not None else None
+        if window and layer.queries is not None:  # the recompute path's stored queries
             layer.queries, layer.query_positions = layer.queries[:, :, -window:], layer.query_positions[-window:]
         else:
             layer.queries = layer.query_positions = None
@@ -136,7 +139,7 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             if index not in policy.skip_layers:
                 features[index] = policy.extract(view)
             layer.state = view.state
-            layer.queries = layer.query_positions = None  # turned into features; not kept
+            layer.queries = layer.query_positions = layer.window = None  # turned into features; not kept
     elapsed = time.perf_counter() - start
     cache.policy_seconds += elapsed
     return Prefill(cache, features, last_logits, cache.seen, seconds + elapsed)

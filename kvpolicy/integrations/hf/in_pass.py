@@ -1,0 +1,106 @@
+"""Attention output and the statistics a policy declared, from one pass over the scores.
+
+The fused sdpa kernel never returns its probabilities, so a policy that reads attention
+(`kvpolicy.types.Requirements`) used to pay a second O(T²) pass after the forward. Here the
+queries whose probabilities are needed are attended explicitly instead: one matmul for the
+scores, one softmax, one matmul with the values for the output — the same work sdpa does — and
+the statistics are read off the probabilities while they are in hand:
+
+- ``rows``: the probabilities of the newest queries, averaged over each GQA group (one row per KV
+  head), for windowed features (NAMM's spectrogram, SnapKV's votes, TOVA);
+- ``columns``: the attention each token received from these queries, averaged over each GQA
+  group and summed over the queries (H2O, FastGen).
+
+GQA groups are attended as one matrix per KV head (queries of a group stacked), so keys and
+values are never repeated and no full-size mask is built: cached tokens are masked only where
+a head holds padded slots (``past_valid``), and causality only inside the chunk's own block.
+Queries are processed in chunks that keep the score tensor near ``max_elements`` values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Score values per query chunk: about 1 MiB of float32, so a chunk's scores stay in cache.
+DEFAULT_MAX_ELEMENTS = 1 << 18
+
+
+def query_chunk(groups: int, tokens: int, max_elements: int) -> int:
+    """Queries per chunk so that ``groups × chunk × tokens`` stays near ``max_elements`` (≥ 1)."""
+    return max(1, max_elements // max(1, groups * tokens))
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    past_valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    rows: int = 0,
+    columns: bool = False,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Attention of the newest ``queries`` of a forward call, with their statistics.
+
+    Parameters
+    ----------
+    query:
+        ``[batch, heads, queries, head_dim]``: the last ``queries`` queries of the call.
+    key, value:
+        ``[batch, kv_heads, tokens, head_dim]``, every token of the layer after this call's
+        update; the queries are the newest ``queries`` tokens, so the ``tokens - queries`` before
+        them are visible to all (where valid) and the last ``queries`` causally.
+    past_valid:
+        ``[batch, kv_heads, ≥ tokens - queries]`` bool, False at padded slots; None if all valid.
+    rows:
+        How many of the newest queries' probability rows to return (0: none).
+    columns:
+        Whether to return the attention each token received from all ``queries``.
+
+    Returns
+    -------
+    output ``[batch, queries, heads, head_dim]`` (transformers' layout), rows ``[batch, kv_heads,
+    rows, tokens]`` float32 (0 for tokens newer than the query) or None, columns ``[batch,
+    kv_heads, tokens]`` float32 or None.
+    """
+    batch, heads, queries, head_dim = query.shape
+    kv_heads, tokens = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    before = tokens - queries  # tokens every one of these queries may see (padding aside)
+    rows = min(rows, queries)
+    grouped = query.view(batch, kv_heads, groups, queries, head_dim)
+    output = query.new_empty((batch, queries, heads, head_dim))
+    out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    row_out = key.new_zeros((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
+    col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
+    hidden = None if past_valid is None else ~past_valid[:, :, None, :before]
+    pre_scale = softcap is None
+    step = query_chunk(groups, tokens, max_elements)
+    for start in range(0, queries, step):
+        stop = min(start + step, queries)
+        size, visible = stop - start, before + stop  # keys after the chunk's last query: never seen
+        part = grouped[:, :, :, start:stop]
+        if pre_scale:
+            part = part * scaling
+        scores = torch.matmul(part.reshape(batch, kv_heads, groups * size, head_dim), key[:, :, :visible].mT)
+        if not pre_scale:
+            scores = torch.tanh(scores * (scaling / softcap)) * softcap
+        if hidden is not None:
+            scores[..., :before].masked_fill_(hidden, float("-inf"))
+        block = scores.view(batch, kv_heads, groups, size, visible)[..., before + start : visible]
+        causal = torch.ones(size, size, dtype=torch.bool, device=query.device).triu_(1)
+        block.masked_fill_(causal, float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights = probabilities if probabilities.dtype == value.dtype else probabilities.to(value.dtype)
+        attended = torch.matmul(weights, value[:, :, :visible])
+        out_grouped[:, :, :, start:stop] = attended.view(batch, kv_heads, groups, size, head_dim)
+        per_group = probabilities.view(batch, kv_heads, groups, size, visible)
+        if col_out is not None:
+            col_out[..., :visible] += per_group.sum(dim=(2, 3)).div_(groups)
+        first_row = queries - rows
+        if row_out is not None and stop > first_row:
+            skip = max(0, first_row - start)
+            row_out[:, :, start + skip - first_row : stop - first_row, :visible] = per_group[:, :, :, skip:].mean(2)
+    return output, row_out, col_out

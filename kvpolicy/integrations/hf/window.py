@@ -1,0 +1,74 @@
+"""The attention rows of a layer's newest queries, kept across forward calls until its update.
+
+A policy with ``Requirements.attention_window = w`` reads the rows of the ``w`` newest queries
+since the layer's last update. They are computed in the attention pass of the call that runs
+those queries (`kvpolicy.integrations.hf.in_pass`), so a window that spans several calls (decoding,
+or prefill chunks that do not divide the update period) is assembled here from one block per
+call. Between updates a layer only grows, so a block computed over the tokens of its time lines
+up with the cache's first tokens; tokens that came later did not exist for its queries and get 0.
+
+Immutable: `append`, `last` and `map` return new windows, so a cache copied for a fork
+(`kvpolicy.integrations.hf.shared_prefill`) never changes the one it was copied from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+
+
+@attrs.frozen(eq=False)
+class AttentionWindow:
+    """Row blocks ``[batch, kv_heads, queries_i, tokens_i]`` (oldest first) and the absolute
+    positions ``[queries_i]`` of their queries; at most ``size`` queries in all."""
+
+    size: int
+    blocks: tuple[torch.Tensor, ...] = ()
+    positions: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def queries(self) -> int:
+        return sum(block.shape[2] for block in self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.numel() * block.element_size() for block in self.blocks)
+
+    def append(self, rows: torch.Tensor, positions: torch.Tensor) -> AttentionWindow:
+        """This window plus ``rows [batch, kv_heads, queries, tokens]`` at ``positions [queries]``,
+        trimmed to the ``size`` newest queries."""
+        return attrs.evolve(self, blocks=(*self.blocks, rows), positions=(*self.positions, positions)).last(self.size)
+
+    def last(self, size: int) -> AttentionWindow:
+        """The ``size`` newest queries of this window (whole blocks dropped, the oldest kept one sliced)."""
+        blocks, positions = list(self.blocks), list(self.positions)
+        excess = sum(block.shape[2] for block in blocks) - size
+        while excess > 0 and blocks and blocks[0].shape[2] <= excess:
+            excess -= blocks[0].shape[2]
+            blocks.pop(0)
+            positions.pop(0)
+        if excess > 0:
+            blocks[0], positions[0] = blocks[0][:, :, excess:], positions[0][excess:]
+        return AttentionWindow(min(size, self.size), tuple(blocks), tuple(positions))
+
+    def rows(self, tokens: int) -> torch.Tensor:
+        """``[batch, kv_heads, queries, tokens]`` float32, zero for tokens newer than a block."""
+        if len(self.blocks) == 1 and self.blocks[0].shape[3] == tokens:
+            return self.blocks[0]
+        first = self.blocks[0]
+        out = first.new_zeros((*first.shape[:2], self.queries, tokens))
+        start = 0
+        for block in self.blocks:
+            out[:, :, start : start + block.shape[2], : block.shape[3]] = block
+            start += block.shape[2]
+        return out
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        return torch.cat(self.positions)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AttentionWindow:
+        """The window with ``fn`` applied to every block's batch dimension (beams, batch selection)."""
+        return attrs.evolve(self, blocks=tuple(fn(block) for block in self.blocks))

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     make = sub.add_parser("make", help="train controllers, generate data, train the Decision Transformer")
     make.add_argument("--out", required=True)
     make.add_argument("--smoke", action="store_true", help="tiny everything (seconds)")
-    make.add_argument("--updates", type=int, help="training updates (default: the shipped model's)")
+    make.add_argument("--updates", type=int, help="training updates (default: TrainConfig's)")
     make.set_defaults(run=_make)
     ev = sub.add_parser("evaluate", help="normalised return against cache kept for every policy")
     ev.add_argument("--out", required=True)

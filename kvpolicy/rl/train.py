@@ -33,11 +33,11 @@ from kvpolicy.rl.model import DecisionTransformer, DecisionTransformerConfig
 
 @attrs.frozen
 class TrainConfig:
-    """Optimisation settings (defaults: the shipped model)."""
+    """Optimisation settings (defaults: what `python -m kvpolicy.rl make` trains)."""
 
     updates: int = 1500
     batch: int = 16  # cut sequences per update
-    window: int | None = 64  # steps per window after the prefix; None: every update on whole episodes
+    window: int | None = 64  # steps per window after the prefix; None: whole episodes (full_batch) always
     prefix: int = 32  # first steps of the episode in every cut sequence (the cue is at 20..29)
     onset_fraction: float = 0.5  # share of windows that cover the final phase's first step
     full_every: int = 8  # every this-many updates: whole episodes instead (0: never)

@@ -41,7 +41,7 @@ STREAMING_EVERY = 64
 @attrs.frozen
 class PolicySpec:
     """A preset at one budget (``None``: the preset's own); ``hide_cue``: the model never sees
-    the cue (the control for "the policy evicted it", see `rollout`)."""
+    the cue (the control that measures what the cue is worth, see `rollout`)."""
 
     preset: str
     budget: int | float | None = None
@@ -233,7 +233,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
         if preset == "full":
             style = {"marker": "*", "markersize": 14, "color": "black", "linestyle": "none"}
         elif preset == "full" + HIDE_CUE_SUFFIX:
-            style = {"marker": "X", "markersize": 11, "color": "grey", "linestyle": "none"}
+            style = {"marker": "X", "markersize": 11, "color": "black", "markerfacecolor": "white", "linestyle": "none"}
         else:
             style = {"marker": "o"}
         ax.errorbar(x, y, yerr=err, label=preset, capsize=3, **style)

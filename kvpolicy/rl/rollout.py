@@ -67,8 +67,9 @@ def rollout(
     ``policy``: a `kvpolicy.Policy` managing the backbone's cache, or None for the bare model.
     ``target_return`` defaults to the model's metadata (the expert data's mean return);
     ``steps`` cuts the episode short (tests). ``hide_cue``: the model is shown 0 where the
-    observation holds the cue — as if the cue's tokens had never been cached; the environment
-    still rewards by the cue, so this measures what the model owes to remembering it.
+    observation holds the cue, as at every other step; the environment still rewards by the
+    cue, so this measures what the model owes to the cue (evicting the cue's tokens instead
+    also removes the cue's steps from the model's view, which is not the same).
     """
     task = task or task_config(model)
     target = float(model.metadata["target_return"] if target_return is None else target_return)

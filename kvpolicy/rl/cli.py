@@ -2,6 +2,7 @@
 
 python -m kvpolicy.rl make --out runs/dt            # ARS controllers, data, training (resumable)
 python -m kvpolicy.rl evaluate --out runs/dt-eval   # every policy on the shipped model (resumable)
+python -m kvpolicy.rl probe --out runs/dt           # does the model use the cue? (teacher forced)
 python -m kvpolicy.rl smoke --out /tmp/dt-smoke     # the whole pipeline, tiny, in seconds
 """
 
@@ -43,7 +44,9 @@ def smoke_configs():
         min_main_return=None,  # two ARS iterations do not run yet
     )
     model = DecisionTransformerConfig(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, max_timesteps=64)
-    train = TrainConfig(updates=3, batch=2, warmup=1, checkpoint_every=2)
+    train = TrainConfig(
+        updates=3, batch=2, window=8, prefix=4, full_every=2, full_batch=1, warmup=1, checkpoint_every=2
+    )
     return data, model, train
 
 
@@ -72,7 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from kvpolicy.rl.model import DecisionTransformer
 
     model = DecisionTransformer.load(args.model)
-    specs = [PolicySpec(p) if "@" not in p else _spec(p) for p in args.policy] if args.policy else default_specs()
+    specs = [PolicySpec.parse(p) for p in args.policy] if args.policy else default_specs()
     out = Path(args.out)
     summary = evaluate(model, specs, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True))
     table = markdown_table(summary)
@@ -107,19 +110,32 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec(text: str):
-    from kvpolicy.rl.evaluate import PolicySpec
+def _probe(args: argparse.Namespace) -> int:
+    """Teacher forced on the expert data: the final phase's first actions with and without the cue."""
+    import numpy as np
 
-    preset, budget = text.split("@", 1)
-    value = float(budget.rstrip("%")) / 100 if budget.endswith("%") else int(budget)
-    return PolicySpec(preset, value)
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.rollout import task_config
+    from kvpolicy.rl.train import cue_probe
+
+    model = DecisionTransformer.load(args.model)
+    path = Path(args.out) / "dataset.npz"
+    if not path.is_file():
+        raise KVPolicyError(f"no data set at {path}: run `python -m kvpolicy.rl make --out {args.out}` first")
+    with np.load(path) as data:
+        errors = cue_probe(model, dict(data), task_config(model), episodes=args.episodes)
+    print(
+        f"final phase's first actions, mean squared error: with the cue {errors['mse_with_cue']:.4f}, "
+        f"cue hidden {errors['mse_cue_hidden']:.4f}"
+    )
+    return 0
 
 
 def _smoke(args: argparse.Namespace) -> int:
     args.smoke = True
     _make(args)
     args.model = str(Path(args.out) / "decision_transformer.safetensors")
-    args.policy = ["full", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
+    args.policy = ["full", "full:hide-cue", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
     args.seeds = 2
     args.steps = None
     return _evaluate(args)
@@ -131,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     make = sub.add_parser("make", help="train controllers, generate data, train the Decision Transformer")
     make.add_argument("--out", required=True)
     make.add_argument("--smoke", action="store_true", help="tiny everything (seconds)")
-    make.add_argument("--updates", type=int, help="training updates (default: the shipped model's)")
+    make.add_argument("--updates", type=int, help="training updates (default: TrainConfig's)")
     make.set_defaults(run=_make)
     ev = sub.add_parser("evaluate", help="normalised return against cache kept for every policy")
     ev.add_argument("--out", required=True)
     ev.add_argument("--model", default=str(SHIPPED_MODEL))
-    ev.add_argument("--policy", action="append", help="preset or preset@budget (256, 25%%); repeat; default: all")
+    ev.add_argument(
+        "--policy",
+        action="append",
+        help="preset, preset@budget (256, 25%%), either + ':hide-cue' (the model never sees the cue); repeat; "
+        "default: all",
+    )
     ev.add_argument("--seeds", type=int, default=4, help="episodes per policy (cues alternate)")
     ev.add_argument("--steps", type=int, help="cut episodes short (debugging)")
     ev.set_defaults(run=_evaluate)
@@ -145,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     forget.add_argument("--model", default=str(SHIPPED_MODEL), help="whose reference returns normalise")
     forget.add_argument("--episodes", type=int, default=8)
     forget.set_defaults(run=_forget)
+    probe = sub.add_parser("probe", help="does the model use the cue? (teacher forced, seconds)")
+    probe.add_argument("--out", required=True, help="the folder of `make` (its dataset.npz)")
+    probe.add_argument("--model", default=str(SHIPPED_MODEL))
+    probe.add_argument("--episodes", type=int, default=16, help="expert episodes (cues alternate)")
+    probe.set_defaults(run=_probe)
     smoke = sub.add_parser("smoke", help="make + evaluate, tiny, in seconds")
     smoke.add_argument("--out", required=True)
     smoke.set_defaults(run=_smoke)

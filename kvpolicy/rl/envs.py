@@ -27,6 +27,8 @@ import numpy as np
 from kvpolicy.errors import InvalidConfigError
 
 BASE_ENV = "HalfCheetah-v5"
+#: where the cue is in the observation (after HalfCheetah's 17 values); the final-phase flag follows
+CUE_INDEX = 17
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:

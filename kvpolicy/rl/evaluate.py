@@ -32,23 +32,43 @@ from kvpolicy.rl.model import DecisionTransformer
 from kvpolicy.rl.rollout import rollout
 from kvpolicy.rl.train import normalised
 
+HIDE_CUE_SUFFIX = ":hide-cue"
+
 #: tokens between updates for presets that evict once after the prompt (SnapKV, the shipped NAMM)
 STREAMING_EVERY = 64
 
 
 @attrs.frozen
 class PolicySpec:
-    """A preset at one budget (``None``: the preset's own)."""
+    """A preset at one budget (``None``: the preset's own); ``hide_cue``: the model never sees
+    the cue (the control that measures what the cue is worth, see `rollout`)."""
 
     preset: str
     budget: int | float | None = None
+    hide_cue: bool = False
 
     @property
     def label(self) -> str:
-        if self.budget is None:
-            return self.preset
-        budget = f"{self.budget * 100:g}%" if isinstance(self.budget, float) else str(self.budget)
-        return f"{self.preset}@{budget}"
+        label = self.preset
+        if self.budget is not None:
+            label += "@" + (f"{self.budget * 100:g}%" if isinstance(self.budget, float) else str(self.budget))
+        return label + (HIDE_CUE_SUFFIX if self.hide_cue else "")
+
+    @property
+    def curve(self) -> str:
+        """The plot's curve this spec belongs to."""
+        return self.preset + (HIDE_CUE_SUFFIX if self.hide_cue else "")
+
+    @classmethod
+    def parse(cls, text: str) -> PolicySpec:
+        """``preset``, ``preset@256``, ``preset@25%``, each optionally ending in ``:hide-cue``."""
+        hide_cue = text.endswith(HIDE_CUE_SUFFIX)
+        text = text.removesuffix(HIDE_CUE_SUFFIX)
+        if "@" not in text:
+            return cls(text, None, hide_cue)
+        preset, budget = text.split("@", 1)
+        value = float(budget.rstrip("%")) / 100 if budget.endswith("%") else int(budget)
+        return cls(preset, value, hide_cue)
 
     def build(self) -> kvpolicy.Policy:
         overrides: dict[str, Any] = {}
@@ -61,15 +81,15 @@ class PolicySpec:
 
 
 #: token budgets for the budgeted reference presets, ratios for the presets sized by a ratio
-TOKEN_BUDGETS = (128, 512)
-RATIO_BUDGETS = (0.1, 0.25)
+TOKEN_BUDGETS = (128, 512, 1024)
+RATIO_BUDGETS = (0.1, 0.25, 0.5)
 TOKEN_PRESETS = ("h2o", "tova", "l2", "snapkv", "streaming_llm", "random")
 RATIO_PRESETS = ("snapkv-span", "namm-bam-smollm2")
 
 
 def default_specs(token_budgets: Iterable[int] = TOKEN_BUDGETS, ratios: Iterable[float] = RATIO_BUDGETS) -> list:
     """The full cache, every reference preset at each token budget, the ratio presets at each ratio."""
-    specs = [PolicySpec("full")]
+    specs = [PolicySpec("full"), PolicySpec("full", hide_cue=True)]
     specs += [PolicySpec(p, b) for p in TOKEN_PRESETS for b in token_budgets]
     specs += [PolicySpec(p, float(r)) for p in RATIO_PRESETS for r in ratios]
     return specs
@@ -130,11 +150,12 @@ def evaluate(
         for seed in range(seeds):
             if store.done(spec.label, seed):
                 continue
-            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps)
+            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps, hide_cue=spec.hide_cue)
             row = {
                 "policy": spec.label,
                 "preset": spec.preset,
                 "budget": spec.budget,
+                "hide_cue": spec.hide_cue,
                 "seed": seed,
                 "cue": result.cue,
                 "return": result.episode_return,
@@ -167,6 +188,7 @@ def summarise(rows: Iterable[dict[str, Any]], specs: list[PolicySpec]) -> list[d
             {
                 "policy": spec.label,
                 "preset": spec.preset,
+                "curve": spec.curve,
                 "budget": spec.budget,
                 "episodes": len(runs),
                 "normalised": float(scores.mean()),
@@ -202,13 +224,18 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     presets: dict[str, list[dict[str, Any]]] = {}
     for row in summary:
-        presets.setdefault(row["preset"], []).append(row)
+        presets.setdefault(row.get("curve", row["preset"]), []).append(row)
     for preset, rows in presets.items():
         rows = sorted(rows, key=lambda r: r["kept"])
         x = [100 * r["kept"] for r in rows]
         y = [r["normalised"] for r in rows]
         err = [r["sem"] for r in rows]
-        style = {"marker": "*", "markersize": 14, "color": "black"} if preset == "full" else {"marker": "o"}
+        if preset == "full":
+            style = {"marker": "*", "markersize": 14, "color": "black", "linestyle": "none"}
+        elif preset == "full" + HIDE_CUE_SUFFIX:
+            style = {"marker": "X", "markersize": 11, "color": "black", "markerfacecolor": "white", "linestyle": "none"}
+        else:
+            style = {"marker": "o"}
         ax.errorbar(x, y, yerr=err, label=preset, capsize=3, **style)
     ax.axhline(100, color="grey", linestyle=":", linewidth=1)
     ax.axhline(0, color="grey", linestyle=":", linewidth=1)

@@ -133,10 +133,29 @@ class DecisionTransformer(nn.Module):
         """Actions in [-1, 1] from hidden states at state tokens."""
         return torch.tanh(self.head(hidden))
 
-    def forward(self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced predictions ``[batch, steps, act_dim]`` of every action from its state token."""
+    def forward(
+        self, rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced predictions ``[batch, steps, act_dim]`` of every action from its state token.
+
+        ``timesteps [batch, steps]`` (increasing along ``steps``): the episode steps the inputs come
+        from, for sequences cut out of an episode; token positions are then ``3·t + 0, 1, 2``, the
+        positions those tokens have in a rollout. None: steps ``0 .. steps-1``.
+        """
+        position_ids = attention_mask = None
+        if timesteps is not None:
+            if timesteps.shape != rtg.shape:
+                raise ShapeError(f"timesteps {tuple(timesteps.shape)} must match rtg {tuple(rtg.shape)}")
+            offsets = torch.arange(TOKENS_PER_STEP, device=timesteps.device)
+            position_ids = (TOKENS_PER_STEP * timesteps.unsqueeze(-1) + offsets).reshape(timesteps.shape[0], -1)
+            # without a mask, transformers reads a jump in position_ids as the start of another
+            # packed sequence and hides everything before it; the cut sequence is one sequence
+            attention_mask = torch.ones_like(position_ids)
         hidden = self.backbone(
-            inputs_embeds=self.embed_episode(rtg, states, actions), use_cache=False
+            inputs_embeds=self.embed_episode(rtg, states, actions),
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
         ).last_hidden_state
         return self.act(hidden[:, 1::TOKENS_PER_STEP])
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
-from kvpolicy.rl.envs import CueTaskConfig, make_env
+from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig, make_env
 from kvpolicy.rl.model import DecisionTransformer
 
 
@@ -60,12 +60,16 @@ def rollout(
     target_return: float | None = None,
     task: CueTaskConfig | None = None,
     steps: int | None = None,
+    hide_cue: bool = False,
 ) -> RolloutResult:
     """Play one episode of the cue task (env seed ``seed``, cue ``cue``) with ``model``.
 
     ``policy``: a `kvpolicy.Policy` managing the backbone's cache, or None for the bare model.
     ``target_return`` defaults to the model's metadata (the expert data's mean return);
-    ``steps`` cuts the episode short (tests).
+    ``steps`` cuts the episode short (tests). ``hide_cue``: the model is shown 0 where the
+    observation holds the cue, as at every other step; the environment still rewards by the
+    cue, so this measures what the model owes to the cue (evicting the cue's tokens instead
+    also removes the cue's steps from the model's view, which is not the same).
     """
     task = task or task_config(model)
     target = float(model.metadata["target_return"] if target_return is None else target_return)
@@ -84,6 +88,8 @@ def rollout(
         nonlocal obs, rtg, previous, kept_sum, seen_sum, last_kept
         for _ in range(horizon):
             state = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+            if hide_cue:
+                state[0, CUE_INDEX] = 0.0
             with torch.no_grad():
                 embeds = model.embed_step(previous, torch.tensor([rtg], dtype=torch.float32), state)
                 hidden, kept, seen = step_forward(embeds)

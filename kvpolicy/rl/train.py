@@ -1,11 +1,15 @@
-"""Training the Decision Transformer on the offline data (teacher forcing, whole episodes).
+"""Training the Decision Transformer on the offline data (teacher forcing).
 
-Every batch is whole 1,000-step episodes — 3,000 tokens — because what the cue task tests is
-reaching back across the whole episode; cropped windows would never hold the cue and the final
-phase together. The loss is the mean squared error of every action, the final phase's weighted
-up (``final_loss_weight``): it is a fifth of the steps but the only part where the cue decides
-the action. The run checkpoints atomically every ``checkpoint_every`` updates and resumes from
-its checkpoint, so a killed run loses at most that much.
+What the cue task tests is reaching back across the whole episode, but a whole 1,000-step
+episode is 3,000 tokens and costs about as much attention as a hundred short windows. So most
+updates train on *cut* sequences: the episode's first ``prefix`` steps (they hold the cue) joined
+to a window of ``window`` consecutive steps, each token at the position it has in a rollout
+(RoPE over the absolute token index, `DecisionTransformer.forward`'s ``timesteps``). Half of the
+windows (``onset_fraction``) cover the start of the final phase, where the cue decides the action;
+every ``full_every``-th update trains on whole episodes instead, so the model also learns to act
+over its full context. The loss is the mean squared error of every action, the final phase's
+weighted up (``final_loss_weight``). The run checkpoints atomically every ``checkpoint_every``
+updates and resumes from its checkpoint, so a killed run loses at most that much.
 """
 
 from __future__ import annotations
@@ -23,27 +27,61 @@ import torch
 from kvpolicy.atomic import atomic_path, atomic_write_text
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.rl.data import KINDS
-from kvpolicy.rl.envs import CueTaskConfig
+from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig
 from kvpolicy.rl.model import DecisionTransformer, DecisionTransformerConfig
 
 
 @attrs.frozen
 class TrainConfig:
-    """Optimisation settings (defaults: the shipped model)."""
+    """Optimisation settings (defaults: what `python -m kvpolicy.rl make` trains)."""
 
-    updates: int = 100
-    batch: int = 4
+    updates: int = 1500
+    batch: int = 16  # cut sequences per update
+    window: int | None = 64  # steps per window after the prefix; None: whole episodes (full_batch) always
+    prefix: int = 32  # first steps of the episode in every cut sequence (the cue is at 20..29)
+    onset_fraction: float = 0.5  # share of windows that cover the final phase's first step
+    full_every: int = 8  # every this-many updates: whole episodes instead (0: never)
+    full_batch: int = 2  # whole episodes per such update
     lr: float = 1e-3
-    warmup: int = 20
+    warmup: int = 50
     weight_decay: float = 1e-4
     final_loss_weight: float = 5.0
     grad_clip: float = 1.0
-    checkpoint_every: int = 25
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __attrs_post_init__(self) -> None:
-        if self.updates < 1 or self.batch < 1 or self.checkpoint_every < 1:
-            raise InvalidConfigError("TrainConfig.updates, batch and checkpoint_every must be >= 1")
+        if self.updates < 1 or self.batch < 1 or self.full_batch < 1 or self.checkpoint_every < 1:
+            raise InvalidConfigError("TrainConfig.updates, batch, full_batch and checkpoint_every must be >= 1")
+        if self.window is not None and (self.window < 1 or self.prefix < 0):
+            raise InvalidConfigError(
+                f"TrainConfig.window must be >= 1 and prefix >= 0, got {self.window}, {self.prefix}"
+            )
+        if not 0.0 <= self.onset_fraction <= 1.0 or self.full_every < 0:
+            raise InvalidConfigError("TrainConfig.onset_fraction must be in [0, 1] and full_every >= 0")
+
+
+def sample_timesteps(
+    config: TrainConfig, update: int, steps: int, final_start: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """The episode steps ``[batch, length]`` one update trains on, or None for whole episodes.
+
+    A cut sequence is steps ``0 .. prefix-1`` then ``window`` consecutive steps starting at or
+    after ``prefix``; with probability ``onset_fraction`` the window holds step ``final_start``.
+    """
+    if config.window is None or (config.full_every and (update + 1) % config.full_every == 0):
+        return None
+    prefix = min(config.prefix, steps - 1)
+    window = min(config.window, steps - prefix)
+    low, high = prefix, steps - window  # window starts, inclusive
+    onset_low, onset_high = max(low, final_start - window + 1), min(high, final_start)
+    anywhere = torch.randint(low, high + 1, (config.batch,), generator=generator)
+    if onset_low <= onset_high:
+        at_onset = torch.randint(onset_low, onset_high + 1, (config.batch,), generator=generator)
+        pick = torch.rand(config.batch, generator=generator) < config.onset_fraction
+        anywhere = torch.where(pick, at_onset, anywhere)
+    cut = anywhere.unsqueeze(1) + torch.arange(window)
+    return torch.cat([torch.arange(prefix).expand(config.batch, prefix), cut], dim=1)
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
@@ -110,7 +148,6 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     weights = torch.ones(steps)
     weights[task.final_start :] = config.final_loss_weight
-    weights = weights / weights.mean()
     generator = torch.Generator().manual_seed(config.seed)
     start = 0
     state_path = out / "train_state.pt"
@@ -131,18 +168,36 @@ def train(
     for update in range(start, config.updates):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(update, config)
-        batch = torch.randint(episodes, (config.batch,), generator=generator)
-        predicted = model(rtg[batch], states[batch], actions[batch])
-        error = ((predicted - actions[batch]) ** 2).mean(dim=-1)  # [batch, steps]
-        loss = (error * weights).mean()
+        timesteps = sample_timesteps(config, update, steps, task.final_start, generator)
+        if timesteps is None:
+            batch = torch.randint(episodes, (config.full_batch,), generator=generator)
+            timesteps = torch.arange(steps).expand(config.full_batch, steps)
+            predicted = model(rtg[batch], states[batch], actions[batch])
+        else:
+            batch = torch.randint(episodes, (config.batch,), generator=generator)
+            rows = batch.unsqueeze(1)
+            predicted = model(rtg[rows, timesteps], states[rows, timesteps], actions[rows, timesteps], timesteps)
+        target = actions[batch.unsqueeze(1), timesteps]
+        error = ((predicted - target) ** 2).mean(dim=-1)  # [batch, length]
+        step_weights = weights[timesteps]
+        loss = (error * step_weights).sum() / step_weights.sum()
+        in_final = timesteps >= task.final_start
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        final_error = float(error[:, task.final_start :].mean().detach())
+        final_error = float(error[in_final].mean().detach()) if in_final.any() else float("nan")
         with open(history, "a", encoding="utf-8") as handle:
             handle.write(
-                json.dumps({"update": update + 1, "loss": float(loss.detach()), "final_mse": final_error}) + "\n"
+                json.dumps(
+                    {
+                        "update": update + 1,
+                        "loss": float(loss.detach()),
+                        "final_mse": final_error,
+                        "whole": timesteps.shape[1] == steps,
+                    }
+                )
+                + "\n"
             )
         if (update + 1) % config.checkpoint_every == 0 or update + 1 == config.updates:
             with atomic_path(state_path) as tmp:
@@ -163,3 +218,40 @@ def train(
     model.save(out / "decision_transformer.safetensors")
     atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))
     return model
+
+
+def cue_probe(
+    model: DecisionTransformer,
+    dataset: dict[str, np.ndarray],
+    task: CueTaskConfig,
+    *,
+    episodes: int = 8,
+    prefix: int = 32,
+    window: int = 64,
+) -> dict[str, float]:
+    """How much the model's actions at the final phase's start depend on the cue (teacher forced).
+
+    On the first ``episodes`` expert episodes (cues alternate), a cut sequence — the first
+    ``prefix`` steps and ``window`` steps from ``window // 2`` before the final phase — is run
+    twice: as recorded, and with the cue zeroed. Returns the mean squared error of the final-phase
+    actions in both cases; a model that uses the cue does worse without it.
+    """
+    expert = np.flatnonzero(dataset["kinds"] == KINDS.index("expert"))[:episodes]
+    start = task.final_start - window // 2
+    timesteps = torch.cat([torch.arange(prefix), torch.arange(start, start + window)]).expand(len(expert), -1)
+    rows = torch.as_tensor(expert).unsqueeze(1)
+    states = torch.as_tensor(dataset["states"])[rows, timesteps]
+    actions = torch.as_tensor(dataset["actions"])[rows, timesteps]
+    rtg = torch.as_tensor(returns_to_go(dataset["rewards"]))[rows, timesteps]
+    hidden = states.clone()
+    hidden[..., CUE_INDEX] = 0.0
+    final = timesteps[0] >= task.final_start
+    errors = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for name, inputs in (("mse_with_cue", states), ("mse_cue_hidden", hidden)):
+            predicted = model(rtg, inputs, actions, timesteps)
+            errors[name] = float(((predicted - actions) ** 2)[:, final].mean())
+    model.train(was_training)
+    return errors

@@ -16,7 +16,7 @@ from kvpolicy.rl.cli import SHIPPED_MODEL, main, smoke_configs  # noqa: E402
 from kvpolicy.rl.envs import CueTaskConfig, make_env  # noqa: E402
 from kvpolicy.rl.model import DecisionTransformer  # noqa: E402
 from kvpolicy.rl.rollout import rollout  # noqa: E402
-from kvpolicy.rl.train import returns_to_go  # noqa: E402
+from kvpolicy.rl.train import cue_probe, returns_to_go  # noqa: E402
 from kvpolicy.types import Schedule  # noqa: E402
 
 
@@ -51,10 +51,12 @@ def test_returns_to_go():
 def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
     assert main(["smoke", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [row["policy"] for row in summary] == ["full", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
+    labels = ["full", "full:hide-cue", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
+    assert [row["policy"] for row in summary] == labels
     full = summary[0]
     assert full["kept"] == 1.0 and full["episodes"] == 2
-    assert summary[1]["kept"] < 0.5  # 16 of up to 179 tokens
+    assert summary[1]["kept"] == 1.0 and summary[1]["curve"] == "full:hide-cue"
+    assert summary[2]["kept"] < 0.5  # 16 of up to 179 tokens
     assert (tmp_path / "return_vs_cache.png").stat().st_size > 0
 
     model = DecisionTransformer.load(tmp_path / "decision_transformer.safetensors")
@@ -65,6 +67,13 @@ def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
     assert bare.actions.shape == (60, 6)
     assert np.array_equal(bare.actions, attached.actions)
     assert bare.episode_return == attached.episode_return
+    blind = rollout(model, seed=3, cue=-1, hide_cue=True)
+    shown_from = task.task.cue_start
+    assert np.array_equal(blind.actions[:shown_from], bare.actions[:shown_from])  # same until the cue shows
+    assert not np.array_equal(blind.actions, bare.actions)
+    with np.load(tmp_path / "dataset.npz") as data:
+        probe = cue_probe(model, dict(data), task.task, episodes=2, prefix=4, window=8)
+    assert set(probe) == {"mse_with_cue", "mse_cue_hidden"} and all(np.isfinite(v) for v in probe.values())
     evicting = rollout(
         model, seed=3, cue=-1, policy=kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step"))
     )

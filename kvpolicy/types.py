@@ -434,6 +434,11 @@ class PolicyConfig:
         default=None, validator=attrs.validators.optional(_instance_of(ComponentRef, "a ComponentRef or None"))
     )
 
+    def with_span(self, kernel: int = 31, mode: str = "max") -> PolicyConfig:
+        """The same policy with the built-in ``span`` pooler: its scores pooled over ``kernel``
+        cached neighbours (how the ``*-span`` presets are made from the faithful ones)."""
+        return attrs.evolve(self, pooler=ComponentRef(SPAN_POOLER, {"kernel": kernel, "mode": mode}))
+
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
 

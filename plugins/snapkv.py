@@ -147,6 +147,6 @@ def kvpolicy_register_policies(register) -> None:
     # the full cache against 36.4% for the published 5-token average (docs/learned_eviction.md).
     register(
         "snapkv-span",
-        attrs.evolve(snapkv, budget=Budget(ratio=0.25), pooler=ComponentRef("span", {"kernel": 31, "mode": "max"})),
+        attrs.evolve(snapkv, budget=Budget(ratio=0.25)).with_span(31),
         description="SnapKV with its scores max-pooled over 31 cached tokens (spans kept), 25% of the cache",
     )

@@ -121,10 +121,8 @@ def kvpolicy_register_policies(register) -> None:
     register(
         "tova", tova, description="TOVA: drop what the newest query attends to least, heads averaged (Oren et al. 2024)"
     )
-    # Not the paper's: the same scores max-pooled over 31 cached neighbours (the `span` pooler),
-    # so whole spans are kept; the lift is measured in docs/span_pooling.md.
     register(
         "tova-span",
-        attrs.evolve(tova, pooler=ComponentRef("span", {"kernel": 31, "mode": "max"})),
+        tova.with_span(31),
         description="TOVA with its scores max-pooled over 31 cached tokens (spans kept; not the paper's)",
-    )
+    )  # lift: docs/span_pooling.md

@@ -87,3 +87,12 @@ def test_a_policy_with_a_span_keeps_whole_neighbourhoods():
     features[0, 0, 20, 0] = 10.0
     kept = policy.choose(view, features).indices[0, 0].tolist()
     assert {18, 19, 20, 21, 22} <= set(kept) and 39 in kept  # the span, and the newest token
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "l2"])
+def test_span_presets_are_the_faithful_presets_with_the_span_pooler(name):
+    faithful = kvpolicy.build(name).config
+    assert faithful.pooler is None  # the papers' policies stay as published
+    spanned = kvpolicy.build(f"{name}-span").config
+    assert spanned == faithful.with_span(31)
+    assert spanned.pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})

@@ -384,6 +384,11 @@ def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef | None:
         config = {"kernel": int(value), "mode": "max"}
     kernel = config["kernel"]
     if isinstance(kernel, numbers.Integral) and not isinstance(kernel, bool) and kernel == 1:
+        unknown = sorted(map(str, set(config) - {"kernel", "mode"}))
+        if unknown:
+            raise InvalidConfigError(f"span has no field(s) {', '.join(unknown)}; its fields are: kernel, mode")
+        if config["mode"] not in ("max", "avg"):
+            raise InvalidConfigError(f"span mode must be 'max' or 'avg', got {config['mode']!r}")
         return None
     return ComponentRef(SPAN_POOLER, config)
 

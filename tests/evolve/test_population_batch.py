@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from evolve_support import generation_records
+from evolve_support import TINY_HF, generation_records
 
 from kvpolicy import build
 from kvpolicy.errors import InvalidConfigError, ShapeError
@@ -111,27 +111,13 @@ def test_bad_populations_are_refused(model, tokenizer, item):
 
 # ----------------------------------------------------------------------------- the evolution runner
 
-TINY_RUN = {
-    "model": "tiny:llama",
-    "policy": {"preset": "namm-bam", "every": EVERY, "extractor": {"window": EVERY}},
-    "optimizer": {"name": "cma_es", "config": {"popsize": 4, "diagonal": True}},
-    "stages": [{"tasks": ["needle"], "generations": 2, "items": 1, "length": 256}],
-    "eval_items": 1,
-    "calibration_items": 1,
-    "members_per_job": 3,
-    "fitness": {"metric": "loglik", "cache_weight": 0.5},
-    "seed": 0,
-    "executor": {"kind": "inprocess", "threads": 1},
-    "progress": False,
-}
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same seeded run with members one by one and with each job's rows as one batch."""
     out = {}
     for batched in (False, True):
-        data = copy.deepcopy(TINY_RUN)
+        data = copy.deepcopy(TINY_HF)
         data["fitness"]["population_batch"] = batched
         folder = tmp_path_factory.mktemp(f"batched-{batched}")
         out[batched] = (Evolution(EvolveConfig.from_dict(data), folder).run(), generation_records(folder))
@@ -153,8 +139,8 @@ def test_batched_run_logs_the_same_member_figures(runs):
 
 def test_population_batch_is_a_fingerprinted_fitness_option():
     assert FitnessConfig().population_batch is False
-    plain = EvolveConfig.from_dict(TINY_RUN)
-    data = copy.deepcopy(TINY_RUN)
+    plain = EvolveConfig.from_dict(TINY_HF)
+    data = copy.deepcopy(TINY_HF)
     data["fitness"]["population_batch"] = True
     batched = EvolveConfig.from_dict(data)
     assert batched.to_dict()["fitness"]["population_batch"] is True

@@ -11,8 +11,7 @@ from transformers import DynamicCache
 import kvpolicy
 from kvpolicy.errors import ShapeError, UnsupportedModelError
 from kvpolicy.integrations.hf.attach import cache_keyword
-from kvpolicy.integrations.hf.cache import EvictingLayer
-from kvpolicy.integrations.hf.reference import ForwardRecord, masked_recompute
+from kvpolicy.integrations.hf.reference import ForwardRecord, kept_before_forward, masked_recompute
 from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy.types import Schedule
 
@@ -60,13 +59,7 @@ def test_evicting_embeds_decoding_equals_a_masked_full_recompute(preset):
     with policy.attach(model) as handle:
         for chunk in _steps(embeds, _chunks(ids.shape[1])):
             cache = handle.cache
-            kept = [
-                (layer.positions.clone(), None if layer.valid is None else layer.valid.clone())
-                if isinstance(layer, EvictingLayer) and layer.positions is not None
-                else None
-                for layer in cache.layers
-            ]
-            start = cache.seen
+            kept, start = kept_before_forward(cache), cache.seen
             logits.append(handle.feed_embeds(chunk))
             records.append(ForwardRecord(start, start + chunk.shape[1], kept))
         assert max(handle.report().kept[-1]) <= 12

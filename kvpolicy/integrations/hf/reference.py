@@ -38,16 +38,21 @@ def feed_recorded(handle: Any, input_ids: torch.Tensor, chunk_size: int | None =
     records, logits = [], []
     for chunk in input_ids.split(chunk_size or input_ids.shape[1], dim=1):
         cache = handle.cache
-        kept = [
-            (layer.positions.clone(), None if layer.valid is None else layer.valid.clone())
-            if isinstance(layer, EvictingLayer) and layer.positions is not None
-            else None
-            for layer in cache.layers
-        ]
-        start = cache.seen
+        kept, start = kept_before_forward(cache), cache.seen
         logits.append(handle.feed(chunk))
         records.append(ForwardRecord(start, start + chunk.shape[1], kept))
     return torch.cat(logits, dim=1), records
+
+
+def kept_before_forward(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Per layer, the ``(positions, valid)`` a forward call is about to attend to (None for a layer
+    that holds every token): what a `ForwardRecord` keeps for `masked_recompute`."""
+    return [
+        (layer.positions.clone(), None if layer.valid is None else layer.valid.clone())
+        if isinstance(layer, EvictingLayer) and layer.positions is not None
+        else None
+        for layer in cache.layers
+    ]
 
 
 def visibility_masks(records: list[ForwardRecord], num_layers: int, evicting: list[bool]) -> list[torch.Tensor | None]:

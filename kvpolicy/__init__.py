@@ -10,10 +10,12 @@ components come from plugins found through entry points in group ``kvpolicy``::
     print(handle.report())
 """
 
+from kvpolicy.calibration import calibrate
 from kvpolicy.errors import (
     AttachError,
     CheckpointError,
     DuplicateComponentError,
+    FeatureWidthError,
     InvalidBudgetError,
     InvalidConfigError,
     KVPolicyError,
@@ -47,6 +49,7 @@ __all__ = [
     "CheckpointError",
     "ComponentRef",
     "DuplicateComponentError",
+    "FeatureWidthError",
     "InvalidBudgetError",
     "InvalidConfigError",
     "KVPolicyError",
@@ -64,6 +67,7 @@ __all__ = [
     "UnknownComponentError",
     "UnsupportedModelError",
     "build",
+    "calibrate",
     "default_registry",
     "hookimpl",
     "reset_default_registry",

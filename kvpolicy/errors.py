@@ -49,6 +49,11 @@ class InvalidBudgetError(InvalidConfigError):
     """A budget that cannot be met, e.g. smaller than the tokens the policy must protect."""
 
 
+class FeatureWidthError(InvalidConfigError):
+    """A policy whose extractor gives a feature width its scorer does not take (checked when the
+    policy is built, from the extractor's ``num_features`` and the scorer's ``input_width``)."""
+
+
 class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 

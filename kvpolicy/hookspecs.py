@@ -27,8 +27,10 @@ ENTRY_POINT_GROUP = "kvpolicy"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-#: ``register(name, component_cls, *, description="")``. ``component_cls`` has a ``Config``
-#: attribute (a frozen attrs class) and is constructed as ``component_cls(config)``.
+#: ``register(name, component_cls, *, description="", config=None)``. ``component_cls`` has a
+#: ``Config`` attribute (a frozen attrs class) and is constructed as ``component_cls(config)``.
+#: With ``config`` (a mapping of its fields), ``name`` is an alias: another name for
+#: ``component_cls`` configured so (how a retired component's name keeps loading).
 RegisterComponent = Callable[..., None]
 #: ``register(name, config, *, description="")`` with ``config`` a `kvpolicy.PolicyConfig`.
 RegisterPolicy = Callable[..., None]

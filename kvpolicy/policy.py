@@ -7,6 +7,7 @@ module never imports transformers (the HF integration is itself a plugin).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -14,27 +15,35 @@ from typing import Any
 import attrs
 import torch
 
+from kvpolicy.checkpoint import PolicyFile, open_policy_file, write_policy_file
 from kvpolicy.errors import (
+    CheckpointError,
+    FeatureWidthError,
     InvalidBudgetError,
     InvalidConfigError,
     InvalidScoresError,
     InvalidSelectionError,
+    KVPolicyError,
     ShapeError,
 )
 from kvpolicy.registry import Registry, default_registry
+from kvpolicy.spec import PolicySpec, read_spec
 from kvpolicy.types import (
     Budget,
     ComponentKind,
     ComponentRef,
+    DeclaresFeatures,
     LayerView,
     Parametric,
     PolicyConfig,
     Protection,
+    ReadsFeatures,
     Requirements,
     Schedule,
     Selection,
     Stateful,
     TokenizerAware,
+    capabilities,
     config_to_dict,
     layer_indices,
     span_pooler_ref,
@@ -118,13 +127,32 @@ class Policy:
         )
         self.budget = Budget.parse(budget)
         self.skip_layers = layer_indices(skip_layers)
+        self._check_feature_width()
         self._check_budget()
 
     # ----------------------------------------------------------------- construction & JSON
 
+    def _check_feature_width(self) -> None:
+        """The extractor's declared feature width must be one the scorer declares it takes."""
+        if not isinstance(self.extractor, DeclaresFeatures) or not isinstance(self.scorer, ReadsFeatures):
+            return
+        width, takes = self.extractor.num_features, self.scorer.input_width
+        if not takes.admits(width):
+            raise FeatureWidthError(
+                f"extractor {self.extractor.name!r} gives {width} features per token, but scorer "
+                f"{self.scorer.name!r} takes {takes}; configure the scorer for {width} features (e.g. "
+                f"its `features` field) or use an extractor whose width it takes"
+            )
+
+    @property
+    def needs_budget(self) -> bool:
+        """Whether the policy evicts by a budget: its selector sizes the cache from one
+        (`kvpolicy.types.Capabilities.needs_budget`) and its schedule ever runs."""
+        return capabilities(self.selector).needs_budget and self.schedule.kind != "never"
+
     def _check_budget(self) -> None:
-        wants_budget = getattr(self.selector, "needs_budget", True)
-        if wants_budget and not self.budget.is_set and self.schedule.kind != "never":
+        wants_budget = capabilities(self.selector).needs_budget
+        if self.needs_budget and not self.budget.is_set:
             raise InvalidBudgetError(
                 f"selector {self.selector.name!r} needs a budget (e.g. budget=512 or budget=0.25); "
                 "threshold-style selectors are the ones that work without one"
@@ -365,17 +393,59 @@ class Policy:
 
     # ----------------------------------------------------------------- persistence
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write config, parameters and buffers to one safetensors file, atomically."""
-        from kvpolicy.checkpoint import save_policy
-
-        save_policy(self, path)
+        params = self.get_flat()
+        if params.dim() != 1:
+            raise CheckpointError(
+                f"the policy holds a population of {params.shape[0]} parameter sets; save one member: "
+                "policy.set_flat(population[i]) first"
+            )
+        write_policy_file(path, self.to_json(), params, self.buffers())
 
     @classmethod
-    def load(cls, path: str, registry: Registry | None = None) -> Policy:
-        from kvpolicy.checkpoint import load_policy
+    def load(cls, path: str | os.PathLike[str], registry: Registry | None = None) -> Policy:
+        """The policy saved at ``path`` (`save`), with its parameters and buffers."""
+        saved = open_policy_file(path)
+        try:
+            policy = cls.from_config(saved.config, registry)
+        except CheckpointError:
+            raise
+        except KVPolicyError as exc:
+            raise CheckpointError(f"{path} holds a policy that cannot be rebuilt here: {exc}") from exc
+        policy.load_weights(saved)
+        return policy
 
-        return load_policy(path, registry)
+    def load_weights(self, saved: PolicyFile | str | os.PathLike[str]) -> None:
+        """Take the parameters and buffers of a policy file (or its path), keeping this policy's
+        own config (budget, pooler, …): how a preset starts with its shipped weights."""
+        if not isinstance(saved, PolicyFile):
+            saved = open_policy_file(saved)
+        if saved.params.numel() != self.num_params:
+            raise CheckpointError(
+                f"{saved.source} holds {saved.params.numel()} parameters but its policy "
+                f"({self.scorer.name} scorer) has {self.num_params}; the file does not match its config"
+            )
+        if self.num_params:
+            self.set_flat(saved.params)
+        self.load_buffers(saved.buffers, saved.source)
+
+    def load_buffers(self, buffers: Mapping[str, torch.Tensor], source: str) -> None:
+        """Give each component its frozen buffers, keyed ``role.name`` (the layout of `buffers`):
+        a policy file's, or the calibration an evolution run ships to its workers. ``source``
+        names where they come from in errors."""
+        for role, component in self.components().items():
+            own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}
+            if not own:
+                continue
+            if not isinstance(component, Stateful):
+                raise CheckpointError(f"{source} has buffers for the {role} {component.name!r}, which keeps none")
+            try:
+                component.load_state_dict(own)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(
+                    f"{source}: buffers of the {role} {component.name!r} do not match: {exc}"
+                ) from exc
 
     # ----------------------------------------------------------------- models
 
@@ -503,7 +573,7 @@ def _merged_pooler(base: PolicyConfig | None, pooler: Any, span: Any) -> Compone
 
 
 def build(
-    preset_or_config: str | PolicyConfig | Mapping[str, Any] | None = None,
+    spec: PolicySpec | None = None,
     *,
     registry: Registry | None = None,
     extractor: ComponentLike | None = None,
@@ -518,29 +588,58 @@ def build(
     pooler: ComponentLike | None = ...,  # type: ignore[assignment]
     span: int | Mapping[str, Any] | None = ...,  # type: ignore[assignment]
 ) -> Policy:
-    """Build a policy from a preset name, a `PolicyConfig` / its dict, or components alone.
+    """Build a policy from a spec (`kvpolicy.spec`: a preset name, ``name:{json}``, a
+    `PolicyConfig` or its dict, ``{"preset": name, ...}``, a .json or .safetensors file), or from
+    components alone, with overrides.
 
-    Overrides replace the preset's values: ``build("h2o", budget=256, recent=32)``. Component
-    overrides given as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the preset's
-    config of that component; a name or object replaces it. ``pooler`` (or its shorthand ``span``)
-    replaces the preset's pooler, None removes it. A preset registered with ``weights`` starts
-    with the learned parameters and buffers of that file.
+    Overrides replace the base's values: ``build("h2o", budget=256, recent=32)``; the spec's own
+    overrides (``'h2o:{"recent": 32}'``) come first, the keywords after. Component overrides given
+    as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the base's config of that
+    component; a name or object replaces it. ``pooler`` (or its shorthand ``span``) replaces the
+    base's pooler, None removes it. A preset registered with ``weights``, or a saved policy file,
+    starts with those learned parameters and buffers.
     """
     registry = registry or default_registry()
-    weights = None
-    if preset_or_config is None:
+    given = {
+        name: value
+        for name, value in (
+            ("extractor", extractor), ("scorer", scorer), ("selector", selector), ("budget", budget),
+            ("schedule", schedule), ("every", every), ("sinks", sinks), ("recent", recent),
+            ("skip_layers", skip_layers), ("pooler", pooler), ("span", span),
+        )
+        if value is not (... if name in _UNSET_BY_ELLIPSIS else None)
+    }  # fmt: skip
+    if spec is None:
         if extractor is None or scorer is None or selector is None:
             raise InvalidConfigError("without a preset, build() needs extractor, scorer and selector")
-        base = None
-    elif isinstance(preset_or_config, str):
-        preset = registry.preset(preset_or_config)
-        base, weights = preset.config, preset.weights
-    elif isinstance(preset_or_config, PolicyConfig):
-        base = preset_or_config
+        source = None
     else:
-        base = PolicyConfig.from_dict(preset_or_config)
+        source = read_spec(spec, registry)
+        given = {**_checked_overrides(source.overrides), **given}
+    policy = _merged(source.config if source is not None else None, given, registry)
+    if source is not None and source.weights is not None:  # a shipped NAMM, or a saved policy file
+        policy.load_weights(source.weights)
+    return policy
 
-    def merged(role: str, override: ComponentLike | None) -> ComponentLike:
+
+#: `build`'s override keywords, and those whose "not given" is ``...`` (None is a value for them)
+OVERRIDES = ("extractor", "scorer", "selector", "budget", "schedule", "every", "sinks", "recent",
+             "skip_layers", "pooler", "span")  # fmt: skip
+_UNSET_BY_ELLIPSIS = frozenset({"budget", "pooler", "span"})
+
+
+def _checked_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(map(str, set(overrides) - set(OVERRIDES)))
+    if unknown:
+        raise InvalidConfigError(f"unknown override(s) {', '.join(unknown)}; accepted: {', '.join(OVERRIDES)}")
+    return dict(overrides)
+
+
+def _merged(base: PolicyConfig | None, given: Mapping[str, Any], registry: Registry) -> Policy:
+    """The one override merge: ``given`` (override name → value, only those given) applied to ``base``."""
+
+    def merged(role: str) -> ComponentLike:
+        override = given.get(role)
         if base is None:
             return override
         ref: ComponentRef = getattr(base, role)
@@ -551,24 +650,22 @@ def build(
         return override
 
     protect = base.protect if base is not None else Protection()
+    sinks, recent = given.get("sinks"), given.get("recent")
     if sinks is not None or recent is not None:
         protect = attrs.evolve(protect, **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None})
-    if every is not None:
-        schedule = Schedule("every_n", every=every)
-    policy = Policy(
-        merged("extractor", extractor),
-        merged("scorer", scorer),
-        merged("selector", selector),
+    schedule = given.get("schedule")
+    if given.get("every") is not None:
+        schedule = Schedule("every_n", every=given["every"])
+    skip_layers = given.get("skip_layers")
+    return Policy(
+        merged("extractor"),
+        merged("scorer"),
+        merged("selector"),
         schedule=schedule or (base.schedule if base is not None else None),
         protect=protect,
-        budget=(base.budget if base is not None else None) if budget is ... else budget,
+        budget=given["budget"] if "budget" in given else (base.budget if base is not None else None),
         skip_layers=skip_layers if skip_layers is not None else (base.skip_layers if base is not None else ()),
-        pooler=_merged_pooler(base, pooler, span),
-        span=None if span is ... else span,
+        pooler=_merged_pooler(base, given.get("pooler", ...), given.get("span", ...)),
+        span=given.get("span"),
         registry=registry,
     )
-    if weights is not None:  # a preset shipped with learned parameters (an evolved NAMM)
-        from kvpolicy.checkpoint import load_weights
-
-        load_weights(policy, weights)
-    return policy

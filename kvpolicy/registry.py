@@ -61,10 +61,17 @@ class ComponentSpec:
     cls: type
     plugin: str
     description: str = ""
+    #: for a name registered as an alias of a configured component (``register(name, cls,
+    #: config={...})``): the config fields the name stands for; a given config is merged over them
+    defaults: Mapping[str, Any] | None = attrs.field(default=None, eq=False, hash=False)
 
     @property
     def config_cls(self) -> type:
         return self.cls.Config
+
+    @property
+    def is_alias(self) -> bool:
+        return self.defaults is not None
 
 
 @attrs.frozen
@@ -304,12 +311,16 @@ class Registry:
     def _component_register(
         self, kind: ComponentKind, plugin_name: str, staged: list[ComponentSpec]
     ) -> Callable[..., None]:
-        def register(name: str, cls: type, *, description: str = "") -> None:
+        def register(name: str, cls: type, *, description: str = "", config: Mapping[str, Any] | None = None) -> None:
             _validate_name(kind, name)
             config_cls = getattr(cls, "Config", None)
             if config_cls is None or not attrs.has(config_cls):
                 raise InvalidConfigError(f"{kind} {name!r} ({cls!r}) needs a `Config` attribute that is an attrs class")
-            if getattr(cls, "name", None) != name:
+            if config is not None:  # an alias: a second name for `cls` with these config fields
+                if not isinstance(config, Mapping):
+                    raise InvalidConfigError(f"{kind} alias {name!r} needs its config as a mapping, got {config!r}")
+                config_from_dict(config_cls, config)  # a bad alias fails when registered, not when used
+            elif getattr(cls, "name", None) != name:
                 raise InvalidConfigError(
                     f"{kind} {name!r} is registered with class {cls.__name__} whose `name` is "
                     f"{getattr(cls, 'name', None)!r}; they must agree so saved policies rebuild by name"
@@ -317,8 +328,17 @@ class Registry:
             for spec in staged:
                 if spec.kind == kind and spec.name == name:
                     raise DuplicateComponentError(kind, name, self._provider(plugin_name), self._provider(plugin_name))
+            if config is not None and not description:
+                description = f"{cls.name} with {dict(config)}"
             staged.append(
-                ComponentSpec(kind, name, cls, plugin_name, description or (cls.__doc__ or "").strip().split("\n")[0])
+                ComponentSpec(
+                    kind,
+                    name,
+                    cls,
+                    plugin_name,
+                    description or (cls.__doc__ or "").strip().split("\n")[0],
+                    None if config is None else dict(config),
+                )
             )
 
         return register
@@ -367,8 +387,14 @@ class Registry:
     def create(
         self, kind: ComponentKind, name: str, config: Mapping[str, Any] | Any | None = None, **kwargs: Any
     ) -> Any:
-        """Build a component by name; ``config`` is a dict of fields or an instance of its Config."""
+        """Build a component by name; ``config`` is a dict of fields or an instance of its Config.
+
+        An alias (``register(name, cls, config={...})``) builds ``cls`` with its fields, the given
+        ones merged over them; the component is ``cls``'s own, so a policy saved from it names
+        ``cls.name``."""
         spec = self.spec(kind, name)
+        if spec.is_alias and (config is None or isinstance(config, Mapping)):
+            config = {**spec.defaults, **(config or {})}
         if config is None or isinstance(config, Mapping):
             config = config_from_dict(spec.config_cls, config)
         elif not isinstance(config, spec.config_cls):

@@ -755,6 +755,93 @@ class TokenizerAware(Protocol):
     def bind_tokenizer(self, tokenizer: Any) -> None: ...
 
 
+@runtime_checkable
+class Calibrated(Protocol):
+    """An extractor with normalisation statistics collected while a policy runs and then frozen
+    (NAMM's per-bin z-scores); `kvpolicy.calibrate` drives it. The statistics are its buffers."""
+
+    def start_calibration(self) -> None: ...
+
+    def freeze(self) -> None: ...
+
+
+@runtime_checkable
+class DeclaresFeatures(Protocol):
+    """An extractor that declares ``num_features``, the width of the features it returns, so a
+    policy can check that its scorer takes that width when it is built."""
+
+    @property
+    def num_features(self) -> int: ...
+
+
+@attrs.frozen
+class FeatureWidth:
+    """The feature widths a scorer takes: at least ``minimum``, and exactly that when ``exact``."""
+
+    minimum: int = attrs.field(validator=_non_negative_int)
+    exact: bool = False
+
+    @classmethod
+    def exactly(cls, width: int) -> FeatureWidth:
+        return cls(width, exact=True)
+
+    @classmethod
+    def at_least(cls, width: int) -> FeatureWidth:
+        return cls(width)
+
+    def admits(self, width: int) -> bool:
+        return width == self.minimum if self.exact else width >= self.minimum
+
+    def __str__(self) -> str:
+        return f"{'exactly' if self.exact else 'at least'} {self.minimum}"
+
+
+@runtime_checkable
+class ReadsFeatures(Protocol):
+    """A scorer that declares ``input_width``, the feature widths it takes (a `FeatureWidth`)."""
+
+    @property
+    def input_width(self) -> FeatureWidth: ...
+
+
+@attrs.frozen
+class Capabilities:
+    """What a component may declare about itself, as class attributes of these names.
+
+    A component that declares none of them gets these defaults (what every component was
+    assumed to do before it could say otherwise), so a component written without them keeps
+    working unchanged. `capabilities` reads them; nothing else does.
+
+    Attributes
+    ----------
+    needs_budget:
+        (selector) It sizes the cache from the policy's `Budget`; ``False``: it decides the size
+        itself (NAMM's threshold) and takes no budget.
+    keeps_highest_scores:
+        (selector) It never evicts a token that scored higher than an unprotected survivor;
+        ``False`` for one that also keeps tokens by another rule (H2O's recent window).
+    requires_aligned_heads:
+        Every KV head of a layer must keep the same tokens.
+    """
+
+    needs_budget: bool = True
+    keeps_highest_scores: bool = True
+    requires_aligned_heads: bool = False
+
+
+_DEFAULT_CAPABILITIES = Capabilities()
+
+
+def capabilities(component: Any) -> Capabilities:
+    """The `Capabilities` ``component`` declares, the defaults for those it does not."""
+    return Capabilities(
+        **{
+            field.name: bool(getattr(component, field.name, getattr(_DEFAULT_CAPABILITIES, field.name)))
+            for field in attrs.fields(Capabilities)
+        }
+    )
+
+
 PROTOCOLS: dict[ComponentKind, type] = {
     "extractor": FeatureExtractor,
     "scorer": Scorer,

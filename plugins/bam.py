@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kvpolicy import hookimpl
 from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
-from kvpolicy.types import LayerView, Requirements, positive
+from kvpolicy.types import FeatureWidth, LayerView, Requirements, positive
 
 
 @attrs.frozen
@@ -58,6 +58,10 @@ class BamScorer(HasFlatParameters):
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.exactly(self.config.features)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         f, h = self.config.features, self.config.hidden

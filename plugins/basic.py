@@ -19,6 +19,7 @@ from kvpolicy.types import (
     Budget,
     ComponentRef,
     EmptyConfig,
+    FeatureWidth,
     LayerView,
     PolicyConfig,
     Protection,
@@ -40,6 +41,10 @@ class PositionExtractor:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def num_features(self) -> int:
+        return 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         return view.positions.to(torch.float32).unsqueeze(-1)
@@ -65,6 +70,10 @@ class FeatureScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.at_least(self.config.index + 1)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         if self.config.index >= features.shape[-1]:
@@ -92,6 +101,10 @@ class RandomScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.at_least(0)  # reads no feature
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         # One draw per (head, token), shared by every batch row, so a row's scores do not depend

@@ -50,6 +50,7 @@ from kvpolicy.selection import rank_protected_first, sorted_selection
 from kvpolicy.types import (
     Budget,
     ComponentRef,
+    FeatureWidth,
     LayerView,
     PolicyConfig,
     Protection,
@@ -112,6 +113,10 @@ class TokenClassExtractor:
     def requirements(self) -> Requirements:
         return Requirements(token_ids=True, accumulated_attention=True)
 
+    @property
+    def num_features(self) -> int:
+        return 3
+
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Fill both classes from the model's tokenizer unless they were configured explicitly
         (called by `Policy.bind_tokenizer`; `kvpolicy run` and `kvpolicy eval` do)."""
@@ -156,6 +161,10 @@ class FastGenScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.at_least(3)
 
     def structure_masks(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         """``[5, batch, kv_heads, tokens]`` bool: the tokens each structure (`STRUCTURES`) keeps."""

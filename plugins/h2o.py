@@ -8,7 +8,9 @@ greedily as tokens arrive: the preset updates at every forward call (``every_ste
 chunked prefill included, so a token leaving the recent window competes with the heavy hitters
 at once, as in the paper's greedy algorithm.
 
-Components: extractor ``accumulated_attention`` → scorer ``h2o`` → selector ``heavy_recent``.
+Components: extractor ``accumulated_attention`` → scorer ``feature`` (the score is feature 0, the
+accumulated attention itself) → selector ``heavy_recent``. The scorer name ``h2o`` stays registered
+as an alias of that ``feature`` scorer, so policy files that name it load and score the same.
 
 Deviation: with grouped-query attention the paper's per-head score becomes the mean over the
 query heads of a KV-head group (one cache per KV head); the paper's models had none.
@@ -22,7 +24,7 @@ import attrs
 import torch
 
 from kvpolicy import hookimpl
-from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
+from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 from kvpolicy.selection import finite_scores, sorted_selection
 from kvpolicy.types import (
     Budget,
@@ -35,6 +37,7 @@ from kvpolicy.types import (
     Schedule,
     Selection,
 )
+from kvpolicy_plugins.basic import FeatureScorer
 
 _KEEP = float("inf")
 
@@ -52,29 +55,14 @@ class AccumulatedAttentionExtractor:
     def requirements(self) -> Requirements:
         return Requirements(accumulated_attention=True)
 
+    @property
+    def num_features(self) -> int:
+        return 1
+
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` accumulated attention."""
         view.require("accumulated_attention", by="extractor 'accumulated_attention'")
         return view.accumulated_attention.float().unsqueeze(-1)
-
-
-class H2OScorer:
-    """Score = accumulated attention (feature 0): heavy hitters score highest."""
-
-    name: ClassVar[str] = "h2o"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
-        if features.shape[-1] < 1:
-            raise ShapeError("scorer 'h2o' reads feature 0 (accumulated attention) but got no features")
-        return features[..., 0].float()
 
 
 @attrs.frozen
@@ -135,9 +123,13 @@ def kvpolicy_register_extractors(register) -> None:
     register("accumulated_attention", AccumulatedAttentionExtractor)
 
 
+#: H2O's scorer: the accumulated attention (feature 0) is the score
+H2O_SCORER = {"index": 0, "sign": 1.0}
+
+
 @hookimpl
 def kvpolicy_register_scorers(register) -> None:
-    register("h2o", H2OScorer)
+    register("h2o", FeatureScorer, config=H2O_SCORER, description="H2O: score = accumulated attention (feature 0)")
 
 
 @hookimpl
@@ -149,7 +141,7 @@ def kvpolicy_register_selectors(register) -> None:
 def kvpolicy_register_policies(register) -> None:
     h2o = PolicyConfig(
         extractor=ComponentRef("accumulated_attention"),
-        scorer=ComponentRef("h2o"),
+        scorer=ComponentRef("feature", H2O_SCORER),
         selector=ComponentRef("heavy_recent", {"recent_ratio": 0.5}),
         schedule=Schedule("every_step", slack=0),
         protect=Protection(),

@@ -5,7 +5,9 @@ Keys with a LOW L2 norm tend to receive high attention, so the cache keeps the t
 cached (post-RoPE) keys have the lowest norm. Needs only the keys: no attention statistics, so
 it works with any attention kernel and costs a norm and a top-k per update.
 
-Components: extractor ``key_norm`` → scorer ``l2`` (score = −norm) → selector ``top_k``.
+Components: extractor ``key_norm`` → scorer ``feature`` with sign −1 (score = −norm) → selector
+``top_k``. The scorer name ``l2`` stays registered as an alias of that ``feature`` scorer, so
+policy files that name it load and score the same.
 
 The paper leaves the first layers uncompressed, where key norm and attention correlate poorly;
 the authors' released code (``l2compress``) shows ``skip_layers=[0, 1]`` in its README usage
@@ -24,7 +26,6 @@ from typing import ClassVar
 import torch
 
 from kvpolicy import hookimpl
-from kvpolicy.errors import ShapeError
 from kvpolicy.types import (
     Budget,
     ComponentRef,
@@ -35,6 +36,7 @@ from kvpolicy.types import (
     Requirements,
     Schedule,
 )
+from kvpolicy_plugins.basic import FeatureScorer
 
 #: Layers the paper's code never compresses.
 PAPER_SKIP_LAYERS: tuple[int, ...] = (0, 1)
@@ -53,29 +55,14 @@ class KeyNormExtractor:
     def requirements(self) -> Requirements:
         return Requirements(keys=True)
 
+    @property
+    def num_features(self) -> int:
+        return 1
+
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` key norms (float32)."""
         view.require("keys", by="extractor 'key_norm'")
         return torch.linalg.vector_norm(view.keys.float(), dim=-1).unsqueeze(-1)
-
-
-class L2Scorer:
-    """Score = −(key norm): the lowest-norm keys score highest and are kept."""
-
-    name: ClassVar[str] = "l2"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
-        if features.shape[-1] < 1:
-            raise ShapeError("scorer 'l2' reads feature 0 (key norm) but got no features")
-        return -features[..., 0].float()
 
 
 @hookimpl
@@ -83,16 +70,20 @@ def kvpolicy_register_extractors(register) -> None:
     register("key_norm", KeyNormExtractor)
 
 
+#: L2's scorer: minus the key norm (feature 0), so the lowest-norm keys score highest
+L2_SCORER = {"index": 0, "sign": -1.0}
+
+
 @hookimpl
 def kvpolicy_register_scorers(register) -> None:
-    register("l2", L2Scorer)
+    register("l2", FeatureScorer, config=L2_SCORER, description="L2 norm: score = −(key norm) (feature 0)")
 
 
 @hookimpl
 def kvpolicy_register_policies(register) -> None:
     l2 = PolicyConfig(
         extractor=ComponentRef("key_norm"),
-        scorer=ComponentRef("l2"),
+        scorer=ComponentRef("feature", L2_SCORER),
         selector=ComponentRef("top_k"),
         schedule=Schedule("every_step", slack=64),
         protect=Protection(),

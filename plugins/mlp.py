@@ -17,7 +17,7 @@ import torch
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
-from kvpolicy.types import LayerView, Requirements, non_negative, positive
+from kvpolicy.types import FeatureWidth, LayerView, Requirements, non_negative, positive
 
 
 @attrs.frozen
@@ -60,6 +60,10 @@ class MlpScorer(HasFlatParameters):
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.exactly(self.config.features)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         check_features("mlp scorer", features, self.config.features)

@@ -6,8 +6,8 @@ Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned sco
   evict every token scoring below 0; every layer updates each 512 tokens; no budget.
 - ``namm-mlp``: the same with the per-token MLP scorer (the paper's ablation).
 
-Both start with zero parameters (nothing is evicted); `calibrate` collects the spectrogram's
-normalisation statistics with that zero policy, as the paper does before evolution.
+Both start with zero parameters (nothing is evicted); `kvpolicy.calibrate` collects the
+spectrogram's normalisation statistics with that zero policy, as the paper does before evolution.
 
 - ``namm-bam-smollm2``: a NAMM for SmolLM2 shipped with its evolved parameters and calibration
   (``data/namm-bam-smollm2.safetensors``, made by ``examples/namm-smollm2/``): spectrogram, the
@@ -19,14 +19,9 @@ normalisation statistics with that zero policy, as the paper does before evoluti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from kvpolicy import Policy, hookimpl
-from kvpolicy.errors import InvalidConfigError
+from kvpolicy import hookimpl
 from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
 
 UPDATE_EVERY = 512
@@ -62,36 +57,6 @@ def evolved_config() -> PolicyConfig:
         protect=Protection(recent=32),
         budget=Budget(ratio=0.25),
     )
-
-
-def calibrate(policy: Policy, model: Any, inputs: Iterable[Any], **generate_kwargs: Any) -> int:
-    """Collect the extractor's normalisation statistics by running the zero (keep-all) policy over
-    ``inputs`` (tokenised batches), then freeze them. The policy's parameters are restored after.
-
-    Returns the number of batches run. ``generate_kwargs`` go to `Policy.generate`
-    (``max_new_tokens`` defaults to 1: the prompt's attention is what is measured).
-    """
-    extractor = policy.extractor
-    if not (hasattr(extractor, "start_calibration") and hasattr(extractor, "freeze")):
-        raise InvalidConfigError(
-            f"extractor {extractor.name!r} has no calibration statistics; calibrate works with 'stft'"
-        )
-    parametric = policy.parametric().values()
-    saved = [(component, component.get_flat().clone()) for component in parametric]
-    for component, _ in saved:
-        component.set_flat(torch.zeros(component.num_params))
-    generate_kwargs.setdefault("max_new_tokens", 1)
-    runs = 0
-    try:
-        extractor.start_calibration()
-        for batch in inputs:
-            policy.generate(model, batch, **generate_kwargs)
-            runs += 1
-    finally:
-        extractor.freeze()
-        for component, values in saved:
-            component.set_flat(values)
-    return runs
 
 
 @hookimpl

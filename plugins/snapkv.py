@@ -27,6 +27,7 @@ from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import (
     Budget,
     ComponentRef,
+    FeatureWidth,
     LayerView,
     PolicyConfig,
     Protection,
@@ -35,12 +36,16 @@ from kvpolicy.types import (
     positive,
 )
 
+#: the observation window of the authors' code: how many of the newest queries vote, and how many
+#: of the newest tokens are always kept (the extractor and the scorer must agree on it)
+WINDOW_SIZE = 32
+
 
 @attrs.frozen
 class WindowVotesConfig:
     """``window_size``: how many of the newest queries vote (the observation window)."""
 
-    window_size: int = attrs.field(default=32, validator=positive)
+    window_size: int = attrs.field(default=WINDOW_SIZE, validator=positive)
 
 
 class WindowVotesExtractor:
@@ -56,6 +61,10 @@ class WindowVotesExtractor:
     def requirements(self) -> Requirements:
         return Requirements(attention_window=self.config.window_size)
 
+    @property
+    def num_features(self) -> int:
+        return 1
+
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` votes of the newest ``window_size`` queries."""
         view.require("attention", by="extractor 'window_votes'")
@@ -68,7 +77,7 @@ class SnapKVConfig:
     """``window_size`` newest tokens always kept; votes of the older ones pooled with a
     ``kernel_size`` (odd) ``pooling`` ("avg" or "max") kernel."""
 
-    window_size: int = attrs.field(default=32, validator=positive)
+    window_size: int = attrs.field(default=WINDOW_SIZE, validator=positive)
     kernel_size: int = attrs.field(default=5, validator=positive)
     pooling: Literal["avg", "max"] = attrs.field(default="avg")
 
@@ -95,6 +104,10 @@ class SnapKVScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.at_least(1)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         if features.shape[-1] < 1:
@@ -130,8 +143,8 @@ def kvpolicy_register_scorers(register) -> None:
 @hookimpl
 def kvpolicy_register_policies(register) -> None:
     snapkv = PolicyConfig(
-        extractor=ComponentRef("window_votes", {"window_size": 32}),
-        scorer=ComponentRef("snapkv", {"window_size": 32, "kernel_size": 5, "pooling": "avg"}),
+        extractor=ComponentRef("window_votes", {"window_size": WINDOW_SIZE}),
+        scorer=ComponentRef("snapkv", {"window_size": WINDOW_SIZE, "kernel_size": 5, "pooling": "avg"}),
         selector=ComponentRef("top_k"),
         schedule=Schedule("after_prefill"),
         protect=Protection(),

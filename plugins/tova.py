@@ -26,6 +26,7 @@ from kvpolicy.types import (
     Budget,
     ComponentRef,
     EmptyConfig,
+    FeatureWidth,
     LayerView,
     PolicyConfig,
     Protection,
@@ -46,6 +47,10 @@ class LastQueryAttentionExtractor:
     @property
     def requirements(self) -> Requirements:
         return Requirements(attention_window=1)
+
+    @property
+    def num_features(self) -> int:
+        return 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` the newest query's attention row."""
@@ -73,6 +78,10 @@ class TovaScorer:
     @property
     def requirements(self) -> Requirements:
         return Requirements()
+
+    @property
+    def input_width(self) -> FeatureWidth:
+        return FeatureWidth.at_least(1)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         if features.shape[-1] < 1:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+import kvpolicy
 from kvpolicy.eval.forked import forked_scores
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import build_policy
 from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.integrations.hf.shared_prefill import prefill
 from kvpolicy.models import load_model
@@ -40,12 +40,11 @@ def main() -> None:
     args = parser.parse_args()
 
     config = EvolveConfig.from_file(args.config)
-    policy = build_policy(config.policy)
+    policy = kvpolicy.build(config.policy)
     if args.calibration:
         from kvpolicy import Policy
-        from kvpolicy.checkpoint import install_buffers
 
-        install_buffers(policy, Policy.load(args.calibration).buffers(), args.calibration)
+        policy.load_buffers(Policy.load(args.calibration).buffers(), args.calibration)
     policy.set_flat(SearchSpace(policy, config.search, config.start).start)
     model, tokenizer = load_model(config.model)
     tasks = config.stages[-1].tasks

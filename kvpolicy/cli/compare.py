@@ -60,18 +60,18 @@ def paired_table(labels: list[str], kept: dict[str, float], results: dict, refer
 
 def _grid(specs: list[str], budgets: list[str | None]) -> list[tuple[str, str | None, object]]:
     """``(spec, budget, policy)`` for every combination that makes sense."""
-    from kvpolicy.eval.policy_spec import parse_policy
+    import kvpolicy
 
     grid = []
     for spec in specs:
         for budget in budgets:
             try:
-                grid.append((spec, budget, parse_policy(spec, budget)))
+                grid.append((spec, budget, kvpolicy.build(spec, **({} if budget is None else {"budget": budget}))))
             except InvalidBudgetError:
                 if budget is None:
                     raise
-                policy = parse_policy(spec)  # decides its own size: one run, no budget
-                if getattr(policy.selector, "needs_budget", True) and policy.schedule.kind != "never":
+                policy = kvpolicy.build(spec)  # decides its own size: one run, no budget
+                if policy.needs_budget:
                     raise
                 if not any(g[0] == spec for g in grid):
                     grid.append((spec, None, policy))

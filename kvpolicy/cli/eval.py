@@ -95,10 +95,11 @@ def run_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpolicy.eval.policy_spec import parse_policy, policy_label
+    import kvpolicy
+    from kvpolicy.eval.policy_spec import policy_label
     from kvpolicy.models import load_model
 
-    policy = parse_policy(args.policy, args.budget)
+    policy = kvpolicy.build(args.policy, **({} if args.budget is None else {"budget": args.budget}))
     items = suite_items(args)
     model, tokenizer = load_model(args.model)
     label = policy_label(args.policy, args.budget)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvpolicy.errors import InvalidConfigError, UnknownComponentError
-from kvpolicy.types import Budget, PolicyConfig
+from kvpolicy.types import Budget
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,21 +69,14 @@ def prepare(args: argparse.Namespace):
 
 
 def resolve_policy(args: argparse.Namespace):
-    """A Policy from a preset name, a PolicyConfig JSON file or a saved .safetensors policy."""
+    """A Policy from a preset name, a PolicyConfig JSON file or a saved .safetensors policy (whose
+    learned parameters and buffers it keeps), with the command line's budget and protection."""
     import kvpolicy
 
-    spec = str(args.policy)
     overrides = {k: v for k, v in (("sinks", args.sinks), ("recent", args.recent)) if v is not None}
     if args.budget is not None:
         overrides["budget"] = Budget.parse(args.budget)
-    if spec.endswith(".safetensors"):
-        return kvpolicy.Policy.load(spec).override(**overrides)  # keeps parameters and buffers
-    if spec.endswith(".json"):
-        path = Path(spec)
-        if not path.is_file():
-            raise InvalidConfigError(f"policy file {spec} does not exist")
-        return kvpolicy.build(PolicyConfig.from_json(path.read_bytes()), **overrides)
-    return kvpolicy.build(spec, **overrides)
+    return kvpolicy.build(str(args.policy), **overrides)
 
 
 def _inputs(tokenizer, text_or_messages, chat: bool) -> dict[str, torch.Tensor]:

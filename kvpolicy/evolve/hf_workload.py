@@ -19,39 +19,19 @@ The optimizer searches the offset of the ``search``-ed parameter groups from the
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpolicy.checkpoint import install_buffers, tensor_checksum
+from kvpolicy.calibration import calibrate, calibrates
+from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
 from kvpolicy.evolve.models import load_model_and_tokenizer
 from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.policy import Policy, build
-from kvpolicy.types import PolicyConfig
-
-#: ``{"preset": name, ...}`` keys passed to `kvpolicy.build` as overrides
-_BUILD_OVERRIDES = ("extractor", "scorer", "selector", "every", "sinks", "recent", "budget", "skip_layers")
-
-
-def build_policy(spec: Any) -> Policy:
-    """A policy from a preset name, ``{"preset": name, <build overrides>}`` or a PolicyConfig dict."""
-    if isinstance(spec, str):
-        return build(spec)
-    if isinstance(spec, Mapping) and "preset" in spec:
-        unknown = sorted(set(spec) - {"preset", *_BUILD_OVERRIDES})
-        if unknown:
-            raise InvalidConfigError(
-                f"policy overrides {', '.join(unknown)} are not understood; use {', '.join(_BUILD_OVERRIDES)}"
-            )
-        return build(spec["preset"], **{k: v for k, v in spec.items() if k != "preset"})
-    if isinstance(spec, Mapping):
-        return Policy.from_config(PolicyConfig.from_dict(spec))
-    raise InvalidConfigError(f"policy must be a preset name or a config object, got {spec!r}")
 
 
 class HfWorkload:
@@ -64,7 +44,7 @@ class HfWorkload:
         self.config = config
         for stage in config.stages:
             check_tasks(stage.tasks)
-        self.policy = build_policy(config.policy)
+        self.policy = build(config.policy)
         if self.policy.num_params == 0:
             raise InvalidConfigError(
                 f"policy {self.policy!r} has no learnable parameters; evolve a Parametric scorer such as namm-bam"
@@ -147,7 +127,7 @@ class HfWorkload:
         start = time.perf_counter()
         if job.kind == "calibrate":
             return self._calibrate(job, start)
-        install_buffers(self.policy, job.buffers, "the calibration of this run")
+        self.policy.load_buffers(job.buffers, "the calibration of this run")
         params = None if job.params is None else self.space.full_params(job.params)
         if self._prefills is not None:
             scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
@@ -175,23 +155,19 @@ class HfWorkload:
         return JobResult(scores, kept, {}, time.perf_counter() - start)
 
     def _calibrate(self, job: Job, start: float) -> JobResult:
-        extractor = self.policy.extractor
-        if not (hasattr(extractor, "start_calibration") and hasattr(extractor, "freeze")):
+        if not calibrates(self.policy):
             return JobResult(torch.ones(1, 0), torch.ones(1, 0), {}, time.perf_counter() - start)
-        self.policy.set_flat(self.space.start)
-        tasks = job.tasks or (job.task,)
-        extractor.start_calibration()
-        try:
-            for task in tasks:
-                for seed in job.seeds:
-                    self._score(self.policy, task, job.split, job.length, seed)
-        finally:
-            extractor.freeze()
-        count = len(tasks) * len(job.seeds)
+        model, _ = self._ensure_model()
+        items = [(task, seed) for task in job.tasks or (job.task,) for seed in job.seeds]
+
+        def run(policy: Policy, model: Any, item: tuple[str, int]) -> None:
+            self._score(policy, item[0], job.split, job.length, item[1])
+
+        count = calibrate(self.policy, model, items, params=self.space.start, run=run)
         return JobResult(torch.ones(1, count), torch.ones(1, count), self.policy.buffers(), time.perf_counter() - start)
 
     def save_result(self, params: torch.Tensor, buffers: dict[str, torch.Tensor], path: Path) -> None:
         """Write the policy with these parameters and buffers as a policy file (`Policy.save`)."""
-        install_buffers(self.policy, buffers, "the calibration of this run")
+        self.policy.load_buffers(buffers, "the calibration of this run")
         self.policy.set_flat(self.space.full_params(params))
         self.policy.save(str(path))

@@ -47,7 +47,7 @@ def test_a_flipped_byte_in_the_tensor_data_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt: its tensor data does not match the sha256"):
         Policy.load(path)
     with pytest.raises(CheckpointError, match="does not match the sha256"):
-        checkpoint.load_weights(kvpolicy.build("namm-bam"), path)
+        kvpolicy.build("namm-bam").load_weights(path)
 
 
 def test_a_file_written_before_checksums_still_loads(tmp_path):

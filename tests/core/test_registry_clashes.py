@@ -72,7 +72,7 @@ def test_third_party_reusing_a_builtin_entry_point_name_loads_beside_it(extra_si
     _write_distribution(extra_site, "kvp-clash", "kvp_clash_h2o", "h2o", ("their_scorer",))
     with pytest.warns(PluginClashWarning, match=r"entry point name 'h2o' is used by 2 plugins: kvp-clash 9\.9"):
         registry = Registry(strict=True)  # nothing is lost, so strict mode has nothing to refuse
-    assert kvpolicy.build("h2o", budget=64, registry=registry).scorer.name == "h2o"
+    assert kvpolicy.build("h2o", budget=64, registry=registry).scorer.name == "feature"
     assert registry.create("scorer", "their_scorer").name == "their_scorer"
     infos = {p.name: p for p in registry.plugins()}
     assert infos["kvpolicy:h2o"].module == "kvpolicy_plugins.h2o"
@@ -90,7 +90,7 @@ def test_same_component_from_two_plugins_breaks_only_that_name(extra_site):
         registry = Registry()
     assert registry.create("scorer", "one_scorer").name == "one_scorer"
     assert registry.create("scorer", "two_scorer").name == "two_scorer"
-    assert kvpolicy.build("h2o", budget=64, registry=registry).scorer.name == "h2o"
+    assert kvpolicy.build("h2o", budget=64, registry=registry).scorer.name == "feature"
     with pytest.raises(DuplicateComponentError, match=r"'shared_scorer' is registered twice: by plugin 'one'.*'two'"):
         kvpolicy.Policy("position", "shared_scorer", "top_k", budget=8, registry=registry)
     (conflict,) = registry.conflicts()
@@ -125,7 +125,7 @@ def test_other_commands_fail_only_on_the_clashing_name(extra_site, capsys):
     from kvpolicy.cli.run import prepare
 
     with pytest.warns(PluginClashWarning):
-        assert prepare(_run_args("--policy", "h2o", "--budget", "64")).scorer.name == "h2o"  # what `run` does first
+        assert prepare(_run_args("--policy", "h2o", "--budget", "64")).scorer.name == "feature"  # what `run` does first
     assert main(["run", "--policy", str(policy_file)]) == 2  # refused before any model is loaded
     assert "'shared_scorer' is registered twice: by plugin 'one'" in capsys.readouterr().err
 

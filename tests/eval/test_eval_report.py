@@ -16,7 +16,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
-from kvpolicy.eval.policy_spec import parse_policy, policy_label
+from kvpolicy.eval.policy_spec import policy_label
 from kvpolicy.eval.report import (
     ALL,
     length_table,
@@ -177,6 +177,11 @@ def test_per_layer_retention_is_the_mean_per_layer() -> None:
     assert per_layer_retention([result("a", "t", 1.0, kept=0.4), result("b", "t", 1.0, kept=0.8)]) == pytest.approx(
         [0.6, 0.3]
     )
+
+
+def parse_policy(spec: str, budget: str | None = None) -> kvpolicy.Policy:
+    """A policy spec as ``kvpolicy eval --policy SPEC [--budget B]`` reads it."""
+    return kvpolicy.build(spec, **({} if budget is None else {"budget": budget}))
 
 
 def test_policy_specs() -> None:

@@ -11,7 +11,6 @@ import torch
 
 import kvpolicy
 from kvpolicy.evolve.config import EvolveConfig
-from kvpolicy.evolve.hf_workload import build_policy
 from kvpolicy.evolve.search_space import parameter_layout
 from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy_plugins.namm import EVOLVED_SMOLLM2, EVOLVED_VOTES_KERNELS, evolved_config
@@ -38,14 +37,14 @@ def test_the_shipped_weights_are_package_data_and_load_by_name():
 def test_the_config_that_made_the_shipped_parameters_evolves_its_pipeline():
     """`evolve_spans_12.json` trained at 12.5% of the cache; the preset keeps 25%."""
     shipped = kvpolicy.Policy.from_config(evolved_config()).config
-    trained = build_policy(EvolveConfig.from_file(EXAMPLE / "evolve_spans_12.json").policy).config
+    trained = kvpolicy.build(EvolveConfig.from_file(EXAMPLE / "evolve_spans_12.json").policy).config
     assert trained.budget.ratio == 0.125
     assert attrs.evolve(trained, budget=shipped.budget) == shipped
 
 
 def test_every_recorded_evolution_config_still_builds():
     for path in sorted(EXAMPLE.glob("evolve_*.json")):
-        policy = build_policy(EvolveConfig.from_file(path).policy)
+        policy = kvpolicy.build(EvolveConfig.from_file(path).policy)
         assert policy.num_params > 0, path.name
 
 

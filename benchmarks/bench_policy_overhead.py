@@ -94,7 +94,7 @@ def _held(cache) -> int:
 
 
 def _measure_policy(policy, model, prompt, follow, chunk: int, mode: str) -> tuple[float, list[float], int]:
-    """Seconds of the chunked prefill (updates included), of each decode step, and the most
+    """Seconds of the chunked prefill (eviction passes included), of each decode step, and the most
     statistics held at once."""
     held = 0
     with torch.inference_mode(), HFAdapter(model).attach(policy, statistics=mode) as handle:
@@ -103,7 +103,7 @@ def _measure_policy(policy, model, prompt, follow, chunk: int, mode: str) -> tup
         for part in prompt.split(chunk, dim=1):
             handle.feed(part, evict=False)
             held = max(held, _held(handle.cache))
-            handle._attachment.update(handle.cache)
+            handle.cache.eviction_pass(handle.policy)
         prefill = time.perf_counter() - start
         steps = []
         for index in range(follow.shape[1]):

@@ -120,8 +120,10 @@ def kvpolicy_model_adapter(model: Any) -> Any | None:
     """Return an adapter that can attach policies to ``model``, or None if this plugin cannot.
 
     The first non-None answer wins, so a plugin can add support for a model family (or a
-    different inference engine) without touching kvpolicy. An adapter has
-    ``attach(policy) -> handle`` (a context manager) and ``describe() -> str``.
+    different inference engine) without touching kvpolicy. The adapter implements
+    `kvpolicy.types.ModelAdapter`: ``attach(policy)`` returns a context manager whose ``__enter__``
+    gives a handle (`Policy.attach`), and ``generate(policy, inputs, **generate_kwargs)`` runs
+    generation with the policy attached (`Policy.generate`).
 
     .. versionadded:: 0.1
     """

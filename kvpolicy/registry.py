@@ -36,7 +36,7 @@ from kvpolicy.errors import (
     UnknownComponentError,
     UnsupportedModelError,
 )
-from kvpolicy.types import COMPONENT_KINDS, PROTOCOLS, ComponentKind, PolicyConfig, config_from_dict
+from kvpolicy.types import COMPONENT_KINDS, PROTOCOLS, ComponentKind, ModelAdapter, PolicyConfig, config_from_dict
 
 STRICT_ENV = "KVPOLICY_STRICT_PLUGINS"
 _REGISTER_HOOKS: dict[ComponentKind, str] = {
@@ -451,7 +451,7 @@ class Registry:
             )
         return sorted(infos, key=lambda p: p.name)
 
-    def model_adapter(self, model: Any) -> Any:
+    def model_adapter(self, model: Any) -> ModelAdapter:
         """The adapter of the first plugin that supports ``model``."""
         adapter = self.pm.hook.kvpolicy_model_adapter(model=model)
         if adapter is None:

@@ -22,6 +22,7 @@ import numbers
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 import attrs
@@ -840,6 +841,16 @@ def capabilities(component: Any) -> Capabilities:
             for field in attrs.fields(Capabilities)
         }
     )
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What a ``kvpolicy_model_adapter`` hook returns for a model it can drive: `Policy.attach`
+    and `Policy.generate` call exactly these two."""
+
+    def attach(self, policy: Any) -> AbstractContextManager[Any]: ...
+
+    def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> Any: ...
 
 
 PROTOCOLS: dict[ComponentKind, type] = {

@@ -53,6 +53,7 @@ from kvpolicy.types import (
     Parametric,
     PolicyConfig,
     Requirements,
+    capabilities,
     config_from_dict,
     config_to_dict,
 )
@@ -190,7 +191,7 @@ def check_rejects_unknown_config(target: Target) -> None:
 def _aligned(target: Target, *components: Any) -> bool | None:
     """True when the target (option ``aligned_heads``) or a component (``requires_aligned_heads``)
     needs every KV head to hold the same tokens; None lets views draw both layouts."""
-    wanted = target.options.get("aligned_heads") or any(getattr(c, "requires_aligned_heads", False) for c in components)
+    wanted = target.options.get("aligned_heads") or any(capabilities(c).requires_aligned_heads for c in components)
     return True if wanted else None
 
 
@@ -447,7 +448,7 @@ def _score_order(target: Target, selector: Any) -> bool:
 
 def check_selector_contract(target: Target) -> None:
     selector = target.make()
-    needs_budget = getattr(selector, "needs_budget", True)
+    needs_budget = capabilities(selector).needs_budget
     order = _score_order(target, selector)
 
     def body(inputs: kst.SelectorInputs) -> None:
@@ -468,7 +469,7 @@ def check_protection_beats_pinned_scores(target: Target) -> None:
     protected = torch.zeros(1, 2, tokens, dtype=torch.bool)
     protected[..., -1] = True
     view = LayerView(layer=0, num_layers=1, positions=torch.arange(tokens).expand(1, 2, tokens), seen=tokens)
-    budget = Budget(tokens=1) if getattr(selector, "needs_budget", True) else Budget()
+    budget = Budget(tokens=1) if capabilities(selector).needs_budget else Budget()
     selection = selector.select(scores, protected, budget, view)
     problems = selection_violations(selection, scores, protected, budget.capacity(tokens), score_order=False)
     if problems:
@@ -476,7 +477,7 @@ def check_protection_beats_pinned_scores(target: Target) -> None:
 
 
 def check_selector_behaviour(target: Target) -> None:
-    needs_budget = getattr(target.make(), "needs_budget", True)
+    needs_budget = capabilities(target.make()).needs_budget
 
     def body(inputs: kst.SelectorInputs) -> None:
         def run(view: LayerView, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy.types import Selection
+from kvpolicy.types import Selection, capabilities
 
 
 class InvariantViolation(AssertionError):
@@ -20,10 +20,10 @@ def keeps_highest_scores(selector: object) -> bool:
     """Whether ``selector`` keeps the highest-scored unprotected tokens of each head.
 
     A selector that also keeps tokens by another rule (a recent window sized by the budget, a
-    class of special tokens) declares ``keeps_highest_scores = False`` and is exempt from the
-    score-order invariant.
+    class of special tokens) declares ``keeps_highest_scores = False`` (`kvpolicy.types.Capabilities`)
+    and is exempt from the score-order invariant.
     """
-    return bool(getattr(selector, "keeps_highest_scores", True))
+    return capabilities(selector).keeps_highest_scores
 
 
 def kept_mask(selection: Selection, tokens: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from kvpolicy.types import (
     Protection,
     Requirements,
     Schedule,
+    capabilities,
     config_to_dict,
     non_negative,
     positive,
@@ -453,7 +454,7 @@ def policy_overrides(policy: Policy, max_budget: int = 32) -> st.SearchStrategy[
         recent = draw(st.integers(0, 4))
         minimum = sinks + max(recent, 1)
         out: dict[str, Any] = {"sinks": sinks, "recent": recent}
-        if getattr(policy.selector, "needs_budget", True):
+        if capabilities(policy.selector).needs_budget:
             out["budget"] = draw(budgets(min_tokens=minimum, max_tokens=max(minimum, max_budget)))
         kind = policy.schedule.kind
         if kind == "every_n":

@@ -34,10 +34,6 @@ class HFAdapter:
         self.model = model
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
 
-    def describe(self) -> str:
-        family = SUPPORTED_FAMILIES.get(self.model_type, "unsupported")
-        return f"transformers {type(self.model).__name__} ({family})"
-
     def _check(self, *, generating: bool = False) -> str:
         if self.model_type not in SUPPORTED_FAMILIES:
             raise UnsupportedModelError(
@@ -57,7 +53,7 @@ class HFAdapter:
         return SUPPORTED_FAMILIES[self.model_type]
 
     def attach(self, policy: Any, statistics: str = "in_pass") -> Attachment:
-        """``statistics``: ``in_pass`` (default) or ``recompute`` (see `attach.STATISTICS_PATHS`)."""
+        """``statistics``: ``in_pass`` (default) or ``recompute`` (see `attention.STATISTICS_PATHS`)."""
         return Attachment(self.model, policy, self._check(), statistics)
 
     def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:

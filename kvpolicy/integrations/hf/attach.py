@@ -1,13 +1,13 @@
-"""Attaching a policy to a transformers model, and the handle that drives it.
+"""Attaching a policy to a transformers model (the wiring), and the handle that drives it.
 
 ``with policy.attach(model) as handle:`` registers kvpolicy's attention and mask functions,
 switches the model's attention implementation to them, and adds two torch hooks on the model:
 before each forward call it gives the new tokens their absolute ``position_ids`` (after eviction
 RoPE needs the true positions, not the shrunken cache length) and refuses padded batches; after
-each forward call — between calls, never inside ``cache.update`` — every layer whose schedule is
-due runs ``policy.plan`` and keeps the selected tokens. ``model.generate`` is wrapped so that it
-starts from a fresh evicting cache and knows where the prompt ends (``after_prefill`` fires once
-the prompt is consumed, chunked prefill included). Leaving the block undoes all of it.
+each forward call — between calls, never inside transformers' ``cache.update`` (the append) — the
+cache runs its eviction pass (`EvictingCache.eviction_pass`). ``model.generate`` is wrapped so
+that it starts from a fresh evicting cache and knows where the prompt ends (``after_prefill``
+fires once the prompt is consumed, chunked prefill included). Leaving the block undoes all of it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
-import time
 import warnings
 import weakref
 from contextlib import AbstractContextManager
@@ -35,18 +34,13 @@ from kvpolicy.errors import (
 )
 from kvpolicy.integrations.hf.attention import (
     SUPPORTED_IMPLEMENTATIONS,
+    AttentionRoute,
     make_attention_function,
     make_mask_function,
 )
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_types
 from kvpolicy.integrations.hf.report import budget_override_note, build_report
 from kvpolicy.types import CacheReport
-
-#: ``in_pass``: the attention pass computes the statistics a policy declared from its own
-#: probabilities (`kvpolicy.integrations.hf.in_pass`); ``recompute``: the output comes from the
-#: model's kernel and the statistics from a second pass (`kvpolicy.integrations.hf.statistics`),
-#: the straightforward reference the in-pass path is tested against.
-STATISTICS_PATHS = ("in_pass", "recompute")
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
@@ -79,10 +73,9 @@ class Attachment(AbstractContextManager):
     """One policy attached to one model (see the module docstring). ``__enter__`` returns a `Handle`."""
 
     def __init__(self, model: torch.nn.Module, policy: Any, family: str, statistics: str = "in_pass") -> None:
-        if statistics not in STATISTICS_PATHS:
-            raise InvalidConfigError(f"statistics must be one of {', '.join(STATISTICS_PATHS)}, got {statistics!r}")
-        #: how attention statistics are computed (see `STATISTICS_PATHS`)
-        self.statistics = statistics
+        #: what the attention function reads (named and pointed at a cache while attached);
+        #: ``statistics``: how attention statistics are computed (`attention.STATISTICS_PATHS`)
+        self.route = AttentionRoute("", "", statistics)
         self.model = model
         self.policy = policy
         self.family = family
@@ -96,13 +89,9 @@ class Attachment(AbstractContextManager):
         evicts = policy.schedule.kind != "never"
         self.managed = tuple(i for i, t in enumerate(types) if t == "full_attention" and i not in skip and evicts)
         self.requirements = policy.requirements
-        self.records_statistics = self.requirements.needs_attention
         self._fixed_notes = self._notes(types, skip)
         #: the latest ``model.generate`` ran with ``use_cache=False``: no cache, so no policy effect
         self.uncached = False
-        self.name = ""
-        self.implementation = ""
-        self.active_cache: EvictingCache | None = None
         self.cache: EvictingCache | None = None
         self._hooks: list[Any] = []
         self._saved_implementations: list[tuple[Any, Any]] = []
@@ -159,17 +148,15 @@ class Attachment(AbstractContextManager):
                     f"attention implementation {implementation!r} is not supported; load the model with "
                     f"attn_implementation in {SUPPORTED_IMPLEMENTATIONS}"
                 )
-            self.implementation = implementation
-            self.name = f"kvpolicy_{next(_NAMES)}"
-            while (
-                self.name in AttentionInterface._global_mapping or self.name in AttentionMaskInterface._global_mapping
-            ):
-                self.name = f"kvpolicy_{next(_NAMES)}"
+            name = f"kvpolicy_{next(_NAMES)}"
+            while name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping:
+                name = f"kvpolicy_{next(_NAMES)}"
+            self.route.name, self.route.implementation = name, implementation
             _ATTACHED[self.model] = self
-        AttentionInterface.register(self.name, make_attention_function(self))
-        AttentionMaskInterface.register(self.name, make_mask_function(self))
+        AttentionInterface.register(name, make_attention_function(self.route))
+        AttentionMaskInterface.register(name, make_mask_function(self.route))
         self._saved_implementations = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self._configs()]
-        self.model.config._attn_implementation = self.name
+        self.model.config._attn_implementation = name
         self._hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward),
@@ -204,13 +191,13 @@ class Attachment(AbstractContextManager):
         self._hooks = []
         for config, value in self._saved_implementations:
             config.__dict__["_attn_implementation_internal"] = value
-        AttentionInterface._global_mapping.pop(self.name, None)
-        AttentionMaskInterface._global_mapping.pop(self.name, None)
+        AttentionInterface._global_mapping.pop(self.route.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.route.name, None)
         if self._wraps_generate and self._had_generate:
             self.model.generate = self._original_generate
         elif self._wraps_generate:
             self.model.__dict__.pop("generate", None)
-        self.active_cache = None
+        self.route.cache = None
         with _LOCK:
             if _ATTACHED.get(self.model) is self:
                 del _ATTACHED[self.model]
@@ -232,7 +219,7 @@ class Attachment(AbstractContextManager):
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         cache = _given_cache(kwargs)
         if not self._own(cache):
-            self.active_cache = None
+            self.route.cache = None
             return None
         if kwargs.get("use_cache") is False:  # the model would still append to the cache it was given
             raise AttachError(
@@ -262,42 +249,14 @@ class Attachment(AbstractContextManager):
             raise UnsupportedModelError("this policy needs token ids; call the model with input_ids, not inputs_embeds")
         positions = cache.begin_forward(new, input_ids, inputs.device)
         kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
-        self.active_cache = cache
+        self.route.cache = cache
         self.cache = cache
         return args, kwargs
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        cache, self.active_cache = self.active_cache, None
+        cache, self.route.cache = self.route.cache, None
         if cache is not None and not self.deferring:
-            self.update(cache)
-
-    def update(self, cache: EvictingCache) -> None:
-        """Between forward calls: every due layer runs extract → score → select and keeps its choice."""
-        start = time.perf_counter()
-        updated = False
-        with torch.no_grad():
-            for index in cache.managed:
-                layer = cache.layers[index]
-                if not isinstance(layer, EvictingLayer) or layer.positions is None:
-                    continue
-                due = self.policy.is_due(
-                    new_tokens=layer.new_tokens,
-                    cached=layer.cached(),
-                    seen=layer.seen,
-                    prefill_done=cache.prefill_done,
-                    updates=layer.updates,
-                )
-                if not due:
-                    continue
-                view = layer.view(index, self.num_layers, self.requirements)
-                selection = self.policy.plan(view)
-                layer.state = view.state
-                if selection is not None:
-                    layer.gather(selection)
-                layer.finish_update()
-                updated = True
-        cache.policy_seconds += time.perf_counter() - start
-        cache.updates += int(updated)
+            cache.eviction_pass(self.policy)
 
     # ----------------------------------------------------------------- generate
 

@@ -11,7 +11,11 @@ the layer's cache lines up with the mask transformers built (always, while nothi
 evicted, so a keep-all policy gives identical logits). A layer whose physical length differs from
 the mask's (layers evict differently) or that has padded slots gets its own mask: every valid
 cached token plus the new tokens causally. On top of the output it records only the statistics
-the policy declared (`kvpolicy.types.Requirements`); a key-only policy costs nothing extra.
+the policy declared (`kvpolicy.types.Requirements`), into the cache of the forward call
+(`EvictingCache.record_in_pass` / `record_for_recompute`); a key-only policy costs nothing extra.
+
+What the two functions read is an `AttentionRoute`, which the attachment owns and points at the
+cache of each forward call: this module knows nothing of the attachment.
 """
 
 from __future__ import annotations
@@ -19,21 +23,44 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import attrs
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpolicy.errors import AttachError, UnsupportedModelError
+from kvpolicy.errors import AttachError, InvalidConfigError, UnsupportedModelError
 from kvpolicy.integrations.hf import in_pass
-from kvpolicy.integrations.hf.cache import EvictingLayer
-from kvpolicy.integrations.hf.statistics import attention_columns, visibility
-
-if TYPE_CHECKING:
-    from kvpolicy.integrations.hf.attach import Attachment
+from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.integrations.hf.statistics import visibility
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+#: ``in_pass``: the attention pass computes the statistics a policy declared from its own
+#: probabilities (`kvpolicy.integrations.hf.in_pass`); ``recompute``: the output comes from the
+#: model's kernel and the statistics from a second pass (`kvpolicy.integrations.hf.statistics`),
+#: the straightforward reference the in-pass path is tested against.
+STATISTICS_PATHS = ("in_pass", "recompute")
+
+
+@attrs.define
+class AttentionRoute:
+    """What the attention and mask functions registered under ``name`` read: the model's own
+    ``implementation`` (``sdpa`` / ``eager``) they wrap, the ``statistics`` path, and the
+    ``cache`` of the forward call in flight (None outside one, or for a cache the policy does
+    not own: then attention is the model's own)."""
+
+    name: str
+    implementation: str
+    statistics: str = "in_pass"
+    cache: EvictingCache | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.statistics not in STATISTICS_PATHS:
+            raise InvalidConfigError(
+                f"statistics must be one of {', '.join(STATISTICS_PATHS)}, got {self.statistics!r}"
+            )
 
 
 def original_attention(implementation: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -88,8 +115,8 @@ def _attend_in_pass(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    layer: EvictingLayer,
-    cache: Any,
+    layer_idx: int,
+    cache: EvictingCache,
     mask_fits: bool,
     scaling: float,
     softcap: float | None,
@@ -100,6 +127,7 @@ def _attend_in_pass(
     received attention, the newest ``attention_window`` for rows) are attended explicitly
     (`in_pass.attend`); the older ones by the model's own kernel."""
     requirements = cache.requirements
+    layer = cache.layers[layer_idx]
     new, tokens = query.shape[2], key.shape[2]
     past = tokens - new
     rows = min(new, requirements.attention_window)
@@ -128,15 +156,12 @@ def _attend_in_pass(
                 module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
             )
         output = torch.cat([older, output], dim=1)
-    if row_stats is not None:
-        layer.add_rows(row_stats, torch.arange(layer.seen - rows, layer.seen), requirements.attention_window)
-    if columns is not None:
-        layer.add_accumulated(columns)
+    cache.record_in_pass(layer_idx, row_stats, torch.arange(layer.seen - rows, layer.seen), columns)
     return output
 
 
-def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch.Tensor, None]]:
-    """The attention function of one attachment (a closure: it reads the cache in use)."""
+def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, None]]:
+    """The attention function of one route (a closure: it reads the cache in use)."""
 
     def kvpolicy_attention(
         module: torch.nn.Module,
@@ -146,8 +171,8 @@ def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        original = original_attention(attachment.implementation, module)
-        cache = attachment.active_cache
+        original = original_attention(route.implementation, module)
+        cache = route.cache
         layer_idx = getattr(module, "layer_idx", None)
         layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
         if not isinstance(layer, EvictingLayer):
@@ -160,15 +185,26 @@ def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch
         if attention_mask is None and new > 1 and past > 0:
             raise AttachError(
                 f"no causal mask reached the attention of layer {layer_idx} for a {new}-token chunk over "
-                f"{past} cached tokens: the mask function {attachment.name!r} is not registered in "
+                f"{past} cached tokens: the mask function {route.name!r} is not registered in "
                 "transformers' AttentionMaskInterface"
             )
         mask_fits = attention_mask is None or attention_mask.shape[-1] == tokens
-        records = layer_idx in cache.managed and attachment.records_statistics
-        if records and attachment.statistics == "in_pass":
+        records = cache.records_statistics(layer_idx)
+        if records and route.statistics == "in_pass":
             start = time.perf_counter()
             output = _attend_in_pass(
-                original, module, query, key, value, attention_mask, layer, cache, mask_fits, scaling, softcap, kwargs
+                original,
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                layer_idx,
+                cache,
+                mask_fits,
+                scaling,
+                softcap,
+                kwargs,
             )
             cache.policy_seconds += time.perf_counter() - start
             return output, None
@@ -179,23 +215,16 @@ def make_attention_function(attachment: Attachment) -> Callable[..., tuple[torch
 
         if records:  # the ``recompute`` path: a second pass over the scores (the reference)
             start = time.perf_counter()
-            requirements = cache.requirements
-            layer.scaling, layer.softcap = scaling, softcap
-            if requirements.attention_window:
-                positions = torch.arange(layer.seen - new, layer.seen, device=query.device)
-                layer.remember_queries(query, positions, requirements.attention_window)
-            if requirements.accumulated_attention:
-                columns = attention_columns(query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap)
-                layer.add_accumulated(columns)
+            cache.record_for_recompute(layer_idx, query, key, scaling, softcap)
             cache.policy_seconds += time.perf_counter() - start
         return output, weights
 
     return kvpolicy_attention
 
 
-def make_mask_function(attachment: Attachment) -> Callable[..., Any]:
-    """The mask function of one attachment: the model's original one, under kvpolicy's name."""
-    mask = original_mask(attachment.implementation)
+def make_mask_function(route: AttentionRoute) -> Callable[..., Any]:
+    """The mask function of one route: the model's original one, under kvpolicy's name."""
+    mask = original_mask(route.implementation)
 
     def kvpolicy_mask(*args: Any, **kwargs: Any) -> Any:
         return mask(*args, **kwargs)

@@ -9,16 +9,24 @@ of them at once, so nothing ever goes out of step. Sliding-window layers stay tr
 
 ``get_seq_length()`` stays *physical* (the tokens actually stored): transformers sizes masks and
 query offsets from it, while RoPE gets absolute ``position_ids`` from `EvictingCache.seen`.
+
+`EvictingCache` owns the eviction pass (`EvictingCache.eviction_pass`: schedule → view → plan →
+gather, between forward calls) and takes the statistics the attention function records
+(`record_in_pass`, `record_for_recompute`). transformers' own ``update`` is only the append of
+new keys and values.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpolicy.errors import ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.statistics import attention_columns, attention_rows
 from kvpolicy.integrations.hf.window import AttentionWindow
 from kvpolicy.types import LayerView, Requirements, Selection, extend_tokens
 
@@ -129,8 +137,6 @@ class EvictingLayer(DynamicLayer):
 
     def view(self, layer: int, num_layers: int, requirements: Requirements) -> LayerView:
         """A `LayerView` with exactly what the policy declared it needs."""
-        from kvpolicy.integrations.hf.statistics import attention_rows
-
         view = LayerView(layer=layer, num_layers=num_layers, positions=self.positions, seen=self.seen, state=self.state)
         if requirements.keys:
             view.keys = self.keys
@@ -157,7 +163,8 @@ class EvictingLayer(DynamicLayer):
             view.token_ids = self.token_ids
         return view
 
-    def finish_update(self) -> None:
+    def finish_pass(self) -> None:
+        """After an eviction pass: count it and forget the statistics it consumed."""
         self.updates += 1
         self.new_tokens = 0
         self.queries = self.query_positions = None
@@ -285,6 +292,7 @@ class EvictingCache(DynamicCache):
                     f"layer {index} has attention type {kind!r}; kvpolicy supports full_attention and sliding_attention"
                 )
         Cache.__init__(self, layers=layers)
+        self.num_layers = config.num_hidden_layers
         self.managed = tuple(managed)
         self.requirements = requirements
         self.seen = 0
@@ -317,6 +325,80 @@ class EvictingCache(DynamicCache):
                 )
             return layer.append(key_states, value_states, self._pending_positions, self._pending_ids)
         return layer.update(key_states, value_states, *args, **kwargs)
+
+    # ----------------------------------------------------------------- statistics (recorded by the attention function)
+
+    def records_statistics(self, layer_idx: int) -> bool:
+        """Whether the attention of ``layer_idx`` records statistics: a managed layer of a policy
+        that reads attention."""
+        return self.requirements.needs_attention and layer_idx in self.managed
+
+    def record_in_pass(
+        self, layer_idx: int, rows: torch.Tensor | None, positions: torch.Tensor, columns: torch.Tensor | None
+    ) -> None:
+        """Keep what the attention pass computed from its own probabilities: attention ``rows
+        [batch, kv_heads, queries, tokens]`` of the queries at ``positions [queries]`` and the
+        attention received ``columns [batch, kv_heads, tokens]`` (either may be None)."""
+        layer = self.layers[layer_idx]
+        if rows is not None:
+            layer.add_rows(rows, positions, self.requirements.attention_window)
+        if columns is not None:
+            layer.add_accumulated(columns)
+
+    def record_for_recompute(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None
+    ) -> None:
+        """The ``recompute`` statistics path: keep the newest queries (their attention rows are
+        computed at the eviction pass) and add the attention received, from a second pass."""
+        layer = self.layers[layer_idx]
+        requirements = self.requirements
+        new = query.shape[2]
+        layer.scaling, layer.softcap = scaling, softcap
+        if requirements.attention_window:
+            positions = torch.arange(layer.seen - new, layer.seen, device=query.device)
+            layer.remember_queries(query, positions, requirements.attention_window)
+        if requirements.accumulated_attention:
+            columns = attention_columns(query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap)
+            layer.add_accumulated(columns)
+
+    # ----------------------------------------------------------------- the eviction pass
+
+    def is_due(self, policy: Any, index: int) -> bool:
+        """Whether layer ``index`` is due for ``policy``'s eviction pass now (its `Schedule`)."""
+        layer = self.layers[index]
+        if not isinstance(layer, EvictingLayer) or layer.positions is None:
+            return False
+        return policy.is_due(
+            new_tokens=layer.new_tokens,
+            cached=layer.cached(),
+            seen=layer.seen,
+            prefill_done=self.prefill_done,
+            updates=layer.updates,
+        )
+
+    def view(self, index: int) -> LayerView:
+        """What the policy sees of layer ``index``: exactly what its requirements ask for."""
+        return self.layers[index].view(index, self.num_layers, self.requirements)
+
+    def eviction_pass(self, policy: Any) -> None:
+        """Between forward calls: every managed layer whose schedule is due runs extract → score →
+        select (`Policy.plan`) and keeps the selected tokens with everything aligned to them."""
+        start = time.perf_counter()
+        ran = False
+        with torch.no_grad():
+            for index in self.managed:
+                if not self.is_due(policy, index):
+                    continue
+                layer = self.layers[index]
+                view = self.view(index)
+                selection = policy.plan(view)
+                layer.state = view.state
+                if selection is not None:
+                    layer.gather(selection)
+                layer.finish_pass()
+                ran = True
+        self.policy_seconds += time.perf_counter() - start
+        self.updates += int(ran)
 
     def reset(self) -> None:
         super().reset()

@@ -133,9 +133,9 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
     with torch.inference_mode():
         for index in cache.managed:
             layer = cache.layers[index]
-            if not _due(policy, cache, layer):
+            if not cache.is_due(policy, index):
                 continue
-            view = layer.view(index, attachment.num_layers, wanted)
+            view = cache.view(index)
             if index not in policy.skip_layers:
                 features[index] = policy.extract(view)
             layer.state = view.state
@@ -181,19 +181,7 @@ def _recording_policy(requirements: Requirements) -> Any:
 def due_layers(policy: Any, model: Any, cache: EvictingCache) -> tuple[int, ...]:
     """The layers whose first eviction pass is due for ``policy`` on a recorded prompt."""
     managed = policy.attach(model).managed
-    return tuple(i for i in managed if _due(policy, cache, cache.layers[i]) and i not in policy.skip_layers)
-
-
-def _due(policy: Any, cache: EvictingCache, layer: Any) -> bool:
-    if not isinstance(layer, EvictingLayer) or layer.positions is None:
-        return False
-    return policy.is_due(
-        new_tokens=layer.new_tokens,
-        cached=layer.cached(),
-        seen=layer.seen,
-        prefill_done=cache.prefill_done,
-        updates=layer.updates,
-    )
+    return tuple(i for i in managed if cache.is_due(policy, i) and i not in policy.skip_layers)
 
 
 def _copy_cache(cache: EvictingCache) -> EvictingCache:
@@ -246,11 +234,10 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
         start = time.perf_counter()
         selections = {}
         for index, features in shared.features.items() if evict else ():
-            layer = cache.layers[index]
-            view = _repeat_view(layer.view(index, attachment.num_layers, attachment.requirements), rows)
+            view = _repeat_view(cache.view(index), rows)
             selections[index] = policy.choose(view, features.expand(rows, *features.shape[1:]))
         for index, layer in enumerate(cache.layers):
-            due = index in cache.managed and _due(policy, cache, layer)
+            due = index in cache.managed and cache.is_due(policy, index)
             if due and evict and index not in selections and index not in policy.skip_layers:
                 raise InvalidConfigError(
                     f"layer {index} is due for its first eviction pass but the prefill holds no features for it; "
@@ -263,7 +250,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
             elif rows > 1:
                 layer.batch_repeat_interleave(rows)
             if due:
-                layer.finish_update()
+                layer.finish_pass()
         cache.updates += int(evict)
         cache.policy_seconds += time.perf_counter() - start
         attachment.cache = cache

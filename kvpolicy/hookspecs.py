@@ -1,4 +1,4 @@
-"""Hook specifications of kvpolicy (layer 1).
+"""Hook specifications of kvpolicy (tier 1, docs/architecture.md).
 
 A plugin is a module (or object) with functions marked ``@kvpolicy.hookimpl`` whose names are
 these hooks. It is found through an entry point in group ``kvpolicy``::

@@ -1,4 +1,4 @@
-"""Learnable parameters as one flat vector, for any `Parametric` component (layer 0).
+"""Learnable parameters as one flat vector, for any `Parametric` component (tier 0).
 
 Optimizers search a flat vector; components want named tensors. `FlatParameters` keeps both
 views of one parameter set, or of a population ``[members, num_params]`` in which batch row *i*

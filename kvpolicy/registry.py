@@ -1,4 +1,4 @@
-"""The plugin registry (layer 2): one pluggy `PluginManager`, a typed facade over its hooks.
+"""The plugin registry (tier 2): one pluggy `PluginManager`, a typed facade over its hooks.
 
 Built-in components are not special: they live in the ``kvpolicy_plugins`` package and are found
 through entry points in group ``kvpolicy``, exactly as a third party's. Entry points are loaded

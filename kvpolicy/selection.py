@@ -1,4 +1,4 @@
-"""Helpers every selector needs (layer 0): rank protected tokens first without ties, and return
+"""Helpers every selector needs (tier 0): rank protected tokens first without ties, and return
 kept indices in the order the cache requires. Shared so no selector re-derives them."""
 
 from __future__ import annotations

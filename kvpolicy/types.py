@@ -1,4 +1,4 @@
-"""Value types and component protocols (layer 0).
+"""Value types and component protocols (tier 0).
 
 Configs are frozen attrs classes with validators, serialisable to JSON. Tensors appear only in
 `eq=False` state objects (`LayerView`, `Selection`). Tensor dimensions are always named

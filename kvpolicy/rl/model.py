@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
 
 from kvpolicy.atomic import atomic_path
 from kvpolicy.errors import CheckpointError, InvalidConfigError, ShapeError
+from kvpolicy.integrations.hf.parts import llama_backbone
 
 FORMAT = "kvpolicy.rl.decision_transformer/1"
 TOKENS_PER_STEP = 3
@@ -59,8 +59,9 @@ class DecisionTransformerConfig:
         if not self.rtg_scale > 0:
             raise InvalidConfigError(f"rtg_scale must be > 0, got {self.rtg_scale}")
 
-    def llama_config(self) -> LlamaConfig:
-        return LlamaConfig(
+    def llama_config(self) -> dict[str, Any]:
+        """The `LlamaConfig` fields of the backbone (`kvpolicy.integrations.hf.parts.llama_backbone`)."""
+        return dict(
             vocab_size=1,  # tokens are embedded by the Decision Transformer, never looked up
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
@@ -94,7 +95,7 @@ class DecisionTransformer(nn.Module):
         self.embed_action = nn.Linear(config.act_dim, h)
         self.token_type = nn.Parameter(torch.zeros(TOKENS_PER_STEP, h))
         nn.init.normal_(self.token_type, std=0.02)
-        self.backbone = LlamaModel(config.llama_config())
+        self.backbone = llama_backbone(**config.llama_config())
         self.head = nn.Linear(h, config.act_dim)
         self.register_buffer("state_mean", torch.zeros(config.state_dim))
         self.register_buffer("state_std", torch.ones(config.state_dim))

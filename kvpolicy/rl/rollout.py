@@ -14,10 +14,10 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.integrations.hf.parts import bare_cache
 from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig, make_env
 from kvpolicy.rl.model import DecisionTransformer
 
@@ -106,7 +106,7 @@ def rollout(
                 break
 
     if policy is None:
-        cache = DynamicCache(config=model.backbone.config)
+        cache = bare_cache(model.backbone)
 
         def bare(embeds: torch.Tensor) -> tuple[torch.Tensor, float, int]:
             out = model.backbone(inputs_embeds=embeds, use_cache=True, **{keyword: cache})

@@ -36,11 +36,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from kvpolicy.integrations.hf.tiny import FAMILIES, VOCAB, tiny_model
 from kvpolicy.policy import Policy, build
 from kvpolicy.registry import Registry
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.invariants import keeps_highest_scores, raise_if, selection_violations
-from kvpolicy.testing.tiny import FAMILIES, VOCAB, tiny_model
 
 #: tokens one example may feed before the machine only resets
 MAX_TOKENS = 40
@@ -163,12 +163,11 @@ class PolicyCacheMachine(RuleBasedStateMachine):
     # ----------------------------------------------------------------- checks
 
     def _compare_with_bare(self, ids: torch.Tensor, chunk: int | None, logits: torch.Tensor) -> None:
-        from transformers import DynamicCache
-
         from kvpolicy.integrations.hf.attach import cache_keyword
+        from kvpolicy.integrations.hf.parts import bare_cache
 
         if self.bare_cache is None:
-            self.bare_cache = DynamicCache(config=self.bare.config)
+            self.bare_cache = bare_cache(self.bare)
         keyword = cache_keyword(self.bare)
         with torch.no_grad():
             for part in ids.split(chunk or ids.shape[1], dim=1):

@@ -19,8 +19,8 @@ from kvpolicy.eval.population import run_population
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig, FitnessConfig
-from kvpolicy.evolve.models import byte_tokenizer
 from kvpolicy.evolve.runner import Evolution
+from kvpolicy.integrations.hf.tiny import byte_tokenizer
 from kvpolicy.testing.tiny import tiny_model
 
 EVERY = 128

@@ -102,7 +102,7 @@ def kvpolicy_register_optimizers(register: RegisterComponent) -> None:
 
 
 @hookspec
-def kvpolicy_register_policies(register: RegisterPolicy) -> None:
+def kvpolicy_register_presets(register: RegisterPolicy) -> None:
     """Register named policy presets.
 
     Call ``register(name, config, description=..., weights=None)`` with a `kvpolicy.PolicyConfig`
@@ -112,6 +112,22 @@ def kvpolicy_register_policies(register: RegisterPolicy) -> None:
     NAMM ships.
 
     .. versionadded:: 0.1
+       as ``kvpolicy_register_policies``, the deprecated name that still works.
+    """
+
+
+@hookspec(
+    warn_on_impl=DeprecationWarning(
+        "kvpolicy_register_policies is deprecated: rename the hook to kvpolicy_register_presets "
+        "(same arguments); it registers presets"
+    )
+)
+def kvpolicy_register_policies(register: RegisterPolicy) -> None:
+    """Deprecated name of `kvpolicy_register_presets`: it still registers presets, and warns.
+
+    .. versionadded:: 0.1
+    .. deprecated:: 0.1
+       use ``kvpolicy_register_presets``.
     """
 
 

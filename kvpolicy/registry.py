@@ -47,6 +47,9 @@ _REGISTER_HOOKS: dict[ComponentKind, str] = {
     "optimizer": "kvpolicy_register_optimizers",
 }
 
+#: the preset hook, then its deprecated name (still called, with a DeprecationWarning from pluggy)
+_PRESET_HOOKS = ("kvpolicy_register_presets", "kvpolicy_register_policies")
+
 
 class PluginLoadWarning(KVPolicyWarning):
     """A plugin was skipped because it could not be loaded or registered."""
@@ -285,9 +288,10 @@ class Registry:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=self._component_register(kind, plugin_name, staged))
-        for impl in self.pm.hook.kvpolicy_register_policies.get_hookimpls():
-            if impl.plugin is plugin:
-                impl.function(register=self._preset_register(plugin_name, staged_presets))
+        for hook_name in _PRESET_HOOKS:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=self._preset_register(plugin_name, staged_presets))
         clashes: list[tuple[str, str, str]] = [
             (spec.kind, spec.name, components[spec.kind][spec.name].plugin)
             for spec in staged

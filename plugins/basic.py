@@ -127,7 +127,7 @@ def kvpolicy_register_scorers(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     register(
         "full",
         PolicyConfig(

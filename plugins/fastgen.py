@@ -275,7 +275,7 @@ def kvpolicy_register_selectors(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     register(
         "fastgen",
         PolicyConfig(

@@ -138,7 +138,7 @@ def kvpolicy_register_selectors(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     h2o = PolicyConfig(
         extractor=ComponentRef("accumulated_attention"),
         scorer=ComponentRef("feature", H2O_SCORER),

@@ -80,7 +80,7 @@ def kvpolicy_register_scorers(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     l2 = PolicyConfig(
         extractor=ComponentRef("key_norm"),
         scorer=ComponentRef("feature", L2_SCORER),

@@ -60,7 +60,7 @@ def evolved_config() -> PolicyConfig:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     register(
         "namm-bam",
         namm_config("bam"),

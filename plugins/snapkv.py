@@ -141,7 +141,7 @@ def kvpolicy_register_scorers(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     snapkv = PolicyConfig(
         extractor=ComponentRef("window_votes", {"window_size": WINDOW_SIZE}),
         scorer=ComponentRef("snapkv", {"window_size": WINDOW_SIZE, "kernel_size": 5, "pooling": "avg"}),

@@ -118,7 +118,7 @@ def kvpolicy_register_scorers(register) -> None:
 
 
 @hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     tova = PolicyConfig(
         extractor=ComponentRef("last_query_attention"),
         scorer=ComponentRef("tova"),

@@ -49,7 +49,7 @@ def kvpolicy_register_extractors(register) -> None:
 
 
 @kvpolicy.hookimpl
-def kvpolicy_register_policies(register) -> None:
+def kvpolicy_register_presets(register) -> None:
     register(
         "key-diversity",
         PolicyConfig(

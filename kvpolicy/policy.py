@@ -81,7 +81,7 @@ class Policy:
         Run between scorer and selector (a `kvpolicy.types.Pooler`), given like a component:
         ``"span"``, ``("span", {"kernel": 15, "mode": "avg"})``, a `ComponentRef` or an object.
     schedule, every:
-        When the policy updates; ``every=n`` is shorthand for ``Schedule("every_n", every=n)``.
+        When the policy runs its eviction pass; ``every=n`` is shorthand for ``Schedule("every_n", every=n)``.
     protect, sinks, recent:
         Tokens never evicted; ``sinks`` / ``recent`` are shorthand for a `Protection`.
     budget:
@@ -259,11 +259,11 @@ class Policy:
     # ----------------------------------------------------------------- runtime
 
     def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, updates: int) -> bool:
-        """Whether a layer should update now (called between forward calls).
+        """Whether a layer is due for its eviction pass now (called between forward calls).
 
-        ``new_tokens`` entered since the last update, ``cached`` are in the layer now, ``seen``
+        ``new_tokens`` entered since the last eviction pass, ``cached`` are in the layer now, ``seen``
         entered in all, ``prefill_done`` is true once the prompt has been consumed, ``updates``
-        counts this layer's earlier updates.
+        counts this layer's earlier eviction passes.
         """
         kind = self.schedule.kind
         if kind == "never" or new_tokens <= 0:

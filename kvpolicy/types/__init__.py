@@ -4,7 +4,7 @@ Configs are frozen attrs classes with validators, serialisable to JSON. Tensors 
 `eq=False` state objects (`LayerView`, `Selection`). Tensor dimensions are always named
 ``batch, kv_heads, tokens, head_dim`` (and ``queries`` for attention rows).
 
-Four component kinds form the pipeline run on each layer when a policy updates (the pooler is
+Four component kinds form the pipeline run on each layer in an eviction pass (the pooler is
 optional)::
 
     FeatureExtractor.extract(view)            -> features  [batch, kv_heads, tokens, features]

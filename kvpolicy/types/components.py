@@ -30,7 +30,7 @@ class Requirements:
         The cached keys themselves (`LayerView.keys`).
     attention_window:
         Attention rows (post-softmax, averaged over each GQA group) of up to this many of the
-        newest queries since the last update, in `LayerView.attention`. 0 = none.
+        newest queries since the last eviction pass, in `LayerView.attention`. 0 = none.
     accumulated_attention:
         For every cached token, the attention it received summed over all queries so far
         (H2O), in `LayerView.accumulated_attention`.

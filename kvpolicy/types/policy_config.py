@@ -110,9 +110,10 @@ SCHEDULE_KINDS: tuple[str, ...] = ("every_n", "after_prefill", "every_step", "ne
 
 @attrs.frozen
 class Schedule:
-    """When a policy updates (extract → score → select → gather), always between forward calls.
+    """When a policy runs its eviction pass (extract → score → select → gather), always between
+    forward calls.
 
-    ``every_n``: whenever ``every`` new tokens have entered the cache since the last update
+    ``every_n``: whenever ``every`` new tokens have entered the cache since the last eviction pass
     (NAMM: 512); ``every_step``: after every forward call (greedy, H2O); ``after_prefill``: once,
     after the prompt (SnapKV); ``never``: keep everything (baseline).
 

@@ -37,7 +37,7 @@ class LayerView:
         ``[batch, kv_heads, tokens, head_dim]`` when a component asked for keys.
     attention:
         ``[batch, kv_heads, queries, tokens]`` float32 attention rows of the newest queries since
-        the last update (oldest first), GQA-averaged; tokens that did not exist for a query have 0.
+        the last eviction pass (oldest first), GQA-averaged; tokens that did not exist for a query have 0.
     query_positions:
         ``[queries]`` absolute positions of those queries.
     accumulated_attention:
@@ -46,7 +46,7 @@ class LayerView:
         ``[batch, kv_heads, tokens]`` int64 token id of every cached token.
     state:
         Per-token state owned by components, each tensor ``[batch, kv_heads, tokens', ...]`` with
-        ``tokens'`` the token count after the previous update (new tokens are appended by the
+        ``tokens'`` the token count after the previous eviction pass (new tokens are appended by the
         component that owns the state; see `extend_tokens`). The integration gathers every
         entry together with the keys on eviction, so nothing stays misaligned.
     """

@@ -15,8 +15,9 @@ Each check draws its inputs with hypothesis (settings from the loaded profile, s
 
 - every component: the protocol, a frozen attrs ``Config`` that round-trips through JSON (drawn
   configs included), unknown config keys refused with `InvalidConfigError`;
-- extractor / scorer / selector: output shapes and dtypes on views that carry exactly what the
-  component declared in ``requirements``, determinism, batch-permutation equivariance, inputs
+- extractor / scorer / selector: output shapes and dtypes (an extractor's declared
+  ``num_features`` included) on views that carry exactly what the component declared in
+  ``requirements``, determinism, batch-permutation equivariance, inputs
   left untouched; selectors also keep every protected token, stay in budget, keep indices
   ascending and (unless they declare ``keeps_highest_scores = False``) never evict a token that
   scored higher than an unprotected survivor; a `Parametric` scorer scoring a population

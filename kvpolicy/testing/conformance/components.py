@@ -17,6 +17,7 @@ from kvpolicy.testing.conformance.base import ConformanceError, Target, _fail, _
 from kvpolicy.testing.views import copy_view, index_view, snapshot
 from kvpolicy.types import (
     PROTOCOLS,
+    DeclaresFeatures,
     LayerView,
     Parametric,
     Requirements,
@@ -149,6 +150,12 @@ def check_extractor_output(target: Target) -> None:
         widths.add(features.shape[-1])
         if len(widths) > 1:
             _fail(target, "output_shape", f"the feature count changed between views: {sorted(widths)}")
+        if isinstance(extractor, DeclaresFeatures) and features.shape[-1] != extractor.num_features:
+            _fail(
+                target,
+                "output_shape",
+                f"declares num_features={extractor.num_features} but returned {features.shape[-1]} features",
+            )
 
     _for_all(_views_for(extractor.requirements, _aligned(target, extractor)), body)
 

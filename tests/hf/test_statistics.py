@@ -10,7 +10,7 @@ import torch
 from hf_helpers import AccumulatedScorer, RecordingExtractor
 
 import kvpolicy
-from kvpolicy.integrations.hf import attention, cache, in_pass, statistics
+from kvpolicy.integrations.hf import cache, in_pass, statistics
 from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule, extend_tokens
 
@@ -56,7 +56,7 @@ def test_key_only_policy_computes_no_attention_statistics(llama, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("attention statistics computed for a key-only policy")
 
-    monkeypatch.setattr(attention, "attention_columns", forbidden)
+    monkeypatch.setattr(statistics, "attention_columns", forbidden)  # recorded through the cache
     monkeypatch.setattr(statistics, "attention_rows", forbidden)
     monkeypatch.setattr(in_pass, "attend", forbidden)
     extractor = RecordingExtractor(Requirements(keys=True))

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpolicy.errors import ShapeError, UnsupportedModelError
-from kvpolicy.integrations.hf.statistics import attention_columns, attention_rows
+from kvpolicy.integrations.hf import statistics
 from kvpolicy.integrations.hf.window import AttentionWindow
 from kvpolicy.types import LayerView, Requirements, Selection, extend_tokens
 
@@ -144,7 +144,7 @@ class EvictingLayer(DynamicLayer):
             window = self.window.last(requirements.attention_window)
             view.attention, view.query_positions = window.rows(self.tokens), window.query_positions
         elif requirements.attention_window and self.queries is not None:
-            view.attention = attention_rows(
+            view.attention = statistics.attention_rows(
                 self.queries,
                 self.query_positions,
                 self.keys,
@@ -358,7 +358,9 @@ class EvictingCache(DynamicCache):
             positions = torch.arange(layer.seen - new, layer.seen, device=query.device)
             layer.remember_queries(query, positions, requirements.attention_window)
         if requirements.accumulated_attention:
-            columns = attention_columns(query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap)
+            columns = statistics.attention_columns(
+                query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap
+            )
             layer.add_accumulated(columns)
 
     # ----------------------------------------------------------------- the eviction pass

@@ -14,16 +14,27 @@ one run can be slowed many times over, by other processes, in either variant. ``
 is the pooler's own time on the scorer's output (without the policy's checks of it), as a share
 of the update without it.
 
+``--passes`` measures what a user pays instead: the whole eviction pass as the integration runs
+it on the real SmolLM2 (every layer: its view with the statistics the attention pass recorded,
+extract → score → pool → select, and the gather that keeps the chosen tokens; the seconds spent
+in `EvictingLayer.view`, `Policy.plan` and `EvictingLayer.gather`) while a ``--tokens`` essay
+prompt is fed in 512-token chunks at a 25% budget, so every pass evicts; with and without the
+pooler, interleaved, ``--repeats`` times, fastest run each. ``pooling`` is the time spent inside
+the pooler as a share of the pass that ran it (steadier than the ratio of two noisy totals).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_span.py                  # 2048 and 4096 tokens
     OMP_NUM_THREADS=1 python benchmarks/bench_span.py --mode avg --repeats 9
+    OMP_NUM_THREADS=1 python benchmarks/bench_span.py --passes --tokens 2048,4096 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -44,6 +55,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--kernel", type=int, default=31)
     parser.add_argument("--mode", default="max", choices=("max", "avg"))
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--passes", action="store_true", help="whole eviction passes on the real SmolLM2")
     return parser.parse_args()
 
 
@@ -69,9 +81,81 @@ def _timed(run) -> float:
     return time.perf_counter() - start
 
 
+def _timed_call(function, spent: list[float]):
+    """``function``, adding the seconds each call takes to ``spent[0]``."""
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    return run
+
+
+@contextlib.contextmanager
+def _timing_eviction(policy, spent: list[float]) -> Iterator[None]:
+    """Add the seconds spent building views, planning and gathering to ``spent[0]``."""
+    from kvpolicy.integrations.hf.cache import EvictingLayer
+
+    originals = {name: getattr(EvictingLayer, name) for name in ("view", "gather")}
+
+    for name, function in originals.items():
+        setattr(EvictingLayer, name, _timed_call(function, spent))
+    policy.plan = _timed_call(policy.plan, spent)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(EvictingLayer, name, function)
+        del policy.plan  # the instance attribute hid the class's method
+
+
+def passes(args: argparse.Namespace, span: dict) -> None:
+    """Eviction-pass seconds of a real prefill, with and without the pooler (see the module doc)."""
+    from kvpolicy.models import load_model
+    from kvpolicy.prompts import haystack
+
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    stat = min if args.stat == "min" else statistics.median
+    print("| policy | tokens | eviction passes | without (ms) | with span (ms) | ratio | pooling |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        ids = tokenizer(haystack(tokenizer, tokens + 64), return_tensors="pt")["input_ids"][:, :tokens]
+        for name in args.policies.split(","):
+            variants = {
+                "without": kvpolicy.build(name, pooler=None, budget="25%"),
+                "with": kvpolicy.build(name, span=span, budget="25%"),
+            }
+            times: dict[str, list[float]] = {"without": [], "with": [], "share": []}
+            pooler = variants["with"].pooler
+            for repeat in range(args.repeats):
+                for label in ("without", "with") if repeat % 2 else ("with", "without"):
+                    spent, pooling = [0.0], [0.0]
+                    pooler.pool = _timed_call(type(pooler).pool.__get__(pooler), pooling)
+                    with variants[label].attach(model) as handle, _timing_eviction(variants[label], spent):
+                        handle.feed(ids, chunk_size=512)
+                        count = handle.cache.updates
+                    del pooler.pool
+                    times[label].append(spent[0])
+                    if label == "with":
+                        times["share"].append(pooling[0] / spent[0])
+            base, pooled = stat(times["without"]), stat(times["with"])
+            print(
+                f"| {name} | {tokens} | {count} | {base * 1e3:.1f} | {pooled * 1e3:.1f} | {pooled / base:.3f} "
+                f"| {statistics.median(times['share']):.2%} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     args = _parse()
     span = {"kernel": args.kernel, "mode": args.mode}
+    if args.passes:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); span pooler {args.mode}{args.kernel}")
+        passes(args, span)
+        return
     stat = min if args.stat == "min" else statistics.median
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); span pooler {args.mode}{args.kernel}; "

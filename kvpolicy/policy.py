@@ -27,6 +27,7 @@ from kvpolicy.errors import (
     ShapeError,
 )
 from kvpolicy.registry import Registry, default_registry
+from kvpolicy.selection import has_padding
 from kvpolicy.spec import PolicySpec, read_spec
 from kvpolicy.types import (
     Budget,
@@ -306,13 +307,12 @@ class Policy:
         _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
         # Padded slots (heads of a layer keeping different counts) sit at position -1: rank them
         # below every real token so they never take a real token's place.
-        padded = view.positions < 0
-        any_padded = bool(padded.any())
-        _check_no_nan(scores, padded if any_padded else None, view, f"scorer {self.scorer.name!r}")
-        if any_padded:
+        padded = view.positions < 0 if has_padding(view.positions) else None
+        _check_no_nan(scores, padded, view, f"scorer {self.scorer.name!r}")
+        if padded is not None:
             scores = scores.float().masked_fill(padded, float("-inf"))
         if self.pooler is not None:
-            scores = self._pool(scores, view, padded if any_padded else None)
+            scores = self._pool(scores, view, padded)
         protected = self.protected_mask(view)
         selection = self.selector.select(scores, protected, self.budget, view)
         indices = getattr(selection, "indices", None)
@@ -322,7 +322,7 @@ class Policy:
                 f"selector {self.selector.name!r} returned indices {shape}; "
                 f"expected [batch={view.batch}, kv_heads={view.kv_heads}, kept]"
             )
-        _check_selection(selection, protected, padded if any_padded else None, view, self.selector.name)
+        _check_selection(selection, protected, padded, view, self.selector.name)
         return selection
 
     def _pool(self, scores: torch.Tensor, view: LayerView, padded: torch.Tensor | None) -> torch.Tensor:

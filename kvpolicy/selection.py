@@ -18,6 +18,12 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores.float().nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
 
 
+def has_padding(positions: torch.Tensor) -> bool:
+    """Whether any slot of ``positions [batch, kv_heads, tokens]`` is padding (position < 0): one
+    reduction, so the mask is built only when some head keeps fewer tokens than another."""
+    return positions.numel() > 0 and bool(positions.min() < 0)
+
+
 def rank_protected_first(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """`finite_scores` with every protected token set to +inf, above any unprotected one."""
     return finite_scores(scores).masked_fill(protected, float("inf"))

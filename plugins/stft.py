@@ -33,7 +33,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.selection import pool_neighbours
+from kvpolicy.selection import has_padding, pool_neighbours
 from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
 
 EMA_KEY = "stft.ema"
@@ -104,17 +104,35 @@ def _dft_matrices(n_fft: int, device: torch.device) -> tuple[torch.Tensor, torch
 
 
 def folded_spectrogram(
-    series: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor, hop: int, tile: int
+    series: torch.Tensor,
+    weights: torch.Tensor,
+    basis: torch.Tensor,
+    hop: int,
+    tile: int,
+    head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[batch, kv_heads, tokens, bins]``: Σ_f ``weights[f, t]`` · |windowed DFT of frame f of
     token t's series|, the frames right-aligned as in `StftExtractor.spectrogram`.
 
     ``series [batch, kv_heads, length, tokens]``, ``weights [batch, kv_heads, frames, tokens]``,
-    ``basis [n_fft, 2 * bins]`` (real columns, then imaginary). One tile of ``tile`` tokens at a
-    time: its frames are a strided view of the series (no copy into frames), one matmul with the
-    basis gives every frame's spectrum, and magnitudes are folded over frames at once, so no
-    ``[frames, bins, tokens]`` intermediate larger than a tile ever exists.
+    ``basis [n_fft, 2 * bins]`` (real columns, then imaginary). ``head [batch, kv_heads, tokens,
+    h]`` (optional) holds values that come before ``series`` in every token's series (NAMM's left
+    context, stored token-major), so the two are never concatenated. One tile of ``tile`` tokens
+    at a time, so no ``[frames, bins, tokens]`` intermediate larger than a tile ever exists.
     """
+    n_fft = basis.shape[0]
+    if n_fft % hop == 0 and series.shape[2] % hop == 0 and (head is None or head.shape[3] % hop == 0):
+        return _folded_by_blocks(series, weights, basis, hop, tile, head)
+    if head is not None:
+        series = torch.cat([head.transpose(2, 3), series], dim=2)
+    return _folded_by_frames(series, weights, basis, hop, tile)
+
+
+def _folded_by_frames(
+    series: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor, hop: int, tile: int
+) -> torch.Tensor:
+    """Any hop: a tile's frames are a strided view of the series, one matmul with the basis
+    gives every frame's spectrum, and magnitudes are folded over frames at once."""
     batch, heads, length, tokens = series.shape
     frames = weights.shape[2]
     n_fft, bins = basis.shape[0], basis.shape[1] // 2
@@ -138,6 +156,63 @@ def folded_spectrogram(
     return out
 
 
+def _folded_by_blocks(
+    series: torch.Tensor,
+    weights: torch.Tensor,
+    basis: torch.Tensor,
+    hop: int,
+    tile: int,
+    head: torch.Tensor | None,
+) -> torch.Tensor:
+    """``hop`` divides ``n_fft`` (NAMM's 32 / 16): a frame is ``n_fft / hop`` consecutive blocks
+    of ``hop`` values, so each block is transformed once by every part of the basis (one matmul
+    over the series as it lies, no frame copies) and a frame's spectrum is the sum of its
+    blocks' parts. Measured about 20% faster than `_folded_by_frames` for NAMM's shapes."""
+    batch, heads, length, tokens = series.shape
+    frames = weights.shape[2]
+    n_fft, bins = basis.shape[0], basis.shape[1] // 2
+    parts = n_fft // hop
+    out = series.new_empty((batch, heads, bins, tokens))
+    needed = frames + parts - 1  # blocks the frames cover, the newest last
+    body_blocks = min(needed, length // hop)
+    head_blocks = needed - body_blocks
+    if frames == 0:
+        return out.zero_().transpose(2, 3)
+    if head_blocks > (0 if head is None else head.shape[3] // hop):
+        raise ShapeError(f"the series holds {length} values (+ head); {frames} frames need {needed * hop}")
+    # [parts * 2 * bins, hop]: part p of the basis (rows p*hop ... (p+1)*hop) for every output column
+    by_part = basis.reshape(parts, hop, 2 * bins).transpose(1, 2).reshape(parts * 2 * bins, hop).contiguous()
+    body = series[:, :, length - body_blocks * hop :, :]
+    for start in range(0, tokens, tile):
+        stop = min(start + tile, tokens)
+        size = stop - start
+        blocks = torch.matmul(by_part, body[..., start:stop].unflatten(2, (body_blocks, hop)))
+        blocks = blocks.view(batch, heads, body_blocks, parts, 2 * bins, size)
+        if head_blocks:
+            earlier = head[:, :, start:stop, head.shape[3] - head_blocks * hop :].transpose(2, 3)
+            early = torch.matmul(by_part, earlier.unflatten(2, (head_blocks, hop)))
+            early = early.view(batch, heads, head_blocks, parts, 2 * bins, size)
+        spectrum = torch.empty((batch, heads, frames, 2 * bins, size), dtype=series.dtype, device=series.device)
+        for part in range(parts):  # frame f takes part p of block f + p
+            from_head = min(frames, max(0, head_blocks - part))
+            if from_head:
+                chunk = early[:, :, part : part + from_head, part]
+                if part:
+                    spectrum[:, :, :from_head] += chunk
+                else:
+                    spectrum[:, :, :from_head] = chunk
+            chunk = blocks[:, :, from_head + part - head_blocks : frames + part - head_blocks, part]
+            if part:
+                spectrum[:, :, from_head:] += chunk
+            else:
+                spectrum[:, :, from_head:] = chunk
+        spectrum.square_()
+        magnitude = (spectrum[..., :bins, :] + spectrum[..., bins:, :]).sqrt_()  # [batch, heads, frames, bins, tile]
+        magnitude.mul_(weights[..., start:stop].unsqueeze(3))
+        out[..., start:stop] = magnitude.sum(2)
+    return out.transpose(2, 3)
+
+
 class StftExtractor:
     """NAMM attention spectrogram + recency (Cetin et al. 2024): 25 features per token by default.
 
@@ -148,9 +223,9 @@ class StftExtractor:
 
     name: ClassVar[str] = "stft"
     Config = StftConfig
-    #: Tokens per tile of `folded_spectrogram`: a tile's frames stay in cache (measured fastest
-    #: of 16, 32, 64 and 128 on CPU for NAMM's 32 frames).
-    tile: ClassVar[int] = 32
+    #: Tokens per tile of `folded_spectrogram`: a tile's blocks stay in cache (measured fastest
+    #: of 32, 64 and 128 on CPU for NAMM's 32 frames).
+    tile: ClassVar[int] = 64
 
     def __init__(self, config: StftConfig | None = None) -> None:
         self.config = config or StftConfig()
@@ -263,11 +338,11 @@ class StftExtractor:
         out = out.square_()
         return (out[..., :bins, :] + out[..., bins:, :]).sqrt_()
 
-    def _fold(self, series: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``[batch, kv_heads, tokens, bins]``: spectrogram frames of ``series [batch, kv_heads,
-        length, tokens]`` summed with ``weights [batch, kv_heads, frames, tokens]``, as one
-        tile-wise operation (`folded_spectrogram`)."""
-        return folded_spectrogram(series, weights, self._basis(series.device), self.config.hop, self.tile)
+    def _fold(self, series: torch.Tensor, weights: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, kv_heads, tokens, bins]``: spectrogram frames of ``head`` (token-major) then
+        ``series [batch, kv_heads, length, tokens]`` summed with ``weights [batch, kv_heads,
+        frames, tokens]``, as one tile-wise operation (`folded_spectrogram`)."""
+        return folded_spectrogram(series, weights, self._basis(series.device), self.config.hop, self.tile, head)
 
     def extract(self, view: LayerView) -> torch.Tensor:
         cfg = self.config
@@ -293,17 +368,20 @@ class StftExtractor:
             newest = int(query_positions[-1])
             # The left context only continues this series if the previous update ended right before it.
             adjacent = (clock == int(query_positions[0]) - 1).to(torch.float32)
-            series = torch.cat([(context * adjacent.unsqueeze(-1)).transpose(2, 3), attention], dim=2)
-            frames = self.frame_count(series.shape[2])
+            head = context * adjacent.unsqueeze(-1)  # [batch, kv_heads, tokens, context]: series before these queries
+            frames = self.frame_count(cfg.context + queries)
             ends = query_positions[queries - 1 - cfg.hop * torch.arange(frames - 1, -1, -1, device=attention.device)]
             a = cfg.gamma**cfg.hop
             weights = (1 - a) * a ** torch.arange(frames - 1, -1, -1, dtype=torch.float32, device=attention.device)
             exists = positions.unsqueeze(2) <= ends.view(1, 1, frames, 1)  # [batch, kv_heads, frames, tokens]
-            folded = self._fold(series, exists.to(torch.float32) * weights.view(1, 1, frames, 1))
+            folded = self._fold(attention, exists.to(torch.float32) * weights.view(1, 1, frames, 1), head)
             elapsed = (newest - clock).clamp_min(0).to(torch.float32)
             decay = torch.where(clock >= 0, cfg.gamma**elapsed, torch.zeros_like(elapsed))
             ema = ema * decay.unsqueeze(-1) + folded
-            context = series[:, :, -cfg.context :, :].transpose(2, 3) if cfg.context else context
+            if cfg.context > queries:
+                context = torch.cat([head, attention.transpose(2, 3)], dim=3)[..., -cfg.context :]
+            elif cfg.context:
+                context = attention[:, :, queries - cfg.context :, :].transpose(2, 3)
             clock = torch.full_like(clock, newest)
 
         view.state[EMA_KEY] = ema
@@ -387,8 +465,7 @@ class StftVotesExtractor(StftExtractor):
         votes = torch.log(window.sum(dim=2) + self.config.votes_eps).to(spectral.device)
         columns = [spectral, votes.unsqueeze(-1)]
         if self.config.votes_kernels:
-            padded = view.positions < 0
-            mask = padded if bool(padded.any()) else None
+            mask = view.positions < 0 if has_padding(view.positions) else None
             for kernel in self.config.votes_kernels:
                 pooled = pool_neighbours(votes, kernel, "max", mask)
                 if mask is not None:  # padded slots hold no token: give them a finite, ignored value

@@ -73,11 +73,12 @@ def attend(
     grouped = query.view(batch, kv_heads, groups, queries, head_dim)
     output = query.new_empty((batch, queries, heads, head_dim))
     out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
-    row_out = key.new_zeros((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
+    row_out = key.new_empty((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
     col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
     hidden = None if past_valid is None else ~past_valid[:, :, None, :before]
     pre_scale = softcap is None
     step = query_chunk(groups, tokens, max_elements)
+    causal_mask = torch.ones(min(step, queries), min(step, queries), dtype=torch.bool, device=query.device).triu_(1)
     for start in range(0, queries, step):
         stop = min(start + step, queries)
         size, visible = stop - start, before + stop  # keys after the chunk's last query: never seen
@@ -90,8 +91,7 @@ def attend(
         if hidden is not None:
             scores[..., :before].masked_fill_(hidden, float("-inf"))
         block = scores.view(batch, kv_heads, groups, size, visible)[..., before + start : visible]
-        causal = torch.ones(size, size, dtype=torch.bool, device=query.device).triu_(1)
-        block.masked_fill_(causal, float("-inf"))
+        block.masked_fill_(causal_mask[:size, :size], float("-inf"))
         probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
         weights = probabilities if probabilities.dtype == value.dtype else probabilities.to(value.dtype)
         attended = torch.matmul(weights, value[:, :, :visible])
@@ -102,5 +102,7 @@ def attend(
         first_row = queries - rows
         if row_out is not None and stop > first_row:
             skip = max(0, first_row - start)
-            row_out[:, :, start + skip - first_row : stop - first_row, :visible] = per_group[:, :, :, skip:].mean(2)
+            written = row_out[:, :, start + skip - first_row : stop - first_row]
+            torch.mean(per_group[:, :, :, skip:], dim=2, out=written[..., :visible])
+            written[..., visible:].zero_()  # keys after the chunk: allocated empty, zeroed only here
     return output, row_out, col_out

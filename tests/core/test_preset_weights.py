@@ -23,7 +23,7 @@ def _config() -> PolicyConfig:
 def _registry(weights) -> Registry:
     class Shipped:
         @hookimpl
-        def kvpolicy_register_policies(self, register) -> None:
+        def kvpolicy_register_presets(self, register) -> None:
             register("shipped", _config(), description="with weights", weights=weights)
 
     registry = Registry()

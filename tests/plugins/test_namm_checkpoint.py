@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,6 +9,7 @@ from safetensors.torch import save_file
 import kvpolicy
 from kvpolicy import CheckpointError, Policy
 from kvpolicy.types import LayerView
+from kvpolicy_plugins.stft import StftConfig, StftExtractor
 
 
 def layer_view(seed: int) -> LayerView:
@@ -84,11 +83,13 @@ def test_parameters_that_do_not_match_the_config_are_a_checkpoint_error(tmp_path
 
 def test_statistics_for_another_stft_are_a_checkpoint_error(tmp_path):
     policy = trained_namm()
-    other = json.loads(policy.to_json())
-    other["extractor"]["config"].update(n_fft=64, hop=32)
+    # statistics of an STFT with n_fft 64 (33 bins) under this policy's n_fft 32 (17 bins); the
+    # policy itself is consistent, so only the buffers can be what is wrong
+    other = StftExtractor(StftConfig(n_fft=64, hop=32))
+    other._accumulate(torch.rand(10, other.config.bins, dtype=torch.float64))
     path = tmp_path / "namm.safetensors"
     tensors = {"params": policy.get_flat()}
-    tensors.update({f"buffer.{k}": v for k, v in policy.buffers().items()})
-    save_file(tensors, str(path), metadata={"format": "kvpolicy.policy/1", "policy": json.dumps(other)})
+    tensors.update({f"buffer.extractor.{k}": v for k, v in other.state_dict().items()})
+    save_file(tensors, str(path), metadata={"format": "kvpolicy.policy/1", "policy": policy.to_json()})
     with pytest.raises(CheckpointError, match="buffers of the extractor 'stft' do not match"):
         Policy.load(path)

@@ -27,7 +27,7 @@ from kvpolicy.errors import (
     ShapeError,
 )
 from kvpolicy.registry import Registry, default_registry
-from kvpolicy.selection import has_padding
+from kvpolicy.selection import padding_mask
 from kvpolicy.spec import PolicySpec, read_spec
 from kvpolicy.types import (
     Budget,
@@ -307,7 +307,7 @@ class Policy:
         _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
         # Padded slots (heads of a layer keeping different counts) sit at position -1: rank them
         # below every real token so they never take a real token's place.
-        padded = view.positions < 0 if has_padding(view.positions) else None
+        padded = padding_mask(view.positions)
         _check_no_nan(scores, padded, view, f"scorer {self.scorer.name!r}")
         if padded is not None:
             scores = scores.float().masked_fill(padded, float("-inf"))

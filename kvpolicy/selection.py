@@ -18,10 +18,13 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores.float().nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
 
 
-def has_padding(positions: torch.Tensor) -> bool:
-    """Whether any slot of ``positions [batch, kv_heads, tokens]`` is padding (position < 0): one
-    reduction, so the mask is built only when some head keeps fewer tokens than another."""
-    return positions.numel() > 0 and bool(positions.min() < 0)
+def padding_mask(positions: torch.Tensor) -> torch.Tensor | None:
+    """``positions < 0`` (the padded slots of heads keeping fewer tokens than another), or None
+    when there are none: found by one reduction first, since on a CPU building and testing the
+    mask costs as much as pooling the scores it would guard."""
+    if positions.numel() == 0 or not bool(positions.min() < 0):
+        return None
+    return positions < 0
 
 
 def rank_protected_first(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:

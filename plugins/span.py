@@ -22,7 +22,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.selection import has_padding, pool_neighbours
+from kvpolicy.selection import padding_mask, pool_neighbours
 from kvpolicy.types import LayerView, Requirements
 
 SpanMode = Literal["max", "avg"]
@@ -70,10 +70,8 @@ class SpanPooler:
         """``scores [batch, kv_heads, tokens]`` pooled; padded slots (position < 0) stay -inf."""
         if self.config.kernel == 1:
             return scores
-        # masking costs more than pooling on a CPU: only when some head holds padding, found by
-        # one reduction (a comparison and `any` cost twice as much, as much as the pooling)
-        padded = view.positions < 0 if has_padding(view.positions) else None
-        return pool_neighbours(scores, self.config.kernel, self.config.mode, padded)
+        # the mask only when some head holds padding (`padding_mask`): masking costs more than pooling
+        return pool_neighbours(scores, self.config.kernel, self.config.mode, padding_mask(view.positions))
 
 
 @hookimpl

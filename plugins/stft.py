@@ -33,7 +33,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.selection import has_padding, pool_neighbours
+from kvpolicy.selection import padding_mask, pool_neighbours
 from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
 
 EMA_KEY = "stft.ema"
@@ -465,7 +465,7 @@ class StftVotesExtractor(StftExtractor):
         votes = torch.log(window.sum(dim=2) + self.config.votes_eps).to(spectral.device)
         columns = [spectral, votes.unsqueeze(-1)]
         if self.config.votes_kernels:
-            mask = view.positions < 0 if has_padding(view.positions) else None
+            mask = padding_mask(view.positions)
             for kernel in self.config.votes_kernels:
                 pooled = pool_neighbours(votes, kernel, "max", mask)
                 if mask is not None:  # padded slots hold no token: give them a finite, ignored value

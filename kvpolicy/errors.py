@@ -75,6 +75,10 @@ class UnsupportedModelError(KVPolicyError):
     """A model, model family or attention implementation kvpolicy cannot drive correctly."""
 
 
+class UnsupportedPaddingError(UnsupportedModelError):
+    """A batch padded other than on the left (right padding, holes in the attention mask)."""
+
+
 class CheckpointError(KVPolicyError):
     """A saved policy or evolution checkpoint that is missing, corrupt or does not match."""
 

@@ -7,8 +7,9 @@ module never imports transformers (the HF integration is itself a plugin).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -376,6 +377,21 @@ class Policy:
         for component in self.parametric().values():
             component.set_flat(vector[..., offset : offset + component.num_params])
             offset += component.num_params
+
+    @contextlib.contextmanager
+    def population_rows(self, rows: list[int]) -> Iterator[None]:
+        """While a population is loaded, plan for batch ``rows`` only: their parameter rows stand
+        in for the population (rows of a padded batch reach their eviction passes at different
+        calls, and each group is planned alone). A no-op for a single parameter set."""
+        flat = self.get_flat() if self.num_params else None
+        if flat is None or flat.dim() == 1:
+            yield
+            return
+        self.set_flat(flat[rows])
+        try:
+            yield
+        finally:
+            self.set_flat(flat)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Frozen, saved state of `Stateful` components, keyed ``role.name``."""

@@ -120,7 +120,9 @@ class CacheReport:
     ``kept[layer][head]`` is the number of tokens that head keeps (mean over the batch);
     ``kept_fraction`` is kept ÷ seen averaged over every layer and KV head, evicting or not;
     bytes count keys and values as stored (dtype included) against a full cache of ``seen``
-    tokens. ``evicting_layers`` are the layers the policy manages; ``notes`` says why any
+    tokens. In a left-padded batch, ``seen`` is the longest row, ``row_tokens`` each row's own
+    tokens (empty when all rows agree), fractions are taken over their mean, the full cache holds
+    exactly them, and ``padding_bytes`` (part of ``kv_bytes``) are stored slots holding no token. ``evicting_layers`` are the layers the policy manages; ``notes`` says why any
     other layer was left alone (e.g. sliding-window layers that trim themselves).
     """
 
@@ -132,10 +134,18 @@ class CacheReport:
     updates: int
     evicting_layers: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
+    row_tokens: tuple[int, ...] = ()
+    padding_bytes: int = 0
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens seen per batch row (padding excluded)."""
+        return sum(self.row_tokens) / len(self.row_tokens) if self.row_tokens else float(self.seen)
 
     @property
     def per_layer_fraction(self) -> tuple[float, ...]:
-        return tuple(sum(h) / len(h) / self.seen if self.seen and h else 1.0 for h in self.kept)
+        tokens = self.tokens_per_row
+        return tuple(sum(h) / len(h) / tokens if tokens and h else 1.0 for h in self.kept)
 
     @property
     def kept_fraction(self) -> float:
@@ -157,9 +167,11 @@ class CacheReport:
 
     def summary(self) -> str:
         mib = 1024 * 1024
+        seen = f"{self.seen}" if not self.row_tokens else f"{min(self.row_tokens)}..{max(self.row_tokens)} per row"
+        padding = f", {self.padding_bytes / mib:.2f} MiB of it padding" if self.padding_bytes else ""
         return (
-            f"tokens seen {self.seen}; cache kept {self.kept_fraction:.1%} "
-            f"({self.kv_bytes / mib:.2f} MiB of {self.full_kv_bytes / mib:.2f} MiB, "
+            f"tokens seen {seen}; cache kept {self.kept_fraction:.1%} "
+            f"({self.kv_bytes / mib:.2f} MiB{padding} of {self.full_kv_bytes / mib:.2f} MiB, "
             f"{self.bytes_saved / mib:.2f} MiB saved); {self.updates} updates, "
             f"{self.policy_seconds * 1000:.1f} ms in the policy"
         )

@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 import kvpolicy
-from kvpolicy.errors import AttachError, ShapeError, UnsupportedModelError
+from kvpolicy.errors import AttachError, ShapeError, UnsupportedModelError, UnsupportedPaddingError
 from kvpolicy.testing.tiny import random_ids, tiny_model
 
 
@@ -90,12 +90,22 @@ def test_eager_models_are_supported_and_exact():
         assert torch.equal(handle.feed(ids), plain)
 
 
-def test_padded_batches_are_refused(llama):
+@pytest.mark.parametrize("hole", [slice(7, 10), slice(4, 6)], ids=["right padding", "hole"])
+def test_padding_after_a_rows_first_token_is_refused_by_name(llama, hole):
     ids = random_ids(2, 10)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with streaming(8).attach(llama), pytest.raises(UnsupportedModelError, match="padded batches"):
+    mask[1, hole] = 0
+    with streaming(8).attach(llama), pytest.raises(UnsupportedPaddingError, match="batch row 1 .*padding_side='left'"):
         llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_padding_in_a_later_call_of_a_started_row_is_refused(llama):
+    """A row that already holds tokens cannot be padded again (that would be a hole)."""
+    ids = random_ids(2, 6)
+    with streaming(8).attach(llama) as handle:
+        handle.feed(ids)
+        with pytest.raises(UnsupportedPaddingError, match="batch row 0"):
+            handle.feed(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
 
 
 def test_unpadded_mask_and_batches_work(llama):

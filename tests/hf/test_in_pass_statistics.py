@@ -163,7 +163,7 @@ def test_attend_equals_the_reference_kernels(softcap):
     valid = torch.rand(batch, kv_heads, past + new, generator=generator) > 0.3
     valid[..., past:] = True
     output, rows, columns = in_pass.attend(
-        query, key, value, past_valid=valid, scaling=0.3, softcap=softcap, rows=4, columns=True, max_elements=40
+        query, key, value, valid=valid, scaling=0.3, softcap=softcap, rows=4, columns=True, max_elements=40
     )
     expected = masked_attention(torch.nn.Module(), query, key, value, valid, 0.3, softcap)
     torch.testing.assert_close(output, expected, atol=TOLERANCE, rtol=0)
@@ -189,7 +189,7 @@ def test_rows_only_attend_the_window_explicitly(llama):
         logits = handle.feed(ids)
         window = handle.cache.layers[0].window
     torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
-    assert window.queries == 1 and window.query_positions.tolist() == [11]  # not due yet: the row waits
+    assert window.queries == 1 and window.query_positions.tolist() == [[11]]  # not due yet: the row waits
 
 
 @pytest.mark.real_model
@@ -223,3 +223,31 @@ def test_shipped_namm_sees_the_same_features_on_smollm2():
 
     records = _assert_same_runs(model, make, ids, prompt_chunk=20, raw_features=raw)
     assert len({r["seen"] for r in records}) >= 4, "several eviction passes"
+
+
+def test_attend_hides_left_padding_among_the_new_tokens():
+    """Padded new tokens (a batch row's left padding inside the chunk): no real query sees them,
+    a padded query sees only itself (a finite row), and output, rows and columns of the real
+    queries equal the reference kernels'."""
+    generator = torch.Generator().manual_seed(8)
+    batch, heads, kv_heads, past, new, dim = 2, 4, 2, 5, 7, 8
+    query = torch.randn(batch, heads, new, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, past + new, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, past + new, dim, generator=generator)
+    valid = torch.ones(batch, kv_heads, past + new, dtype=torch.bool)
+    valid[1, :, : past + 3] = False  # row 1 is still in its padding: all its past and 3 new tokens
+    output, rows, columns = in_pass.attend(
+        query, key, value, valid=valid, scaling=0.3, rows=new, columns=True, max_elements=24
+    )
+    assert bool(torch.isfinite(output).all()) and bool(torch.isfinite(rows).all())
+    expected = masked_attention(torch.nn.Module(), query, key, value, valid, 0.3, None)
+    torch.testing.assert_close(output, expected, atol=TOLERANCE, rtol=0)
+    positions = torch.arange(past + new).expand(batch, kv_heads, -1)
+    query_positions = torch.arange(past, past + new).expand(batch, -1).clone()
+    query_positions[1, :3] = -1
+    reference_rows = statistics.attention_rows(query, query_positions, key, positions, valid, scaling=0.3)
+    torch.testing.assert_close(rows[0], reference_rows[0], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(rows[1, :, 3:], reference_rows[1, :, 3:], atol=TOLERANCE, rtol=0)
+    assert bool((rows[1, :, 3:, : past + 3] == 0).all()), "a real query attended a padded token"
+    reference_columns = statistics.attention_columns(query, key, valid, scaling=0.3)
+    torch.testing.assert_close(columns, reference_columns, atol=TOLERANCE, rtol=0)

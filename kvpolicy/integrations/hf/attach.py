@@ -3,7 +3,8 @@
 ``with policy.attach(model) as handle:`` registers kvpolicy's attention and mask functions,
 switches the model's attention implementation to them, and adds two torch hooks on the model:
 before each forward call it gives the new tokens their absolute ``position_ids`` (after eviction
-RoPE needs the true positions, not the shrunken cache length) and refuses padded batches; after
+RoPE needs the true positions, not the shrunken cache length; in a left-padded batch, each row's
+own) and hands the cache which new tokens are padding; after
 each forward call — between calls, never inside transformers' ``cache.update`` (the append) — the
 cache runs its eviction pass (`EvictingCache.eviction_pass`). ``model.generate`` is wrapped so
 that it starts from a fresh evicting cache and knows where the prompt ends (``after_prefill``
@@ -126,7 +127,7 @@ class Attachment(AbstractContextManager):
                 "(exactly the bare model's logits); the figures describe an empty cache"
             )
         elif self.cache is not None and self.cache.updates and self.policy.schedule.kind != "never":
-            note = budget_override_note(self.policy.budget, self.policy.protect, self.cache.seen)
+            note = budget_override_note(self.policy.budget, self.policy.protect, self.cache.fewest_tokens)
             if note:
                 notes.append(note)
         return tuple(notes)
@@ -234,24 +235,34 @@ class Attachment(AbstractContextManager):
         if inputs is None:
             raise ShapeError("the model was called with neither input_ids nor inputs_embeds")
         batch, new = inputs.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if isinstance(mask, dict) or mask.dim() != 2:
-                raise UnsupportedModelError("with a policy attached, pass a 2-D attention_mask [batch, tokens] or none")
-            if not bool(mask.all()):
-                raise UnsupportedModelError(
-                    "padded batches (attention_mask with zeros) are not supported with a policy attached: after "
-                    "eviction the 2-D mask no longer lines up with the kept tokens. Run rows of different lengths "
-                    "one at a time, or batch rows of equal length without padding."
-                )
-            kwargs["attention_mask"] = None
+        valid = self._new_tokens_valid(kwargs.get("attention_mask"), cache, batch, new)
+        kwargs["attention_mask"] = None  # the cache masks padded slots itself (the 2-D mask stops lining up)
         if self.requirements.token_ids and input_ids is None:
             raise UnsupportedModelError("this policy needs token ids; call the model with input_ids, not inputs_embeds")
-        positions = cache.begin_forward(new, input_ids, inputs.device)
-        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+        kwargs["position_ids"] = cache.begin_forward(new, input_ids, inputs.device, batch, valid)
         self.route.cache = cache
         self.cache = cache
         return args, kwargs
+
+    @staticmethod
+    def _new_tokens_valid(mask: Any, cache: EvictingCache, batch: int, new: int) -> torch.Tensor | None:
+        """The new tokens' columns of a 2-D ``attention_mask`` (the call's own ``[batch, new]``, or
+        ``[batch, seen + new]`` as ``generate`` passes it) as bool, or None without padding."""
+        if mask is None:
+            return None
+        if (
+            isinstance(mask, dict)
+            or mask.dim() != 2
+            or mask.shape[0] != batch
+            or mask.shape[1] not in (new, cache.seen + new)
+        ):
+            shape = "a dict" if isinstance(mask, dict) else tuple(mask.shape)
+            raise ShapeError(
+                f"with a policy attached, pass a 2-D attention_mask [batch, tokens] covering this call's {new} tokens "
+                f"or all {cache.seen + new} so far, or none; got {shape}"
+            )
+        valid = mask[:, -new:].bool()
+        return None if bool(valid.all()) and cache.column_valid is None else valid
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         cache, self.route.cache = self.route.cache, None
@@ -310,7 +321,7 @@ class Attachment(AbstractContextManager):
         self.cache = cache
         output = self._original_generate(*args, **kwargs)
         if cache.updates and self.policy.schedule.kind != "never":
-            note = budget_override_note(self.policy.budget, self.policy.protect, cache.seen)
+            note = budget_override_note(self.policy.budget, self.policy.protect, cache.fewest_tokens)
             if note:
                 warnings.warn(note, BudgetOverriddenWarning, stacklevel=2)
         return output
@@ -338,11 +349,21 @@ class Handle:
         self._attachment.cache = self._attachment.new_cache()
 
     def feed(
-        self, input_ids: torch.Tensor, chunk_size: int | None = None, *, evict: bool = True, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        chunk_size: int | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        evict: bool = True,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids [batch, tokens]`` through the model on the handle's cache, in chunks of
         ``chunk_size`` with eviction between them; returns the logits of the last forward
         ``[batch, chunk, vocab]``. Calls continue the same sequence until `reset`.
+
+        ``attention_mask [batch, tokens]`` (0 at left padding, as ``tokenizer(..., padding=True,
+        padding_side='left')`` gives it) runs a padded batch: each row is numbered, budgeted and
+        scheduled on its own tokens, as if run alone in the same forward calls.
 
         ``evict=False`` records the statistics the policy needs but runs no eviction pass: the
         update that was due is left for later (`kvpolicy.integrations.hf.shared_prefill` forks many
@@ -357,7 +378,16 @@ class Handle:
                 f"feed takes integer input_ids [batch, tokens] with tokens >= 1; got {tuple(ids.shape)} {ids.dtype}"
             )
         ids = ids.to(self._attachment.model.device, torch.long)
-        return self._forward_chunks("input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed")
+        mask = None
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask)
+            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != ids.shape:
+                raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}; input_ids have {tuple(ids.shape)}")
+            mask = mask.to(ids.device)
+        return self._forward_chunks(
+            "input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed", mask=mask
+        )
 
     def feed_embeds(
         self, inputs_embeds: torch.Tensor, chunk_size: int | None = None, *, evict: bool = True
@@ -380,7 +410,15 @@ class Handle:
         )
 
     def _forward_chunks(
-        self, key: str, inputs: torch.Tensor, chunk_size: int | None, *, evict: bool, last_only: bool, what: str
+        self,
+        key: str,
+        inputs: torch.Tensor,
+        chunk_size: int | None,
+        *,
+        evict: bool,
+        last_only: bool,
+        what: str,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         attachment = self._attachment
         if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
@@ -402,7 +440,11 @@ class Handle:
         try:
             with torch.no_grad():
                 extra = {"logits_to_keep": 1} if last_only else {}
-                for chunk in inputs.split(chunk_size or inputs.shape[1], dim=1):
+                size = chunk_size or inputs.shape[1]
+                masks = mask.split(size, dim=1) if mask is not None else itertools.repeat(None)
+                for chunk, chunk_mask in zip(inputs.split(size, dim=1), masks, strict=False):
+                    if chunk_mask is not None:
+                        extra["attention_mask"] = chunk_mask
                     output = attachment.model(**{key: chunk}, use_cache=True, **{keyword: cache}, **extra)
                     result = output.logits if hasattr(output, "logits") else output.last_hidden_state
         finally:

@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 import torch
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -91,9 +92,24 @@ def masked_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """Attention over every valid cached token and the new tokens causally: ``[batch, queries, heads, head_dim]``."""
-    heads, new = query.shape[1], query.shape[2]
+    new = query.shape[2]
+    return attention_with_mask(
+        query, key, value, visibility(key.shape[2] - new, new, valid, key.device), scaling, softcap
+    )
+
+
+def attention_with_mask(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention where ``mask [batch or 1, kv_heads or 1, queries, tokens]`` is True:
+    ``[batch, queries, heads, head_dim]``."""
+    heads = query.shape[1]
     groups = heads // key.shape[1]
-    mask = visibility(key.shape[2] - new, new, valid, key.device)
     if mask.shape[1] != 1:
         mask = _repeat_heads(mask, groups)
     keys, values = _repeat_heads(key, groups), _repeat_heads(value, groups)
@@ -138,7 +154,7 @@ def _attend_in_pass(
         query[:, :, prefix:],
         key,
         value,
-        past_valid=layer.valid,
+        valid=layer.valid,
         scaling=scaling,
         softcap=softcap,
         rows=rows,
@@ -156,8 +172,22 @@ def _attend_in_pass(
                 module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
             )
         output = torch.cat([older, output], dim=1)
-    cache.record_in_pass(layer_idx, row_stats, torch.arange(layer.seen - rows, layer.seen), columns)
+    cache.record_in_pass(layer_idx, row_stats, columns)
     return output
+
+
+def _sliding_mask(column_valid: torch.Tensor, new: int, tokens: int, window: int) -> torch.Tensor | None:
+    """``[batch, 1, new, tokens]`` mask of a sliding-window layer holding the last ``tokens``
+    columns, when left padding lies among them (None otherwise: the model's own mask is right).
+    Each query sees the valid columns less than ``window`` back, and a padded query itself."""
+    valid = column_valid[:, -tokens:]
+    if bool(valid.all()):
+        return None
+    device = valid.device
+    queries = torch.arange(tokens - new, tokens, device=device)[:, None]
+    keys = torch.arange(tokens, device=device)[None, :]
+    reach = (keys <= queries) & (queries - keys < window)
+    return (reach[None] & (valid[:, None, :] | (keys == queries)[None]))[:, None]
 
 
 def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, None]]:
@@ -176,6 +206,11 @@ def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.
         layer_idx = getattr(module, "layer_idx", None)
         layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
         if not isinstance(layer, EvictingLayer):
+            if isinstance(layer, DynamicSlidingWindowLayer) and cache.column_valid is not None:
+                padded = _sliding_mask(cache.column_valid, query.shape[2], key.shape[2], layer.sliding_window)
+                if padded is not None:
+                    scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+                    return attention_with_mask(query, key, value, padded, scaling, kwargs.get("softcap")), None
             return original(module, query, key, value, attention_mask, **kwargs)
 
         new, tokens = query.shape[2], key.shape[2]

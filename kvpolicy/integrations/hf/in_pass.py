@@ -13,7 +13,9 @@ the statistics are read off the probabilities while they are in hand:
 
 GQA groups are attended as one matrix per KV head (queries of a group stacked), so keys and
 values are never repeated and no full-size mask is built: cached tokens are masked only where
-a head holds padded slots (``past_valid``), and causality only inside the chunk's own block.
+a head holds padded slots (``valid``), and causality only inside the chunk's own block. A padded
+new token (the left padding of a batch row) is hidden from every other query and sees only
+itself, so its row stays finite and no real token ever attends to it.
 Queries are processed in chunks that keep the score tensor near ``max_elements`` values.
 """
 
@@ -35,7 +37,7 @@ def attend(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    past_valid: torch.Tensor | None,
+    valid: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
     rows: int = 0,
@@ -52,8 +54,8 @@ def attend(
         ``[batch, kv_heads, tokens, head_dim]``, every token of the layer after this call's
         update; the queries are the newest ``queries`` tokens, so the ``tokens - queries`` before
         them are visible to all (where valid) and the last ``queries`` causally.
-    past_valid:
-        ``[batch, kv_heads, ≥ tokens - queries]`` bool, False at padded slots; None if all valid.
+    valid:
+        ``[batch, kv_heads, tokens]`` bool, False at padded slots (cached or new); None if all valid.
     rows:
         How many of the newest queries' probability rows to return (0: none).
     columns:
@@ -75,9 +77,11 @@ def attend(
     out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
     row_out = key.new_empty((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
     col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
-    hidden = None if past_valid is None else ~past_valid[:, :, None, :before]
+    hidden = None if valid is None else ~valid[:, :, None, :before]
+    padded_new = None if valid is None or bool(valid[:, :, before:].all()) else ~valid[:, :, before:]
     pre_scale = softcap is None
     step = query_chunk(groups, tokens, max_elements)
+    precision = torch.promote_types(query.dtype, torch.float32)  # float32 at least, float64 for a float64 model
     causal_mask = torch.ones(min(step, queries), min(step, queries), dtype=torch.bool, device=query.device).triu_(1)
     for start in range(0, queries, step):
         stop = min(start + step, queries)
@@ -92,8 +96,12 @@ def attend(
             scores[..., :before].masked_fill_(hidden, float("-inf"))
         block = scores.view(batch, kv_heads, groups, size, visible)[..., before + start : visible]
         block.masked_fill_(causal_mask[:size, :size], float("-inf"))
-        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if padded_new is not None:
+            _hide_padded_new(scores.view(batch, kv_heads, groups, size, visible)[..., before:], padded_new, start)
+        probabilities = torch.softmax(scores, dim=-1, dtype=precision)
         weights = probabilities if probabilities.dtype == value.dtype else probabilities.to(value.dtype)
+        if probabilities.dtype != torch.float32:  # a float64 model: statistics stay float32
+            probabilities = probabilities.float()
         attended = torch.matmul(weights, value[:, :, :visible])
         out_grouped[:, :, :, start:stop] = attended.view(batch, kv_heads, groups, size, head_dim)
         per_group = probabilities.view(batch, kv_heads, groups, size, visible)
@@ -106,3 +114,14 @@ def attend(
             torch.mean(per_group[:, :, :, skip:], dim=2, out=written[..., :visible])
             written[..., visible:].zero_()  # keys after the chunk: allocated empty, zeroed only here
     return output, row_out, col_out
+
+
+def _hide_padded_new(scores: torch.Tensor, padded: torch.Tensor, start: int) -> None:
+    """Mask the padded new tokens ``padded [batch, kv_heads, queries]`` in ``scores [batch,
+    kv_heads, groups, size, start + size]`` (queries ``start..start+size`` over the new tokens up
+    to the last of them), except each query's own token."""
+    size = scores.shape[3]
+    hidden = padded[:, :, None, None, : start + size].expand(-1, -1, 1, size, -1).clone()
+    own = torch.arange(size, device=scores.device)
+    hidden[:, :, 0, own, start + own] = False
+    scores.masked_fill_(hidden, float("-inf"))

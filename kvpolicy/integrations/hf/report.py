@@ -1,7 +1,9 @@
 """`CacheReport` of an evicting cache: measured from the tensors actually stored.
 
 ``row=None`` reports the whole batch (tokens kept averaged over the rows, bytes as physically
-stored, padded slots included). ``row=i`` reports batch row *i* alone, counting only that row's
+stored, padded slots included and counted apart in ``padding_bytes``). Padding is never a token
+seen: a left-padded batch reports each row's own tokens (``row_tokens``) and the full cache it is
+compared with holds exactly those. ``row=i`` reports batch row *i* alone, counting only that row's
 valid slots: when each row runs its own parameters (a population evaluated as one batch), this
 is what member *i* kept, the same figure a batch-of-one run of that member reports.
 """
@@ -38,16 +40,30 @@ def _layer_bytes(layer, row: int | None) -> int:
     return slots * _bytes_per_slot(layer)
 
 
-def _full_bytes(layer, seen: int, row: int | None) -> int:
-    """Bytes the same layer would hold without kvpolicy (a sliding layer keeps its window)."""
+def _full_bytes(layer, row_tokens: list[int]) -> int:
+    """Bytes the same layer would hold without kvpolicy for rows of ``row_tokens`` real tokens
+    (a sliding layer keeps its window); padding is no one's memory, so it is not counted."""
     if not _stored(layer):
         return 0
-    batch, kv_heads = layer.keys.shape[:2]
-    tokens = seen
+    kv_heads = layer.keys.shape[1]
     if isinstance(layer, DynamicSlidingWindowLayer):
-        tokens = min(seen, layer.sliding_window - 1)
-    rows = batch if row is None else 1
-    return tokens * rows * kv_heads * _bytes_per_slot(layer)
+        row_tokens = [min(tokens, layer.sliding_window - 1) for tokens in row_tokens]
+    return sum(row_tokens) * kv_heads * _bytes_per_slot(layer)
+
+
+def _padding_bytes(layer, column_valid: torch.Tensor | None) -> int:
+    """Bytes of stored slots that hold no token: left padding not yet dropped, and the slots a
+    row or head leaves empty because another keeps more (the batch is stored as long as its
+    longest head)."""
+    if not _stored(layer):
+        return 0
+    if isinstance(layer, EvictingLayer):
+        slots = layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2] - int(layer.kept_per_head().sum())
+    elif column_valid is not None:
+        slots = int((~column_valid[:, -layer.keys.shape[2] :]).sum()) * layer.keys.shape[1]
+    else:
+        slots = 0
+    return slots * _bytes_per_slot(layer)
 
 
 def _kept(layer, row: int | None) -> tuple[float, ...]:
@@ -100,15 +116,21 @@ def build_report(cache: EvictingCache, notes: tuple[str, ...], row: int | None =
     batch (``row=None``) or for batch row ``row`` alone (its valid slots only)."""
     if row is not None:
         _check_row(cache, row)
+    row_tokens = [] if cache.row_seen is None else cache.row_seen.tolist()
+    if row is not None:
+        row_tokens = row_tokens[row : row + 1]
     with torch.no_grad():
         kept = tuple(_kept(layer, row) for layer in cache.layers)
         kv_bytes = sum(_layer_bytes(layer, row) for layer in cache.layers)
-        full = sum(_full_bytes(layer, cache.seen, row) for layer in cache.layers)
+        full = sum(_full_bytes(layer, row_tokens) for layer in cache.layers)
+        padding = 0 if row is not None else sum(_padding_bytes(layer, cache.column_valid) for layer in cache.layers)
     return CacheReport(
-        seen=cache.seen,
+        seen=max(row_tokens, default=0),
+        row_tokens=tuple(row_tokens) if len(set(row_tokens)) > 1 else (),
         kept=kept,
         kv_bytes=kv_bytes,
         full_kv_bytes=full,
+        padding_bytes=padding,
         policy_seconds=cache.policy_seconds,
         updates=cache.updates,
         evicting_layers=tuple(cache.managed),

@@ -193,6 +193,7 @@ def _copy_cache(cache: EvictingCache) -> EvictingCache:
     for layer in copied.layers:
         if isinstance(getattr(layer, "state", None), dict):
             layer.state = dict(layer.state)
+            layer.state_rows = dict(layer.state_rows)
     return copied
 
 
@@ -251,6 +252,8 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
                 layer.batch_repeat_interleave(rows)
             if due:
                 layer.finish_pass()
+        if rows > 1:
+            cache.repeat_rows(rows)
         cache.updates += int(evict)
         cache.policy_seconds += time.perf_counter() - start
         attachment.cache = cache

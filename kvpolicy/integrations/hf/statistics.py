@@ -47,8 +47,9 @@ def attention_rows(
 ) -> torch.Tensor:
     """``[batch, kv_heads, queries, tokens]`` attention rows; 0 where a token did not exist yet.
 
-    ``queries [batch, heads, queries, head_dim]`` at ``query_positions [queries]``; ``keys
-    [batch, kv_heads, tokens, head_dim]`` at ``key_positions [batch, kv_heads, tokens]``.
+    ``queries [batch, heads, queries, head_dim]`` at ``query_positions [queries]`` or ``[batch,
+    queries]`` (each row's own numbering in a left-padded batch; a padded query at -1 gets a zero
+    row); ``keys [batch, kv_heads, tokens, head_dim]`` at ``key_positions [batch, kv_heads, tokens]``.
     """
     batch, heads, n_queries, _ = queries.shape
     kv_heads, tokens = keys.shape[1], keys.shape[2]
@@ -57,8 +58,9 @@ def attention_rows(
     for start in range(0, n_queries, step):
         part = queries[:, :, start : start + step]
         scores = _grouped_scores(part, keys, scaling, softcap)
-        qpos = query_positions[start : start + step].to(keys.device)
-        hidden = key_positions[:, :, None, None, :] > qpos[None, None, None, :, None]
+        qpos = query_positions[..., start : start + step].to(keys.device)
+        qpos = qpos[None, None, None, :, None] if qpos.dim() == 1 else qpos[:, None, None, :, None]
+        hidden = (key_positions[:, :, None, None, :] > qpos) | (qpos < 0)
         if valid is not None:
             hidden = hidden | ~valid[:, :, None, None, :]
         scores = scores.masked_fill(hidden, float("-inf"))
@@ -70,13 +72,18 @@ def attention_rows(
 
 def visibility(past: int, new: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """``[batch or 1, kv_heads or 1, new, past + new]`` bool: which tokens each new query may see
-    (every valid cached token, and the new tokens causally)."""
+    (every valid cached token, and the valid new tokens causally). ``valid [batch, kv_heads, ≥
+    past + new]`` marks padded slots, new ones included; a padded query sees itself only, so its
+    softmax has a finite row (its output is never read)."""
     causal = torch.ones(new, new, dtype=torch.bool, device=device).tril()
     seen_past = torch.ones(new, past, dtype=torch.bool, device=device)
     mask = torch.cat([seen_past, causal], dim=1)[None, None]
     if valid is not None:
-        past_valid = valid[:, :, None, :past]
-        mask = torch.cat([past_valid.expand(-1, -1, new, -1), causal[None, None].expand(*valid.shape[:2], -1, -1)], 3)
+        past_valid = valid[:, :, None, :past].expand(-1, -1, new, -1)
+        new_valid = valid[:, :, None, past : past + new]
+        own = torch.eye(new, dtype=torch.bool, device=device)
+        block = causal & (new_valid | own) if new_valid.shape[-1] == new else causal.expand(*valid.shape[:2], -1, -1)
+        mask = torch.cat([past_valid, block], 3)
     return mask
 
 

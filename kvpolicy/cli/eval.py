@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
+from kvpolicy.eval.harness import CHUNK_ALIGNMENTS, DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
 from kvpolicy.eval.report import markdown_table
@@ -35,6 +35,18 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--metric", default="task", choices=METRIC_MODES, help="task metric, loglik, or both")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk; eviction in between")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="items evaluated as one left-padded batch (default 1); a batch chunks each prompt from its end",
+    )
+    parser.add_argument(
+        "--chunk-align",
+        choices=CHUNK_ALIGNMENTS,
+        help="prefill chunks from the prompt's start or end (default: end with --batch-size > 1, else start); "
+        "--batch-size 1 --chunk-align end gives what a batch gives, item by item",
+    )
     parser.add_argument("--reference-dir", help="where full-cache results are cached (default: user cache)")
     parser.add_argument("--out", required=True, help="output folder (rerunning resumes it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,6 +67,12 @@ def suite_items(args: argparse.Namespace) -> list:
             lengths = tuple(int(x) for x in args.lengths.split(","))
         except ValueError:
             raise InvalidConfigError(f"--lengths takes comma-separated token counts, got {args.lengths!r}") from None
+    if getattr(args, "batch_size", 1) < 1:
+        raise InvalidConfigError(f"--batch-size must be a positive count of items, got {args.batch_size}")
+    if getattr(args, "batch_size", 1) > 1 and getattr(args, "shared_prefill", False):
+        raise InvalidConfigError(
+            "--shared-prefill already runs each prompt once for every policy; drop --batch-size with it"
+        )
     if args.seeds is not None and args.seeds <= 0:
         raise InvalidConfigError(f"--seeds must be a positive count, got {args.seeds}")
     first = getattr(args, "first_seed", 0) or 0
@@ -84,6 +102,8 @@ def run_from_args(
         chunk_size=args.chunk_size,
         reference_dir=args.reference_dir,
         progress=not args.no_progress,
+        batch_size=args.batch_size,
+        chunk_align=args.chunk_align,
         settings={
             "profile": args.profile,
             "split": args.split,

@@ -29,6 +29,10 @@ from kvpolicy.eval.results import ItemResult
 from kvpolicy.types import CacheReport
 
 Metric = Literal["task", "loglik", "both"]
+ChunkAlign = Literal["start", "end"]
+#: ``start``: prefill chunks from the prompt's first token (the last takes the remainder);
+#: ``end``: from its last (the first takes the remainder), what left-padded batches need
+CHUNK_ALIGNMENTS: tuple[str, ...] = ("start", "end")
 METRIC_MODES: tuple[str, ...] = ("task", "loglik", "both")
 DEFAULT_CHUNK = 512
 
@@ -59,6 +63,7 @@ def item_result(
     prediction: str,
     answer_logprob: float | None,
     seconds: float,
+    chunks: ChunkAlign = "start",
 ) -> ItemResult:
     """One `ItemResult`: the item's identity, the score, and the cache figures of ``report``."""
     return ItemResult(
@@ -81,6 +86,7 @@ def item_result(
         full_kv_bytes=report.full_kv_bytes,
         policy_seconds=report.policy_seconds,
         seconds=seconds,
+        chunks=chunks,
     )
 
 
@@ -163,14 +169,28 @@ def evaluate(
     on_result: Callable[[ItemResult], None] | None = None,
     progress: bool | str = False,
     label: str | None = None,
+    batch_size: int = 1,
+    chunk_align: ChunkAlign = "start",
 ) -> list[ItemResult]:
     """Run ``policy`` over ``items``; one `ItemResult` per item, in order.
 
     ``done(item)`` may return a stored result to skip the item (resuming); ``on_result`` is
     called after each newly computed item (to store it at once); ``progress`` shows a tqdm bar
     (a string is used as its label); ``label`` names the policy in the results.
+
+    ``batch_size > 1`` evaluates that many items as one left-padded batch
+    (`kvpolicy.eval.batched`), with prefill chunks aligned to each prompt's end; so does
+    ``chunk_align="end"`` at any batch size, which is what a batch equals item by item.
     """
     check_run_arguments(metric, chunk_size)
+    if batch_size < 1:
+        raise InvalidConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if chunk_align not in CHUNK_ALIGNMENTS:
+        raise InvalidConfigError(f"chunk_align must be one of {', '.join(CHUNK_ALIGNMENTS)}, got {chunk_align!r}")
+    if batch_size > 1 or chunk_align == "end":
+        return _evaluate_batched(
+            policy, items, model, tokenizer, metric, chunk_size, done, on_result, progress, label, batch_size
+        )
     results: list[ItemResult] = []
     for item in _progress(items, progress):
         stored = done(item) if done is not None else None
@@ -184,7 +204,33 @@ def evaluate(
     return results
 
 
-def _progress(items: Sequence[Item], progress: bool | str) -> Iterable[Item]:
+def _evaluate_batched(
+    policy: Any,
+    items: Sequence[Item],
+    model: Any,
+    tokenizer: Any,
+    metric: Metric,
+    chunk_size: int,
+    done: Callable[[Item], ItemResult | None] | None,
+    on_result: Callable[[ItemResult], None] | None,
+    progress: bool | str,
+    label: str | None,
+    batch_size: int,
+) -> list[ItemResult]:
+    from kvpolicy.eval.batched import run_batch
+
+    found = {item.uid: done(item) if done is not None else None for item in items}
+    pending = [item for item in items if found[item.uid] is None]
+    batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
+    for batch in _progress(batches, progress):
+        for result in run_batch(policy, batch, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label):
+            found[result.uid] = result
+            if on_result is not None:
+                on_result(result)
+    return [found[item.uid] for item in items]  # type: ignore[misc]
+
+
+def _progress(items: Sequence[Any], progress: bool | str) -> Iterable[Any]:
     if not progress:
         return items
     from tqdm.auto import tqdm

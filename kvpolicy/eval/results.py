@@ -39,7 +39,9 @@ class ItemResult:
     likelihood); ``answer_logprob`` is the mean teacher-forced log-probability per gold-answer
     token when measured (None otherwise). Cache figures come from the integration's
     `CacheReport`: ``kept_fraction`` is the mean over layers and KV heads of kept ÷ seen at the
-    end of the item, ``per_layer_fraction`` the same per layer.
+    end of the item, ``per_layer_fraction`` the same per layer. ``chunks`` says how the
+    prompt was chunked (``start``; ``end`` in a left-padded batch), since eviction between chunks
+    depends on it: a resumed run recomputes a result chunked otherwise.
     """
 
     uid: str
@@ -61,6 +63,8 @@ class ItemResult:
     full_kv_bytes: int
     policy_seconds: float
     seconds: float
+    #: where the prompt's prefill chunks were aligned (`kvpolicy.eval.harness.CHUNK_ALIGNMENTS`)
+    chunks: str = "start"
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -16,7 +16,7 @@ import attrs
 
 import kvpolicy
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
+from kvpolicy.eval.harness import DEFAULT_CHUNK, ChunkAlign, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.references import reference_results
 from kvpolicy.eval.report import (
@@ -70,6 +70,11 @@ def _summary_markdown(label: str, rows: Sequence[TaskSummary], lengths: dict[int
     return text
 
 
+def _stored_with(result: ItemResult | None, align: str) -> ItemResult | None:
+    """A stored result counts as done only if its prompt was chunked the same way."""
+    return result if result is not None and result.chunks == align else None
+
+
 def _is_full_cache(policy: Any) -> bool:
     return policy.config == kvpolicy.build("full").config
 
@@ -88,8 +93,15 @@ def run_suite(
     reference_dir: str | Path | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    batch_size: int = 1,
+    chunk_align: ChunkAlign | None = None,
 ) -> RunSummary:
-    """Evaluate ``policy`` on ``items`` into ``out`` (resuming) and summarise against the full cache."""
+    """Evaluate ``policy`` on ``items`` into ``out`` (resuming) and summarise against the full cache.
+
+    ``batch_size`` items run as one left-padded batch; ``chunk_align`` (default: ``end`` for a
+    batch, else ``start``) is how prompts are chunked, and a stored result chunked otherwise is
+    recomputed."""
+    align: ChunkAlign = chunk_align or ("end" if batch_size > 1 else "start")
     out = Path(out)
     references = reference_results(
         items,
@@ -116,10 +128,12 @@ def run_suite(
             tokenizer,
             metric=metric,
             chunk_size=chunk_size,
-            done=store.finished,
+            done=lambda item: _stored_with(store.finished(item), align),
             on_result=store.add,
             progress=label if progress else False,
             label=label,
+            batch_size=batch_size,
+            chunk_align=align,
         )
     rows = tuple(summarise(results, references))
     lengths = summarise_by_length(results, references)
@@ -128,6 +142,7 @@ def run_suite(
     atomic_write_text(out / "results.csv", to_csv(results, references))
     record = {**summary.to_dict(), "policy": policy.config.to_dict(), "model": model_name, "metric": metric}
     record["chunk_size"] = chunk_size
+    record["chunk_align"], record["batch_size"] = align, batch_size
     record.update(settings or {})
     atomic_write_text(out / "summary.json", json.dumps(record, indent=2, sort_keys=True))
     atomic_write_text(out / "summary.md", _summary_markdown(label, rows, lengths))

@@ -2,7 +2,9 @@
 
 `cache_machine(...)` builds a `RuleBasedStateMachine` that attaches a policy to a tiny
 random-weight model (`kvpolicy.testing.tiny`) and runs prefill chunks, decode steps and resets in
-drawn orders. After every step it checks, on every layer the policy manages:
+drawn orders; the batch's rows may start with drawn left padding (a left-padded batch, each
+row counting and evicting its own tokens). After every step it checks, on every layer the
+policy manages and for every row:
 
 - positions strictly increase per head and are true absolute positions: the keys and values
   kept in each slot are bit-identical to those written for that position;
@@ -11,7 +13,8 @@ drawn orders. After every step it checks, on every layer the policy manages:
 - at every update: the selection keeps within the budget (or the selector's own rule), keeps
   every protected token and evicts no token scored above an unprotected survivor of its head
   (unless the selector declares ``keeps_highest_scores = False``);
-- a keep-all policy (schedule ``never``) gives logits identical to the bare model's.
+- a keep-all policy (schedule ``never``) gives logits identical to the bare model's (unpadded
+  batches; the bare model masks padding in its own way, equal only to rounding).
 
 Usage (pytest collects the ``TestCase``)::
 
@@ -91,8 +94,10 @@ class PolicyCacheMachine(RuleBasedStateMachine):
 
     # ----------------------------------------------------------------- set-up
 
-    def start(self, policy: Policy, family: str, batch: int, seed: int) -> None:
+    def start(self, policy: Policy, family: str, batch: int, seed: int, padding: tuple[int, ...] = ()) -> None:
         self.policy, self.family, self.batch, self.seed = policy, family, batch, seed
+        #: left padding of each row in the first call after a reset (0: none)
+        self.padding = tuple(padding[:batch]) + (0,) * max(0, batch - len(padding))
         self.recorder = _UpdateRecorder(policy)
         self.model = _model(family)
         self.attachment = policy.attach(self.model)
@@ -106,6 +111,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         self.handle.reset()
         self.cache = self.handle.cache
         self.fed = 0
+        self.pads = [0] * self.batch  # padding each row got (columns before its first token)
         self.steps = 0
         self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.absent: dict[int, torch.Tensor] = {}  # [batch, kv_heads, positions] once evicted
@@ -138,10 +144,16 @@ class PolicyCacheMachine(RuleBasedStateMachine):
 
     def _feed(self, tokens: int, chunk: int | None) -> None:
         ids = _ids(self.batch, tokens, self.seed + self.fed)
-        logits = self.handle.feed(ids, chunk_size=chunk)
+        mask = None
+        if self.fed == 0 and any(self.padding):
+            self.pads = [min(pad, tokens - 1) for pad in self.padding]
+            mask = torch.ones_like(ids)
+            for row, pad in enumerate(self.pads):
+                mask[row, :pad] = 0
+        logits = self.handle.feed(ids, chunk_size=chunk, attention_mask=mask)
         self.fed += tokens
         self.steps += 1
-        if self.bare is not None:
+        if self.bare is not None and not any(self.pads):
             self._compare_with_bare(ids, chunk, logits)
         self._check_updates()
 
@@ -198,13 +210,19 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         self.recorder.records.clear()
         raise_if(problems, f"{self.policy} broke the selection rules")
 
+    def _row_tokens(self) -> list[int]:
+        return [self.fed - pad for pad in self.pads]
+
     @invariant()
     def tokens_are_counted(self) -> None:
         if self.handle is not None:
-            raise_if(
-                [f"cache.seen is {self.cache.seen}, {self.fed} tokens were fed"] if self.cache.seen != self.fed else [],
-                "the cache lost count of the tokens it saw",
+            problems = (
+                [f"cache.seen is {self.cache.seen}, {self.fed} columns were fed"] if self.cache.seen != self.fed else []
             )
+            counted = [] if self.cache.row_seen is None else self.cache.row_seen.tolist()
+            if self.fed and counted != self._row_tokens():
+                problems.append(f"rows counted {counted} tokens; they were fed {self._row_tokens()} (padding excluded)")
+            raise_if(problems, "the cache lost count of the tokens it saw")
 
     @invariant()
     def kept_tokens_are_true(self) -> None:
@@ -220,9 +238,11 @@ class PolicyCacheMachine(RuleBasedStateMachine):
                     kept = positions[b, h][valid[b, h]]
                     if (kept[1:] <= kept[:-1]).any():
                         problems.append(f"layer {index} batch {b} head {h}: positions {kept.tolist()} do not ascend")
-            real = positions.clamp(min=0)
-            if bool(((positions < 0) | (positions >= self.fed))[valid].any()):
-                problems.append(f"layer {index}: a kept position lies outside [0, {self.fed})")
+            pads = torch.tensor(self.pads).view(-1, 1, 1)
+            limit = torch.tensor(self._row_tokens()).view(-1, 1, 1)
+            real = positions.clamp(min=0) + pads  # the column each row's position was written at
+            if bool(((positions < 0) | (positions >= limit)).masked_select(valid).any()):
+                problems.append(f"layer {index}: a kept position lies outside its row's [0, tokens seen)")
                 continue
             keys, values = self.written[index]
             index_k = real.unsqueeze(-1).expand(*real.shape, keys.shape[-1])
@@ -249,11 +269,13 @@ class PolicyCacheMachine(RuleBasedStateMachine):
             absent = self.absent.get(index)
             if absent is not None and bool((present[..., : absent.shape[-1]] & absent).any()):
                 problems.append(f"layer {index}: an evicted token came back")
+            must = torch.zeros(batch, 1, self.fed, dtype=torch.bool)
+            for row, tokens in enumerate(self._row_tokens()):
+                must[row, :, : min(protect.sinks, tokens)] = True
+                must[row, :, max(0, tokens - max(protect.recent, 1)) : tokens] = True
+                present[row, :, tokens:] = True  # positions a row has not reached are not "evicted"
             self.absent[index] = ~present
-            must = torch.zeros(self.fed, dtype=torch.bool)
-            must[: min(protect.sinks, self.fed)] = True
-            must[max(0, self.fed - max(protect.recent, 1)) :] = True
-            lost = must.view(1, 1, -1) & ~present
+            lost = must & ~present
             if bool(lost.any()):
                 b, h, p = lost.nonzero()[0].tolist()
                 problems.append(f"layer {index}: protected position {p} missing from batch {b} head {h}")
@@ -268,10 +290,12 @@ def cache_machine(
     max_batch: int = 2,
     options: Mapping[str, Any] | None = None,
     name: str = "CacheMachine",
+    max_padding: int = 5,
 ) -> type[PolicyCacheMachine]:
     """A `PolicyCacheMachine` drawing its policy from ``policies`` (every preset with drawn
-    budget / protection / schedule by default), its model from ``families`` and a batch of 1 to
-    ``max_batch`` rows. ``options``: ``score_order`` overrides the selector's declaration."""
+    budget / protection / schedule by default), its model from ``families``, a batch of 1 to
+    ``max_batch`` rows and up to ``max_padding`` left-padding columns per row (0: unpadded).
+    ``options``: ``score_order`` overrides the selector's declaration."""
     policies = policies if policies is not None else kst.policies()
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -283,9 +307,10 @@ def cache_machine(
             family=st.sampled_from(families),
             batch=st.integers(1, max_batch),
             seed=st.integers(0, 2**16),
+            padding=st.lists(st.integers(0, max_padding), min_size=max_batch, max_size=max_batch).map(tuple),
         )
-        def setup(self, policy: Policy, family: str, batch: int, seed: int) -> None:
-            self.start(policy, family, batch, seed)
+        def setup(self, policy: Policy, family: str, batch: int, seed: int, padding: tuple[int, ...]) -> None:
+            self.start(policy, family, batch, seed, padding)
 
     Machine.options = dict(options or {})
     Machine.__name__ = Machine.__qualname__ = name

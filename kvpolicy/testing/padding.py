@@ -9,12 +9,12 @@ their `GreedyRun`s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import torch
 
+from kvpolicy.integrations.hf.batching import left_pad
 from kvpolicy.types import CacheReport
 
 
@@ -26,17 +26,6 @@ class GreedyRun:
     logits: torch.Tensor
     tokens: torch.Tensor
     reports: tuple[CacheReport, ...]
-
-
-def left_pad(rows: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask [batch, longest]`` of 1-D ``rows``, padded on the left."""
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, longest - len(row) :] = torch.as_tensor(row)
-        mask[index, longest - len(row) :] = 1
-    return ids, mask
 
 
 def _decode(handle: Any, logits: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -13,11 +13,13 @@ fires once the prompt is consumed, chunked prefill included). Leaving the block 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -59,6 +61,16 @@ def _given_cache(kwargs: dict[str, Any]) -> Any:
         if kwargs.get(key) is not None:
             return kwargs[key]
     return None
+
+
+def chunk_sizes(tokens: int, chunk_size: int | None, align_end: bool = False) -> list[int]:
+    """Forward-call sizes for ``tokens`` in chunks of ``chunk_size`` (None: one call), from the
+    start, or with ``align_end`` from the end (the first chunk takes the remainder)."""
+    size = chunk_size or tokens
+    whole, remainder = divmod(tokens, size)
+    if not remainder:
+        return [size] * whole
+    return [remainder] + [size] * whole if align_end else [size] * whole + [remainder]
 
 
 @attrs.frozen(eq=False)
@@ -348,6 +360,19 @@ class Handle:
         """Start over with a fresh, empty cache."""
         self._attachment.cache = self._attachment.new_cache()
 
+    @contextlib.contextmanager
+    def fork_row(self, row: int) -> Iterator[Handle]:
+        """``with handle.fork_row(i):`` feed batch row ``i`` alone on a copy of the cache (e.g. a
+        continuation only that row has after a batched prefill); the batch's cache is untouched
+        and in use again after the block."""
+        attachment = self._attachment
+        saved = self.cache
+        attachment.cache = saved.row_copy(row)
+        try:
+            yield self
+        finally:
+            attachment.cache = saved
+
     def feed(
         self,
         input_ids: torch.Tensor,
@@ -356,6 +381,7 @@ class Handle:
         attention_mask: torch.Tensor | None = None,
         evict: bool = True,
         last_only: bool = False,
+        align_end: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids [batch, tokens]`` through the model on the handle's cache, in chunks of
         ``chunk_size`` with eviction between them; returns the logits of the last forward
@@ -363,7 +389,9 @@ class Handle:
 
         ``attention_mask [batch, tokens]`` (0 at left padding, as ``tokenizer(..., padding=True,
         padding_side='left')`` gives it) runs a padded batch: each row is numbered, budgeted and
-        scheduled on its own tokens, as if run alone in the same forward calls.
+        scheduled on its own tokens, as if run alone in the same forward calls. ``align_end=True``
+        puts the chunk boundaries at whole chunks before the end (the first chunk takes the
+        remainder): in a left-padded batch every row then sees the chunking it would see alone.
 
         ``evict=False`` records the statistics the policy needs but runs no eviction pass: the
         update that was due is left for later (`kvpolicy.integrations.hf.shared_prefill` forks many
@@ -386,7 +414,7 @@ class Handle:
                 raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}; input_ids have {tuple(ids.shape)}")
             mask = mask.to(ids.device)
         return self._forward_chunks(
-            "input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed", mask=mask
+            "input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed", mask=mask, align_end=align_end
         )
 
     def feed_embeds(
@@ -419,6 +447,7 @@ class Handle:
         last_only: bool,
         what: str,
         mask: torch.Tensor | None = None,
+        align_end: bool = False,
     ) -> torch.Tensor:
         attachment = self._attachment
         if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
@@ -440,9 +469,9 @@ class Handle:
         try:
             with torch.no_grad():
                 extra = {"logits_to_keep": 1} if last_only else {}
-                size = chunk_size or inputs.shape[1]
-                masks = mask.split(size, dim=1) if mask is not None else itertools.repeat(None)
-                for chunk, chunk_mask in zip(inputs.split(size, dim=1), masks, strict=False):
+                sizes = chunk_sizes(inputs.shape[1], chunk_size, align_end)
+                masks = mask.split(sizes, dim=1) if mask is not None else itertools.repeat(None)
+                for chunk, chunk_mask in zip(inputs.split(sizes, dim=1), masks, strict=False):
                     if chunk_mask is not None:
                         extra["attention_mask"] = chunk_mask
                     output = attachment.model(**{key: chunk}, use_cache=True, **{keyword: cache}, **extra)

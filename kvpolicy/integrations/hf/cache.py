@@ -25,6 +25,7 @@ new keys and values.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -670,6 +671,24 @@ class EvictingCache(DynamicCache):
             valid[row, :, : row_indices.shape[-1]] = True if row_valid is None else row_valid
         layer.finish_pass(due)
         layer.gather(Selection(indices, valid))
+
+    def copy(self) -> EvictingCache:
+        """A copy that can be filled and evicted without touching this cache: layers and their
+        state dicts are copied; tensors are shared, since the cache only ever replaces them
+        (concatenation, gather), never writes into them."""
+        copied = copy.copy(self)
+        copied.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in copied.layers:
+            if isinstance(getattr(layer, "state", None), dict):
+                layer.state = dict(layer.state)
+                layer.state_rows = dict(layer.state_rows)
+        return copied
+
+    def row_copy(self, row: int) -> EvictingCache:
+        """A copy holding batch row ``row`` alone (to continue one row of a batch on its own)."""
+        copied = self.copy()
+        copied.batch_select_indices(torch.tensor([row]))
+        return copied
 
     def repeat_rows(self, rows: int) -> None:
         """The cache-wide row records of a one-row cache repeated to ``rows`` (its layers are

@@ -18,7 +18,6 @@ again in later generations: its cache is copied, never changed.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,7 +113,7 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             f"the recorded prompt has {have} on layers {cache.managed}; the policy needs {wanted} on "
             f"{attachment.managed}"
         )
-    cache = _copy_cache(cache)
+    cache = cache.copy()
     cache.managed, cache.requirements = attachment.managed, wanted
     for layer in cache.layers:
         if not isinstance(layer, EvictingLayer):
@@ -184,19 +183,6 @@ def due_layers(policy: Any, model: Any, cache: EvictingCache) -> tuple[int, ...]
     return tuple(i for i in managed if cache.is_due(policy, i) and i not in policy.skip_layers)
 
 
-def _copy_cache(cache: EvictingCache) -> EvictingCache:
-    """A copy of ``cache`` that can be filled and evicted without touching the original: layers
-    and their state dicts are copied; tensors are shared, since the cache only ever replaces
-    them (concatenation, gather), never writes into them."""
-    copied = copy.copy(cache)
-    copied.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in copied.layers:
-        if isinstance(getattr(layer, "state", None), dict):
-            layer.state = dict(layer.state)
-            layer.state_rows = dict(layer.state_rows)
-    return copied
-
-
 def _repeat_view(view: LayerView, rows: int) -> LayerView:
     """The view of one row seen by ``rows`` rows (expanded, not copied)."""
 
@@ -224,7 +210,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
     (the full-cache reference of the same prefill)."""
     if rows < 1:
         raise ShapeError(f"fork needs at least one row, got {rows}")
-    cache = _copy_cache(shared.cache)
+    cache = shared.cache.copy()
     with torch.inference_mode(), policy.attach(model) as handle:
         attachment = handle._attachment
         if not attachment._own(cache):

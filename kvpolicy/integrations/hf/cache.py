@@ -60,6 +60,7 @@ class EvictingLayer(DynamicLayer):
         self.seen = 0
         self.new_tokens = 0
         self.updates = 0
+        self.finished = False  # the policy's schedule will never run another pass on this layer
 
     # ----------------------------------------------------------------- filling
 
@@ -330,8 +331,8 @@ class EvictingCache(DynamicCache):
 
     def records_statistics(self, layer_idx: int) -> bool:
         """Whether the attention of ``layer_idx`` records statistics: a managed layer of a policy
-        that reads attention."""
-        return self.requirements.needs_attention and layer_idx in self.managed
+        that reads attention, while its schedule can still run an eviction pass there."""
+        return self.requirements.needs_attention and layer_idx in self.managed and not self.layers[layer_idx].finished
 
     def record_in_pass(
         self, layer_idx: int, rows: torch.Tensor | None, positions: torch.Tensor, columns: torch.Tensor | None
@@ -399,6 +400,10 @@ class EvictingCache(DynamicCache):
                     layer.gather(selection)
                 layer.finish_pass()
                 ran = True
+            for index in self.managed:  # a layer whose schedule is over records no more statistics
+                layer = self.layers[index]
+                if isinstance(layer, EvictingLayer) and not policy.will_run_again(updates=layer.updates):
+                    layer.finished = True
         self.policy_seconds += time.perf_counter() - start
         self.updates += int(ran)
 

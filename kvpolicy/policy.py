@@ -277,6 +277,17 @@ class Policy:
         capacity = self.budget.capacity(seen)
         return capacity is None or cached > capacity + self.schedule.slack
 
+    def will_run_again(self, *, updates: int) -> bool:
+        """Whether a layer that has had ``updates`` eviction passes can still be due for another
+        (`is_due`): false for ``never`` and, after its one pass, for ``after_prefill``. Once false,
+        the forward pass need not record that layer's statistics any more."""
+        kind = self.schedule.kind
+        if kind == "never":
+            return False
+        if kind == "after_prefill":
+            return updates == 0
+        return True
+
     def protected_mask(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens]`` bool: sinks, the recent window and the newest token."""
         positions = view.positions

@@ -161,6 +161,25 @@ def test_schedule(registry, schedule, kwargs, due):
     assert policy.is_due(**kwargs) is due
 
 
+@pytest.mark.parametrize(
+    ("schedule", "updates", "again"),
+    [
+        (Schedule("after_prefill"), 0, True),
+        (Schedule("after_prefill"), 1, False),
+        (Schedule("every_n", every=4), 5, True),
+        (Schedule("every_step"), 5, True),
+        (Schedule("never"), 0, False),
+    ],
+)
+def test_will_run_again_is_false_only_when_no_pass_can_be_due(registry, schedule, updates, again):
+    policy = kvpolicy.build("random", budget=8, schedule=schedule, registry=registry)
+    assert policy.will_run_again(updates=updates) is again
+    if not again:  # whatever comes next, is_due agrees
+        for prefill_done in (False, True):
+            kwargs = dict(new_tokens=99, cached=99, seen=999, prefill_done=prefill_done, updates=updates)
+            assert not policy.is_due(**kwargs)
+
+
 def test_plan_keeps_newest_and_sinks_within_budget(registry):
     policy = kvpolicy.build("streaming_llm", budget=8, registry=registry)
     selection = policy.plan(_view(20, heads=3, batch=2))

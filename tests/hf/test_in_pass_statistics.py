@@ -192,6 +192,41 @@ def test_rows_only_attend_the_window_explicitly(llama):
     assert window.queries == 1 and window.query_positions.tolist() == [[11]]  # not due yet: the row waits
 
 
+@pytest.mark.parametrize("mode", ["in_pass", "recompute"])
+def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mode):
+    """SnapKV's one eviction pass, after the prompt, is its last: the decode steps that follow
+    record no statistics on any layer (no attention rows, no stored queries), and their logits
+    and kept tokens equal those of a run that goes on recording."""
+    ids = random_ids(2, 50, seed=23)
+    prompt = 44
+
+    def run() -> tuple[torch.Tensor, list[bool], Any]:
+        policy = kvpolicy.build("snapkv", budget=16)
+        steps, recorded = [], []
+        with HFAdapter(llama).attach(policy, statistics=mode) as handle:
+            handle.feed(ids[:, :prompt], chunk_size=5)
+            for step in range(prompt, ids.shape[1]):
+                steps.append(handle.feed(ids[:, step : step + 1]))
+                cache = handle.cache
+                layers = [cache.layers[index] for index in cache.managed]
+                assert layers and all(layer.updates == 1 for layer in layers)
+                recorded.append(
+                    any(layer.window is not None or layer.queries is not None for layer in layers)
+                    or any(cache.records_statistics(index) for index in cache.managed)
+                )
+            report = handle.report()
+        return torch.cat(steps, 1), recorded, report
+
+    logits, recorded, report = run()
+    assert report.kept_fraction < 1.0, "the run must really evict"
+    assert not any(recorded)
+    monkeypatch.setattr(kvpolicy.Policy, "will_run_again", lambda self, *, updates: True)
+    still_recording, recorded, reference = run()
+    assert all(recorded), "the reference run records on every decode step"
+    torch.testing.assert_close(logits, still_recording, atol=TOLERANCE, rtol=0)
+    assert report.kept == reference.kept
+
+
 @pytest.mark.real_model
 def test_shipped_namm_sees_the_same_features_on_smollm2():
     """The shipped evolved NAMM on the real SmolLM2 weights, updating every 48 tokens while fed

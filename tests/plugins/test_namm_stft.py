@@ -9,7 +9,16 @@ import torch
 
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView
-from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor, folded_spectrogram
+from kvpolicy_plugins.stft import (
+    CLOCK_KEY,
+    CONTEXT_KEY,
+    EMA_KEY,
+    StftConfig,
+    StftExtractor,
+    _half_frame_dft,
+    folded_hann_spectrogram,
+    folded_spectrogram,
+)
 
 GAMMA = 0.99
 
@@ -114,6 +123,51 @@ def test_folded_spectrogram_equals_the_weighted_sum_of_torch_stft_frames(n_fft, 
     expected = (magnitudes * weights.permute(0, 1, 3, 2).unsqueeze(3)).sum(-1)
     folded = folded_spectrogram(series, weights, extractor._basis(series.device), hop, tile)
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n_fft", "tile", "head_values"), [(32, 32, 16), (32, 7, 16), (32, 5, 0), (16, 4, 24), (8, 3, 4)]
+)
+def test_hann_spectrogram_in_the_frequency_domain_equals_the_windowed_basis(n_fft, tile, head_values):
+    """The Hann window applied in the frequency domain to half-frame DFTs gives the windowed
+    basis's folded magnitudes (and torch.stft's), with the frames reaching into a token-major
+    head or not, for tiles that do not divide the tokens."""
+    hop = n_fft // 2
+    extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
+    generator = torch.Generator().manual_seed(10)
+    series = torch.softmax(torch.randn(2, 3, 4 * hop, 23, generator=generator) * 2, dim=-1)
+    head = torch.rand(2, 3, 23, head_values, generator=generator) * 0.1 if head_values else None
+    frames = extractor.frame_count(4 * hop + head_values)
+    weights = torch.rand(2, 3, frames, 23, generator=generator)
+    expected = folded_spectrogram(series, weights, extractor._basis(series.device), hop, tile, head)
+    folded = folded_hann_spectrogram(series, weights, _half_frame_dft(n_fft, series.device), tile, head)
+    torch.testing.assert_close(folded, expected, atol=1e-6, rtol=1e-5)
+    whole = series if head is None else torch.cat([head.transpose(2, 3), series], dim=2)
+    magnitudes = torch.stft(
+        whole.permute(0, 1, 3, 2).reshape(-1, whole.shape[2]),
+        n_fft=n_fft,
+        hop_length=hop,
+        window=torch.hann_window(n_fft, periodic=True),
+        center=False,
+        return_complex=True,
+    ).abs()
+    magnitudes = magnitudes.view(2, 3, 23, n_fft // 2 + 1, frames)
+    reference = (magnitudes * weights.permute(0, 1, 3, 2).unsqueeze(3)).sum(-1)
+    torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_extractor_folds_half_hops_in_the_frequency_domain(monkeypatch):
+    """NAMM's n_fft 32 / hop 16 goes through `folded_hann_spectrogram`; other hops do not."""
+    import kvpolicy_plugins.stft as stft
+
+    calls = []
+    original = stft.folded_hann_spectrogram
+    monkeypatch.setattr(stft, "folded_hann_spectrogram", lambda *a, **k: calls.append(1) or original(*a, **k))
+    series, weights = torch.rand(1, 2, 64, 5), torch.rand(1, 2, 3, 5)
+    StftExtractor(StftConfig(window=64))._fold(series, weights)
+    assert calls == [1]
+    StftExtractor(StftConfig(n_fft=32, hop=8, window=64))._fold(series, torch.rand(1, 2, 5, 5))
+    assert calls == [1]
 
 
 def run_updates(extractor: StftExtractor, attention: torch.Tensor, splits: list[int], keep=None) -> LayerView:

@@ -84,6 +84,7 @@ class EvictingLayer(DynamicLayer):
         self.row_updates: torch.Tensor | None = None
         #: which rows hold each `state` entry ([batch] bool): rows evict on their own schedules
         self.state_rows: dict[str, torch.Tensor] = {}
+        self.finished = False  # the policy's schedule will never run another pass on this layer (any row)
 
     # ----------------------------------------------------------------- filling
 
@@ -549,8 +550,8 @@ class EvictingCache(DynamicCache):
 
     def records_statistics(self, layer_idx: int) -> bool:
         """Whether the attention of ``layer_idx`` records statistics: a managed layer of a policy
-        that reads attention."""
-        return self.requirements.needs_attention and layer_idx in self.managed
+        that reads attention, while its schedule can still run an eviction pass there."""
+        return self.requirements.needs_attention and layer_idx in self.managed and not self.layers[layer_idx].finished
 
     def record_in_pass(self, layer_idx: int, rows: torch.Tensor | None, columns: torch.Tensor | None) -> None:
         """Keep what the attention pass computed from its own probabilities: attention ``rows
@@ -623,6 +624,10 @@ class EvictingCache(DynamicCache):
                 if groups:
                     self._evict_rows(policy, index, groups)
                     ran = True
+            for index in self.managed:  # a layer whose schedule is over records no more statistics
+                layer = self.layers[index]
+                if isinstance(layer, EvictingLayer) and layer.row_updates is not None:
+                    layer.finished = not policy.will_run_again(updates=int(layer.row_updates.min()))
         self.policy_seconds += time.perf_counter() - start
         self.updates += int(ran)
 

@@ -2,9 +2,10 @@
 
 Both sides run the same items through `kvpolicy.eval.harness.evaluate` with prompts chunked from
 their end (``chunk_align="end"``): ``--batch-size 1`` evaluates one item at a time, the other
-side ``--batch`` items as one left-padded batch (`kvpolicy.eval.batched`). Items are the
-evaluation suite's (needle, multikey, quote, perplexity) at ``--tokens``, so prompts differ in
-length by a few percent, as real ones do. The two sides are interleaved batch by batch, each on
+side ``--batch`` items as one left-padded batch (`kvpolicy.eval.batched`). Items are drawn from
+all the suite's tasks at ``--tokens``, so prompts differ in length by up to ~2x across tasks, as
+real ones do; they are sorted by prompt length and taken ``--batch`` at a time, as `evaluate`
+batches them. The two sides are interleaved batch by batch, each on
 the same items, so a slow spell on a shared machine hits both; printed: seconds per side,
 items/s and their ratio, and how many items got the same prediction and score on both sides
 (the largest |Δ| of the answer log-probability too).
@@ -23,6 +24,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.eval.harness import evaluate
+from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import TASKS, build_suite
 from kvpolicy.models import load_model
 
@@ -49,6 +51,7 @@ def main() -> None:
     tasks = list(TASKS)
     per_task = -(-args.items // len(tasks))
     items = build_suite(tasks, "test", [args.tokens], list(range(per_task)))[: args.items]
+    items.sort(key=lambda item: encode(item, tokenizer).prompt_tokens)  # as `evaluate` batches them
     run = {"metric": "both", "chunk_size": args.chunk_size, "chunk_align": "end"}
     evaluate(policy, items[:1], model, tokenizer, **run)  # warm-up: first-call costs hit neither side
     seconds = {"batch 1": 0.0, f"batch {args.batch}": 0.0}

@@ -7,7 +7,7 @@ and budget in the padded cache). Then:
 
 - greedy answers are decoded for all rows in lockstep, one token per call as a batch of one
   decodes; a row that is done (end-of-sequence or its ``max_new_tokens``) has its report taken at
-  that point, and whatever the batch feeds it afterwards is never read;
+  that point and leaves the batch;
 - teacher-forced answers, whose lengths differ, continue row by row on a copy of the prefilled
   cache (`Handle.fork_row`).
 
@@ -106,14 +106,24 @@ def _greedy_lockstep(
     logits ``[batch, vocab]``, all rows decoding together; each row's tokens and its report at
     the moment it stopped (its last token is never fed, as in ``generate``)."""
     out: dict[int, tuple[list[int], Any]] = {}
+    if not limits:
+        return out
     tokens: dict[int, list[int]] = {row: [] for row in limits}
+    active = sorted(limits)  # batch rows still decoding, in cache order
+    if len(active) < last.shape[0]:  # rows that only teacher-force leave the batch
+        handle.cache.batch_select_indices(torch.tensor(active, device=last.device))
+        last = last[active]
     while True:
         chosen = last.argmax(-1)
-        for row in [r for r in tokens if r not in out]:
-            token = int(chosen[row])
+        for place, row in enumerate(active):
+            token = int(chosen[place])
             tokens[row].append(token)
             if token in eos or len(tokens[row]) >= limits[row]:
-                out[row] = (tokens[row], handle.report(row=row))
+                out[row] = (tokens[row], handle.report(row=place))
         if len(out) == len(tokens):
             return out
+        keep = [place for place, row in enumerate(active) if row not in out]
+        if len(keep) < len(active):  # finished rows leave the batch: later steps cost only the others
+            handle.cache.batch_select_indices(torch.tensor(keep, device=last.device))
+            active, chosen = [active[place] for place in keep], chosen[keep]
         last = handle.feed(chosen[:, None])[:, -1]

@@ -221,6 +221,8 @@ def _evaluate_batched(
 
     found = {item.uid: done(item) if done is not None else None for item in items}
     pending = [item for item in items if found[item.uid] is None]
+    # prompts of similar length batch together, so little of a batch is padding
+    pending.sort(key=lambda item: encode(item, tokenizer).prompt_tokens)
     batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
     for batch in _progress(batches, progress):
         for result in run_batch(policy, batch, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label):

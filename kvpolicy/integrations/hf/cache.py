@@ -52,6 +52,12 @@ def _gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, _expand_index(indices, tensor))
 
 
+def _valid_first(valid: torch.Tensor) -> bool:
+    """Whether every head lists its valid slots first (true after any pass; false while a row's
+    left padding is still stored)."""
+    return not bool((valid[..., 1:] & ~valid[..., :-1]).any())
+
+
 def _check_state(name: str, tensor: object, tokens: int) -> None:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() < 3 or tensor.shape[2] > tokens:
         raise ShapeError(
@@ -196,11 +202,6 @@ class EvictingLayer(DynamicLayer):
             return [self.tokens] * self.batch
         return [math.ceil(x) for x in self.valid.sum(-1).float().mean(-1).tolist()]
 
-    def valid_first(self) -> bool:
-        """Whether every head lists its valid slots first (true after any pass; false while a
-        row's left padding is still stored)."""
-        return self.valid is None or not bool((self.valid[..., 1:] & ~self.valid[..., :-1]).any())
-
     def view(
         self, layer: int, num_layers: int, requirements: Requirements, rows: list[int] | None = None
     ) -> tuple[LayerView, torch.Tensor | None]:
@@ -216,7 +217,7 @@ class EvictingLayer(DynamicLayer):
 
         valid = None if self.valid is None else pick(self.valid)
         order = None
-        if valid is not None and bool((valid[..., 1:] & ~valid[..., :-1]).any()):
+        if valid is not None and not _valid_first(valid):
             kept = int(valid.sum(-1).max())
             order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)[..., :kept]
 

@@ -43,6 +43,7 @@ def main() -> None:
         for n in (700, 300, 120, 450)
     ]
     tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # some tokenizers have none
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         result = policy.generate(model, batch, max_new_tokens=args.max_new_tokens, do_sample=False)

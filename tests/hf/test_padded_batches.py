@@ -156,6 +156,7 @@ def smollm2():
     words = essays()[0][1].split()
     texts = [" ".join(words[:n]) for n in (70, 31, 22, 52)]
     tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # transformers 5.17 loads it without one
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     return model, encoded["input_ids"], encoded["attention_mask"]
 

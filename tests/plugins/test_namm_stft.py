@@ -82,20 +82,19 @@ def test_features_equal_torch_stft_and_the_ema_recurrence():
     torch.testing.assert_close(features, expected_features(attention, query_positions, cfg), atol=2e-6, rtol=1e-5)
 
 
+def _torch_stft_magnitudes(signals: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``|torch.stft|`` of ``signals [n, length]`` with a periodic Hann window, no centering: the reference."""
+    window = torch.hann_window(n_fft, periodic=True)
+    return torch.stft(signals, n_fft=n_fft, hop_length=hop, window=window, center=False, return_complex=True).abs()
+
+
 def test_spectrogram_equals_torch_stft_for_any_hop():
     for n_fft, hop in ((32, 16), (16, 6)):
         extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
         series = torch.rand(2, 3, 70, 5)
         frames = extractor.frame_count(70)
         usable = n_fft + (frames - 1) * hop
-        ref = torch.stft(
-            series[..., 70 - usable :, :].permute(0, 1, 3, 2).reshape(-1, usable),
-            n_fft=n_fft,
-            hop_length=hop,
-            window=torch.hann_window(n_fft, periodic=True),
-            center=False,
-            return_complex=True,
-        ).abs()
+        ref = _torch_stft_magnitudes(series[..., 70 - usable :, :].permute(0, 1, 3, 2).reshape(-1, usable), n_fft, hop)
         ref = ref.view(2, 3, 5, n_fft // 2 + 1, frames).permute(0, 1, 4, 3, 2)
         torch.testing.assert_close(extractor.spectrogram(series), ref, atol=2e-6, rtol=1e-5)
 
@@ -143,14 +142,7 @@ def test_hann_spectrogram_in_the_frequency_domain_equals_the_windowed_basis(n_ff
     folded = folded_hann_spectrogram(series, weights, _half_frame_dft(n_fft, series.device), tile, head)
     torch.testing.assert_close(folded, expected, atol=1e-6, rtol=1e-5)
     whole = series if head is None else torch.cat([head.transpose(2, 3), series], dim=2)
-    magnitudes = torch.stft(
-        whole.permute(0, 1, 3, 2).reshape(-1, whole.shape[2]),
-        n_fft=n_fft,
-        hop_length=hop,
-        window=torch.hann_window(n_fft, periodic=True),
-        center=False,
-        return_complex=True,
-    ).abs()
+    magnitudes = _torch_stft_magnitudes(whole.permute(0, 1, 3, 2).reshape(-1, whole.shape[2]), n_fft, hop)
     magnitudes = magnitudes.view(2, 3, 23, n_fft // 2 + 1, frames)
     reference = (magnitudes * weights.permute(0, 1, 3, 2).unsqueeze(3)).sum(-1)
     torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-5)

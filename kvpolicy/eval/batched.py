@@ -26,7 +26,7 @@ import torch
 from kvpolicy.eval.harness import Metric, item_result, policy_name
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.metrics import answer_logprobs, likelihood_score, score_text
-from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.prompting import EncodedItem
 from kvpolicy.eval.results import ItemResult
 from kvpolicy.integrations.hf.batching import left_pad
 
@@ -40,7 +40,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 def run_batch(
     policy: Any,
-    items: Sequence[Item],
+    batch: Sequence[tuple[Item, EncodedItem]],
     model: Any,
     tokenizer: Any,
     *,
@@ -48,10 +48,12 @@ def run_batch(
     chunk_size: int,
     label: str | None = None,
 ) -> list[ItemResult]:
-    """Evaluate ``items`` as one batch (see the module docstring); one `ItemResult` per item."""
+    """Evaluate ``batch`` (items with their encoding) as one batch (see the module docstring);
+    one `ItemResult` per item."""
     start = time.perf_counter()
     policy.bind_tokenizer(tokenizer)
-    encoded = [encode(item, tokenizer) for item in items]
+    items = [item for item, _ in batch]
+    encoded = [encoding for _, encoding in batch]
     by_likelihood = [metric == "loglik" or item.metric == "likelihood" for item in items]
     forced = [likely or metric == "both" for likely in by_likelihood]
     pad = getattr(tokenizer, "pad_token_id", None) or 0

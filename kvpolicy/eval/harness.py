@@ -188,9 +188,21 @@ def evaluate(
     if chunk_align not in CHUNK_ALIGNMENTS:
         raise InvalidConfigError(f"chunk_align must be one of {', '.join(CHUNK_ALIGNMENTS)}, got {chunk_align!r}")
     if batch_size > 1 or chunk_align == "end":
-        return _evaluate_batched(
-            policy, items, model, tokenizer, metric, chunk_size, done, on_result, progress, label, batch_size
+        from kvpolicy.eval.batched import run_batch
+
+        found = {item.uid: done(item) if done is not None else None for item in items}
+        # prompts of similar length batch together, so little of a batch is padding
+        pending = sorted(
+            ((item, encode(item, tokenizer)) for item in items if found[item.uid] is None),
+            key=lambda pair: pair[1].prompt_tokens,
         )
+        batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
+        for batch in _progress(batches, progress):
+            for result in run_batch(policy, batch, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label):
+                found[result.uid] = result
+                if on_result is not None:
+                    on_result(result)
+        return [found[item.uid] for item in items]  # type: ignore[misc]
     results: list[ItemResult] = []
     for item in _progress(items, progress):
         stored = done(item) if done is not None else None
@@ -202,34 +214,6 @@ def evaluate(
             on_result(result)
         results.append(result)
     return results
-
-
-def _evaluate_batched(
-    policy: Any,
-    items: Sequence[Item],
-    model: Any,
-    tokenizer: Any,
-    metric: Metric,
-    chunk_size: int,
-    done: Callable[[Item], ItemResult | None] | None,
-    on_result: Callable[[ItemResult], None] | None,
-    progress: bool | str,
-    label: str | None,
-    batch_size: int,
-) -> list[ItemResult]:
-    from kvpolicy.eval.batched import run_batch
-
-    found = {item.uid: done(item) if done is not None else None for item in items}
-    pending = [item for item in items if found[item.uid] is None]
-    # prompts of similar length batch together, so little of a batch is padding
-    pending.sort(key=lambda item: encode(item, tokenizer).prompt_tokens)
-    batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
-    for batch in _progress(batches, progress):
-        for result in run_batch(policy, batch, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label):
-            found[result.uid] = result
-            if on_result is not None:
-                on_result(result)
-    return [found[item.uid] for item in items]  # type: ignore[misc]
 
 
 def _progress(items: Sequence[Any], progress: bool | str) -> Iterable[Any]:

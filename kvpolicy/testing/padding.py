@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import torch
 
+from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.integrations.hf.batching import left_pad
 from kvpolicy.types import CacheReport
 
@@ -54,8 +55,6 @@ def feed_row_alone(
 ) -> GreedyRun:
     """Batch row ``row`` on its own: its real tokens of each ``chunk_size``-column call of the
     batch, as one prompt, then ``steps`` greedy tokens."""
-    from kvpolicy.integrations.hf.attach import cache_keyword
-
     columns = ids.shape[1]
     padding = columns - int(mask[row].sum())
     tokens = ids[row : row + 1, padding:].to(model.device)

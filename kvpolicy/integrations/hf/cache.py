@@ -182,15 +182,6 @@ class EvictingLayer(DynamicLayer):
         return 0 if self.positions is None else self.positions.shape[0]
 
     @property
-    def seen(self) -> int:
-        """Tokens the longest row has seen (padding excluded)."""
-        return 0 if self.row_seen is None else int(self.row_seen.max())
-
-    @property
-    def new_tokens(self) -> int:
-        return 0 if self.row_new is None else int(self.row_new.max())
-
-    @property
     def updates(self) -> int:
         """Eviction passes run, by the row that ran the most."""
         return 0 if self.row_updates is None else int(self.row_updates.max())
@@ -312,9 +303,10 @@ class EvictingLayer(DynamicLayer):
             held = torch.full((self.batch,), name in self.state, dtype=torch.bool)
         return held
 
-    def finish_pass(self, rows: list[int] | None = None) -> None:
+    def finish_pass(self, rows: list[int] | None = None, policy: Any = None) -> None:
         """After an eviction pass of ``rows`` (all by default): count it; once no row has tokens
-        since its pass, forget the statistics."""
+        since its pass, forget the statistics; once ``policy`` can run no further pass on any row
+        (`Policy.will_run_again`), mark the layer finished: its attention records nothing more."""
         if rows is None or len(rows) == self.batch:
             self.row_updates = self.row_updates + 1
             self.row_new = torch.zeros_like(self.row_new)
@@ -326,6 +318,8 @@ class EvictingLayer(DynamicLayer):
         if not bool(self.row_new.any()):
             self.queries = self.query_positions = None
             self.window = None
+        if policy is not None:
+            self.finished = not policy.will_run_again(updates=int(self.row_updates.min()))
 
     # ----------------------------------------------------------------- eviction
 
@@ -625,10 +619,6 @@ class EvictingCache(DynamicCache):
                 if groups:
                     self._evict_rows(policy, index, groups)
                     ran = True
-            for index in self.managed:  # a layer whose schedule is over records no more statistics
-                layer = self.layers[index]
-                if isinstance(layer, EvictingLayer) and layer.row_updates is not None:
-                    layer.finished = not policy.will_run_again(updates=int(layer.row_updates.min()))
         self.policy_seconds += time.perf_counter() - start
         self.updates += int(ran)
 
@@ -649,7 +639,7 @@ class EvictingCache(DynamicCache):
                     selection = policy.plan(view)
             layer.store_state(rows, view.state, given, order)
             if len(groups) == 1 and len(rows) == batch and order is None:  # the whole batch as stored
-                layer.finish_pass()
+                layer.finish_pass(policy=policy)
                 if selection is not None:
                     layer.gather(selection)
                 return
@@ -675,7 +665,7 @@ class EvictingCache(DynamicCache):
         for row, (row_indices, row_valid) in pieces.items():
             indices[row, :, : row_indices.shape[-1]] = row_indices
             valid[row, :, : row_indices.shape[-1]] = True if row_valid is None else row_valid
-        layer.finish_pass(due)
+        layer.finish_pass(due, policy)
         layer.gather(Selection(indices, valid))
 
     def copy(self) -> EvictingCache:

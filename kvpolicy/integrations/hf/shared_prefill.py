@@ -237,7 +237,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
             elif rows > 1:
                 layer.batch_repeat_interleave(rows)
             if due:
-                layer.finish_pass()
+                layer.finish_pass(policy=policy)
         if rows > 1:
             cache.repeat_rows(rows)
         cache.updates += int(evict)

@@ -31,7 +31,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from kvpolicy import hookimpl
+from kvpolicy import hookimpl, native
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.selection import padding_mask, pool_neighbours
 from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
@@ -408,11 +408,14 @@ class StftExtractor:
         """``[batch, kv_heads, tokens, bins]``: spectrogram frames of ``head`` (token-major) then
         ``series [batch, kv_heads, length, tokens]`` summed with ``weights [batch, kv_heads,
         frames, tokens]``, as one tile-wise operation (`folded_hann_spectrogram` when ``hop`` is
-        half of ``n_fft`` and both hold whole blocks, else `folded_spectrogram`)."""
+        half of ``n_fft`` and both hold whole blocks, else `folded_spectrogram`). For float32 CPU
+        tensors and an even ``hop``, kvpolicy's native kernel computes the former (tested equal)."""
         cfg = self.config
         if cfg.n_fft == 2 * cfg.hop and all(
             n % cfg.hop == 0 for n in (series.shape[2], 0 if head is None else head.shape[3])
         ):
+            if cfg.hop % 2 == 0 and native.usable(series, weights, *([] if head is None else [head])):
+                return native.folded_hann_spectrogram(series, weights, head, cfg.hop)
             device = series.device
             if device not in self._half_dfts:
                 self._half_dfts[device] = _half_frame_dft(cfg.n_fft, device)

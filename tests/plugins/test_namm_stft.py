@@ -149,17 +149,26 @@ def test_hann_spectrogram_in_the_frequency_domain_equals_the_windowed_basis(n_ff
 
 
 def test_extractor_folds_half_hops_in_the_frequency_domain(monkeypatch):
-    """NAMM's n_fft 32 / hop 16 goes through `folded_hann_spectrogram`; other hops do not."""
+    """NAMM's n_fft 32 / hop 16 goes through `folded_hann_spectrogram` (its native kernel for
+    float32 CPU tensors where that built, else torch's); other hops do not."""
     import kvpolicy_plugins.stft as stft
+    from kvpolicy import native
 
     calls = []
-    original = stft.folded_hann_spectrogram
-    monkeypatch.setattr(stft, "folded_hann_spectrogram", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original, original_native = stft.folded_hann_spectrogram, native.folded_hann_spectrogram
+    monkeypatch.setattr(stft, "folded_hann_spectrogram", lambda *a, **k: calls.append("torch") or original(*a, **k))
+    monkeypatch.setattr(
+        native, "folded_hann_spectrogram", lambda *a, **k: calls.append("native") or original_native(*a, **k)
+    )
     series, weights = torch.rand(1, 2, 64, 5), torch.rand(1, 2, 3, 5)
+    with native.disabled():
+        StftExtractor(StftConfig(window=64))._fold(series, weights)
+    assert calls == ["torch"]
     StftExtractor(StftConfig(window=64))._fold(series, weights)
-    assert calls == [1]
+    assert calls == ["torch", "native" if native.available() else "torch"]
+    calls.clear()
     StftExtractor(StftConfig(n_fft=32, hop=8, window=64))._fold(series, torch.rand(1, 2, 5, 5))
-    assert calls == [1]
+    assert calls == []
 
 
 def run_updates(extractor: StftExtractor, attention: torch.Tensor, splits: list[int], keep=None) -> LayerView:

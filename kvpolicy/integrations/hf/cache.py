@@ -52,6 +52,13 @@ def _gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, _expand_index(indices, tensor))
 
 
+def _keeps_all(indices: torch.Tensor, tokens: int) -> bool:
+    """Whether ``indices [batch, kv_heads, kept]`` keep all ``tokens`` in their stored order."""
+    if indices.shape[2] != tokens:
+        return False
+    return bool((indices == torch.arange(tokens, device=indices.device)).all())
+
+
 def _valid_first(valid: torch.Tensor) -> bool:
     """Whether every head lists its valid slots first (true after any pass; false while a row's
     left padding is still stored)."""
@@ -342,6 +349,8 @@ class EvictingLayer(DynamicLayer):
                     f"selection.valid has shape {tuple(selection.valid.shape)}, indices {tuple(indices.shape)}"
                 )
             valid = selection.valid.to(indices.device, torch.bool)
+        if self.valid is None and (valid is None or bool(valid.all())) and _keeps_all(indices, tokens):
+            return  # every token kept, in order: nothing to move (a NAMM that evicts nothing this pass)
         if self.valid is not None:
             old = self.valid.gather(2, indices)
             valid = old if valid is None else valid & old

@@ -17,14 +17,23 @@ a head holds padded slots (``valid``), and causality only inside the chunk's own
 new token (the left padding of a batch row) is hidden from every other query and sees only
 itself, so its row stays finite and no real token ever attends to it.
 Queries are processed in chunks that keep the score tensor near ``max_elements`` values.
+
+For float32 CPU tensors (padded new tokens aside) the same computation runs in kvpolicy's native
+kernel (`kvpolicy.native.attend`), one chunk per thread at a time: the chain of small
+operations below splits badly over threads. This module's code is its tested reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvpolicy import native
+
 #: Score values per query chunk: about 1 MiB of float32, so a chunk's scores stay in cache.
 DEFAULT_MAX_ELEMENTS = 1 << 18
+#: Queries per task of the native kernel (`kvpolicy.native`): within these bounds, measured equally
+#: fast at 1k-4k tokens; fewer make each matmul too thin, more make too few tasks per thread.
+NATIVE_MIN_CHUNK, NATIVE_MAX_CHUNK = 16, 64
 
 
 def query_chunk(groups: int, tokens: int, max_elements: int) -> int:
@@ -77,10 +86,15 @@ def attend(
     out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
     row_out = key.new_empty((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
     col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
-    hidden = None if valid is None else ~valid[:, :, None, :before]
     padded_new = None if valid is None or bool(valid[:, :, before:].all()) else ~valid[:, :, before:]
-    pre_scale = softcap is None
     step = query_chunk(groups, tokens, max_elements)
+    if padded_new is None and native.usable(query, key, value):
+        chunk = min(max(step, NATIVE_MIN_CHUNK), NATIVE_MAX_CHUNK)
+        return native.attend(
+            query, key, value, valid, scaling=scaling, softcap=softcap, rows=rows, columns=columns, step=chunk
+        )
+    hidden = None if valid is None else ~valid[:, :, None, :before]
+    pre_scale = softcap is None
     precision = torch.promote_types(query.dtype, torch.float32)  # float32 at least, float64 for a float64 model
     causal_mask = torch.ones(min(step, queries), min(step, queries), dtype=torch.bool, device=query.device).triu_(1)
     for start in range(0, queries, step):

@@ -1,0 +1,173 @@
+"""Optional compiled CPU kernels for the two costs a NAMM adds to a forward pass.
+
+On CPU, a policy that reads attention pays for it twice over in plain torch: the in-pass
+statistics (`kvpolicy.integrations.hf.in_pass`) run as a chain of small operations that two
+threads split badly, and NAMM's spectrogram (`kvpolicy_plugins.stft`) spends most of its time
+in a matmul of 16 values per block. The kernels here (``attend.cpp``, ``spectrogram.cpp``) do
+the same computations with one coarse task per thread, the way a fused attention kernel does,
+and the spectrogram with half the multiplications; each is tested equal to its torch
+reference, which stays the path for every case they do not cover (GPU tensors, dtypes other
+than float32, padded new tokens).
+
+They are compiled once per machine with torch's own extension builder (a C++ compiler and
+ninja are needed; ninja is a dependency) into ``$KVPOLICY_NATIVE_CACHE`` (default
+``~/.cache/kvpolicy/native``), named by a hash of the sources, torch version and flags, so an
+upgrade rebuilds. ``KVPOLICY_NATIVE`` chooses: ``auto`` (default: use them if they build, else
+warn once and use torch), ``off`` (torch only) or ``require`` (an error if they do not build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kvpolicy.errors import InvalidConfigError
+
+ENV = "KVPOLICY_NATIVE"
+CACHE_ENV = "KVPOLICY_NATIVE_CACHE"
+MODES = ("auto", "off", "require")
+SOURCES = ("attend.cpp", "spectrogram.cpp")
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_failure: str | None = None
+_warned = False
+_suspended = 0
+
+
+class NativeBuildWarning(UserWarning):
+    """The kernels did not build; kvpolicy runs on its torch path (same results, slower on CPU)."""
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise InvalidConfigError(f"{ENV} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvpolicy" / "native")
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
+    if capability in ("AVX2", "AVX512"):  # what this machine runs; the build is for this machine only
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, when its venv is not activated
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+    here = Path(__file__).parent
+    sources = [here / name for name in SOURCES]
+    flags = _flags()
+    digest = hashlib.sha256(torch.__version__.encode() + " ".join(flags).encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    name = f"kvpolicy_native_{digest.hexdigest()[:16]}"
+    directory = cache_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{name}.so").exists():
+        print(f"kvpolicy: compiling native CPU kernels into {directory} (once, ~20 s)", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name,
+        [str(source) for source in sources],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def available() -> bool:
+    """Whether the kernels are in use: built (or loaded from the cache) on first call, unless
+    ``KVPOLICY_NATIVE=off`` or inside `disabled`."""
+    global _loaded, _failure, _warned
+    if _suspended or mode() == "off":
+        return False
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                try:
+                    _build()
+                    _loaded = True
+                except Exception as error:  # noqa: BLE001 - any build failure falls back to torch
+                    message = " ".join(str(error).split())  # the compiler's complaint comes last
+                    _loaded, _failure = False, f"{type(error).__name__}: ...{message[-600:]}"
+    if not _loaded:
+        if mode() == "require":
+            raise RuntimeError(f"{ENV}=require, but kvpolicy's native kernels did not build: {_failure}")
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"kvpolicy's native CPU kernels did not build ({_failure}); using the torch path "
+                f"(same results, slower on CPU). Set {ENV}=off to skip the attempt.",
+                NativeBuildWarning,
+                stacklevel=2,
+            )
+    return bool(_loaded)
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: all float32 on the CPU, kernels available."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the torch path inside this block (the reference the kernels are tested against)."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    scaling: float,
+    softcap: float | None,
+    rows: int,
+    columns: bool,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`kvpolicy.integrations.hf.in_pass.attend` for float32 CPU tensors whose new tokens are all
+    valid (``valid`` masks cached slots only)."""
+    output, row_out, col_out = torch.ops.kvpolicy_native.attend(
+        query, key, value, valid, float(scaling), float(softcap or 0.0), int(rows), bool(columns), int(step)
+    )
+    return output, (row_out if rows else None), (col_out if columns else None)
+
+
+def folded_hann_spectrogram(
+    series: torch.Tensor, weights: torch.Tensor, head: torch.Tensor | None, hop: int, tile: int = 64
+) -> torch.Tensor:
+    """`kvpolicy_plugins.stft.folded_hann_spectrogram` (n_fft = 2·hop, ``hop`` even) for float32
+    CPU tensors: ``[batch, kv_heads, tokens, hop + 1]``."""
+    if head is None:
+        head = series.new_zeros((*series.shape[:2], series.shape[3], 0))
+    return torch.ops.kvpolicy_native.folded_hann(series, weights, head, int(hop), int(tile))

@@ -1,0 +1,88 @@
+// In-pass attention with its statistics, one coarse task per (batch row, KV head, query chunk).
+//
+// The same computation as kvpolicy.integrations.hf.in_pass.attend (its reference, tested equal):
+// scores of a chunk's queries (a GQA group stacked) over the keys they may see, softmax, the
+// output from the probabilities, and, from the same probabilities, the group-mean rows of the
+// newest `rows` queries and the attention each token received. Each task runs its matmuls and
+// softmax single-threaded, so the threads split the work the way a fused attention kernel does
+// instead of splitting every small operation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const c10::optional<at::Tensor>& valid, double scaling, double softcap, int64_t rows, bool columns,
+    int64_t step) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "attend: 4-d query, key and value expected");
+  const int64_t B = query.size(0), H = query.size(1), Q = query.size(2), D = query.size(3);
+  const int64_t KV = key.size(1), T = key.size(2);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "attend: ", H, " query heads are not a multiple of ", KV, " KV heads");
+  TORCH_CHECK(T >= Q && step > 0, "attend: ", Q, " queries over ", T, " tokens, step ", step);
+  const int64_t G = H / KV, before = T - Q;
+  rows = std::min(rows, Q);
+  const bool capped = softcap > 0;
+  const at::Tensor q = (capped ? query.contiguous() : query * scaling).view({B, KV, G, Q, D});
+  const at::Tensor keys = key.contiguous(), values = value.contiguous();
+  at::Tensor out = at::empty({B, Q, H, D}, query.options());
+  at::Tensor out_grouped = out.view({B, Q, KV, G, D}).permute({0, 2, 3, 1, 4});
+  at::Tensor row_out = at::empty({B, KV, rows, T}, key.options());
+  const int64_t chunks = (Q + step - 1) / step, tasks = B * KV * chunks;
+  at::Tensor col_parts = columns ? at::zeros({tasks, T}, key.options()) : at::Tensor();
+  at::Tensor bias;  // 0 where a cached slot is valid, -inf where it holds padding
+  if (valid.has_value() && before > 0) {
+    bias = at::zeros({B, KV, before}, key.options())
+               .masked_fill_(valid->narrow(2, 0, before).logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  const int64_t first_row = Q - rows;
+  const at::ThreadLocalState caller;  // inference / grad mode travel to the worker threads
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % chunks, head = (task / chunks) % KV, b = task / (chunks * KV);
+      const int64_t start = chunk * step, stop = std::min(start + step, Q), size = stop - start;
+      const int64_t visible = before + stop;  // keys after the chunk's last query are never seen
+      at::Tensor part = q[b][head].narrow(1, start, size).reshape({G * size, D});
+      at::Tensor scores = at::mm(part, keys[b][head].narrow(0, 0, visible).t());
+      if (capped) scores = at::tanh(scores.mul_(scaling / softcap)).mul_(softcap);
+      if (bias.defined()) scores.narrow(1, 0, before).add_(bias[b][head]);
+      float* data = scores.data_ptr<float>();
+      const float hidden = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < G * size; ++r) {  // causality inside the chunk's own block
+        float* row = data + r * visible;
+        std::fill(row + before + start + r % size + 1, row + visible, hidden);
+      }
+      at::Tensor probs = at::softmax(scores, -1);
+      out_grouped[b][head].narrow(1, start, size).copy_(
+          at::mm(probs, values[b][head].narrow(0, 0, visible)).view({G, size, D}));
+      at::Tensor grouped = probs.view({G, size, visible});
+      if (columns) col_parts[task].narrow(0, 0, visible).copy_(grouped.sum({0, 1}).div_(G));
+      if (rows && stop > first_row) {
+        const int64_t skip = std::max<int64_t>(0, first_row - start);
+        at::Tensor written = row_out[b][head].narrow(0, start + skip - first_row, size - skip);
+        at::Tensor target = written.narrow(1, 0, visible);
+        at::mean_out(target, grouped.narrow(1, skip, size - skip), {0});
+        written.narrow(1, visible, T - visible).zero_();
+      }
+    }
+  });
+  at::Tensor col_out = columns ? col_parts.view({B, KV, chunks, T}).sum(2) : at::empty({0}, key.options());
+  return {out, row_out, col_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvpolicy_native, m) {
+  m.def(
+      "attend(Tensor query, Tensor key, Tensor value, Tensor? valid, float scaling, float softcap, int rows, "
+      "bool columns, int step) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kvpolicy_native, CompositeImplicitAutograd, m) { m.impl("attend", &attend); }

@@ -7,6 +7,8 @@ interleaved runs of:
 - ``keep-all``: the ``full`` preset attached (same chunks, no statistics, no updates);
 - ``namm-bam zero``: NAMM-BAM with zero parameters — nothing is evicted, so this is pure overhead
   (attention statistics computed in the attention pass);
+- ``namm-bam zero, torch path``: the same without kvpolicy's native CPU kernels
+  (`kvpolicy.native.disabled`): in-pass statistics and spectrogram as plain torch operations;
 - ``namm-bam zero, recompute``: the same with the reference statistics path (output from the
   model's kernel, attention rows recomputed from the stored queries at update time);
 - ``namm-bam member``: one random member of a first CMA-ES generation (σ 0.065, the paper's
@@ -76,12 +78,14 @@ def timed_pieces(policy, totals: dict[str, float]) -> Iterator[None]:
                 delattr(owner, attribute)  # the instance attribute hid the class's method
 
 
-def prefill(model, policy, ids: torch.Tensor, chunk: int, statistics: str = "in_pass") -> dict:
+def prefill(model, policy, ids: torch.Tensor, chunk: int, statistics: str = "in_pass", kernels: bool = True) -> dict:
     """Wall and CPU seconds to feed ``ids`` in chunks with ``policy`` attached, its report and the split."""
+    from kvpolicy import native
     from kvpolicy.integrations.hf.adapter import HFAdapter
 
     pieces: dict[str, float] = defaultdict(float)
-    with HFAdapter(model).attach(policy, statistics=statistics) as handle, timed_pieces(policy, pieces):
+    path = contextlib.nullcontext() if kernels else native.disabled()
+    with HFAdapter(model).attach(policy, statistics=statistics) as handle, timed_pieces(policy, pieces), path:
         wall, cpu = time.perf_counter(), time.process_time()
         handle.feed(ids, chunk_size=chunk)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -111,18 +115,19 @@ def main() -> None:
     zero = kvpolicy.build("namm-bam", every=args.every)
     member = kvpolicy.build("namm-bam", every=args.every)
     member.set_flat(torch.randn(member.num_params, generator=torch.Generator().manual_seed(0)) * 0.065)
-    policies = {
-        "keep-all": (kvpolicy.build("full"), "in_pass"),
-        "namm-bam zero": (zero, "in_pass"),
-        "namm-bam zero, recompute": (kvpolicy.build("namm-bam", every=args.every), "recompute"),
-        "namm-bam member": (member, "in_pass"),
+    policies = {  # name: (policy, statistics path, native kernels)
+        "keep-all": (kvpolicy.build("full"), "in_pass", True),
+        "namm-bam zero": (zero, "in_pass", True),
+        "namm-bam zero, torch path": (kvpolicy.build("namm-bam", every=args.every), "in_pass", False),
+        "namm-bam zero, recompute": (kvpolicy.build("namm-bam", every=args.every), "recompute", True),
+        "namm-bam member": (member, "in_pass", True),
     }
 
     prefill(model, policies["keep-all"][0], ids[:, : args.every], args.every)  # warm up
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for name, (policy, statistics) in policies.items():  # interleaved: load hits all alike
-            run = prefill(model, policy, ids, args.every, statistics)
+        for name, (policy, statistics, kernels) in policies.items():  # interleaved: load hits all alike
+            run = prefill(model, policy, ids, args.every, statistics, kernels)
             if name not in best or run["cpu"] < best[name]["cpu"]:
                 best[name] = run
             print(f"  {name:26s} wall {run['wall']:7.2f} s  cpu {run['cpu']:7.2f} s", flush=True)

@@ -19,6 +19,9 @@ step). SnapKV updates once, after the prefill. FastGen runs with ``recovery=1.0`
 profiles as "full" and keeps everything, while still scoring every 16 tokens. NAMM-BAM and
 NAMM-MLP run with zero parameters (they evict nothing) and update after every 512-token chunk.
 
+``--kernels torch`` runs every variant without kvpolicy's native CPU kernels (`kvpolicy.native`),
+on the torch path they are tested against: the two runs side by side show what the kernels buy.
+
 ``statistics held`` is the largest amount of attention statistics the layers held at once (the
 rows of the newest queries and the received attention, all layers, just before an update):
 bounded by chunk × tokens per layer. ``--statistics recompute`` measures the reference path
@@ -32,12 +35,14 @@ bounded by chunk × tokens per layer. ``--statistics recompute`` measures the re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 import kvpolicy
+from kvpolicy import native
 from kvpolicy.integrations.hf.adapter import HFAdapter
 from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.models import load_model
@@ -68,6 +73,12 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated presets ('full' always runs)")
     parser.add_argument("--slack", type=int, default=64, help="tokens a greedy policy may run over budget")
     parser.add_argument("--statistics", default="in_pass", choices=("in_pass", "recompute"))
+    parser.add_argument(
+        "--kernels",
+        default="native",
+        choices=("native", "torch"),
+        help="native: kvpolicy's CPU kernels where they apply (default); torch: the torch path only",
+    )
     return parser.parse_args()
 
 
@@ -149,6 +160,8 @@ def _cell(ratio: float, target: float | None) -> str:
 
 def main() -> None:
     args = _parse()
+    if args.kernels == "torch":  # for the whole run: every variant on the torch path
+        os.environ[native.ENV] = "off"
     names = ["bare", "full"] + [n for n in args.policies.split(",") if n and n != "full"]
     model, tokenizer = load_model("smollm2-135m-instruct")
     ids = tokenizer(haystack(tokenizer, args.tokens + args.steps + 64), return_tensors="pt")["input_ids"]
@@ -193,7 +206,7 @@ def main() -> None:
 
     print(
         f"\nSmolLM2-135M-Instruct fp32, {args.tokens}-token prompt in {args.chunk}-token chunks, "
-        f"{torch.get_num_threads()} threads, slack {args.slack}, statistics {args.statistics}; keep-all: prefill "
+        f"{torch.get_num_threads()} threads, slack {args.slack}, statistics {args.statistics}, kernels {args.kernels}; keep-all: prefill "
         f"{base_prefill:.2f} s, decode step {base_decode * 1000:.0f} ms\n"
     )
     print("| variant | prefill ratio | decode-step ratio | statistics held |")

@@ -253,6 +253,8 @@ class HeadThresholdSelector:
         cap = torch.clamp(must, min=min(capacity, tokens))
         counts = torch.minimum(wanted.sum(-1), cap)  # [batch, kv_heads]
         kept = int(counts.max())
+        if kept == tokens and bool((counts == tokens).all()):  # every head keeps everything: no ranking
+            return Selection(torch.arange(tokens, device=scores.device).expand(scores.shape).clone())
         keyed = rank_protected_first(scores, protected & real).masked_fill(~wanted, float("-inf"))
         top = keyed.topk(kept, dim=-1).indices
         valid = torch.arange(kept, device=scores.device) < counts.unsqueeze(-1)

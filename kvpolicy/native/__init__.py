@@ -11,9 +11,10 @@ than float32, padded new tokens).
 
 They are compiled once per machine with torch's own extension builder (a C++ compiler and
 ninja are needed; ninja is a dependency) into ``$KVPOLICY_NATIVE_CACHE`` (default
-``~/.cache/kvpolicy/native``), named by a hash of the sources, torch version and flags, so an
-upgrade rebuilds. ``KVPOLICY_NATIVE`` chooses: ``auto`` (default: use them if they build, else
-warn once and use torch), ``off`` (torch only) or ``require`` (an error if they do not build).
+``~/.cache/kvpolicy/native``), named by a hash of the sources, the torch and Python versions and
+the flags, so an upgrade rebuilds. ``KVPOLICY_NATIVE`` chooses: ``auto`` (default: use them if
+they build, else warn once and use torch), ``off`` (torch only) or ``require`` (an error if they
+do not build).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -79,7 +81,8 @@ def _build() -> None:
     here = Path(__file__).parent
     sources = [here / name for name in SOURCES]
     flags = _flags()
-    digest = hashlib.sha256(torch.__version__.encode() + " ".join(flags).encode())
+    built_for = f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {' '.join(flags)}"
+    digest = hashlib.sha256(built_for.encode())
     for source in sources:
         digest.update(source.read_bytes())
     name = f"kvpolicy_native_{digest.hexdigest()[:16]}"
@@ -128,8 +131,12 @@ def available() -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: all float32 on the CPU, kernels available."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+    """Whether the kernels take these tensors: all float32 on the CPU and outside autograd (the
+    kernels define no gradient), kernels available."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+        and available()
+    )
 
 
 @contextlib.contextmanager

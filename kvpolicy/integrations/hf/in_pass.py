@@ -81,11 +81,6 @@ def attend(
     groups = heads // kv_heads
     before = tokens - queries  # tokens every one of these queries may see (padding aside)
     rows = min(rows, queries)
-    grouped = query.view(batch, kv_heads, groups, queries, head_dim)
-    output = query.new_empty((batch, queries, heads, head_dim))
-    out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
-    row_out = key.new_empty((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
-    col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
     padded_new = None if valid is None or bool(valid[:, :, before:].all()) else ~valid[:, :, before:]
     step = query_chunk(groups, tokens, max_elements)
     if padded_new is None and native.usable(query, key, value):
@@ -93,6 +88,11 @@ def attend(
         return native.attend(
             query, key, value, valid, scaling=scaling, softcap=softcap, rows=rows, columns=columns, step=chunk
         )
+    grouped = query.view(batch, kv_heads, groups, queries, head_dim)
+    output = query.new_empty((batch, queries, heads, head_dim))
+    out_grouped = output.view(batch, queries, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    row_out = key.new_empty((batch, kv_heads, rows, tokens), dtype=torch.float32) if rows else None
+    col_out = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32) if columns else None
     hidden = None if valid is None else ~valid[:, :, None, :before]
     pre_scale = softcap is None
     precision = torch.promote_types(query.dtype, torch.float32)  # float32 at least, float64 for a float64 model

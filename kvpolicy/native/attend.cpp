@@ -20,6 +20,21 @@ namespace {
 // Keys per segment of `attend_split`, at least.
 constexpr int64_t kMinSegment = 256;
 
+// Runs fn(b, head, segment, k0, k1) for every non-empty segment [k0, k1) of `length` keys of every
+// (row, KV head), in parallel, each worker with the caller's inference / grad mode.
+template <typename Fn>
+void for_each_segment(int64_t B, int64_t KV, int64_t segments, int64_t length, int64_t T, const Fn& fn) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, B * KV * segments, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t segment = task % segments, head = (task / segments) % KV, b = task / (segments * KV);
+      const int64_t k0 = segment * length, k1 = std::min(T, k0 + length);
+      if (k0 < k1) fn(b, head, segment, k0, k1);
+    }
+  });
+}
+
 // Few queries (a decoding step, or TOVA's one row per chunk): fewer (row, KV head) tasks than
 // threads, so the keys are split instead. The scores of every key segment are computed in
 // parallel into one buffer, softmax runs over whole rows, and each segment's share of the
@@ -30,41 +45,28 @@ void attend_split(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
                   bool columns, int64_t segments) {
   const int64_t B = q.size(0), KV = q.size(1), G = q.size(2), Q = q.size(3), D = q.size(4);
   const int64_t T = keys.size(2), before = T - Q, rows = row_out.size(2);
-  const int64_t length = (T + segments - 1) / segments, tasks = B * KV * segments;
+  const int64_t length = (T + segments - 1) / segments;
   at::Tensor scores = at::empty({B, KV, G * Q, T}, keys.options());
   at::Tensor partial = at::zeros({B, KV, segments, G * Q, D}, keys.options());
   float* data = scores.data_ptr<float>();
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t segment = task % segments, head = (task / segments) % KV, b = task / (segments * KV);
-      const int64_t k0 = segment * length, k1 = std::min(T, k0 + length);
-      if (k0 >= k1) continue;
-      at::Tensor part = scores[b][head].narrow(1, k0, k1 - k0);
-      part.copy_(at::mm(q[b][head].reshape({G * Q, D}), keys[b][head].narrow(0, k0, k1 - k0).t()));
-      if (softcap > 0) part.mul_(scaling / softcap).tanh_().mul_(softcap);
-      if (bias.defined() && k0 < before) {
-        part.narrow(1, 0, std::min(k1, before) - k0).add_(bias[b][head].narrow(0, k0, std::min(k1, before) - k0));
-      }
-      const float hidden = -std::numeric_limits<float>::infinity();
-      for (int64_t r = 0; r < G * Q; ++r) {  // query r % Q sees keys up to before + r % Q
-        float* row = data + ((b * KV + head) * G * Q + r) * T;
-        const int64_t from = std::max(k0, before + r % Q + 1);
-        if (from < k1) std::fill(row + from, row + k1, hidden);
-      }
+  for_each_segment(B, KV, segments, length, T, [&](int64_t b, int64_t head, int64_t, int64_t k0, int64_t k1) {
+    at::Tensor part = scores[b][head].narrow(1, k0, k1 - k0);
+    part.copy_(at::mm(q[b][head].reshape({G * Q, D}), keys[b][head].narrow(0, k0, k1 - k0).t()));
+    if (softcap > 0) part.mul_(scaling / softcap).tanh_().mul_(softcap);
+    if (bias.defined() && k0 < before) {
+      part.narrow(1, 0, std::min(k1, before) - k0).add_(bias[b][head].narrow(0, k0, std::min(k1, before) - k0));
+    }
+    const float hidden = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < G * Q; ++r) {  // query r % Q sees keys up to before + r % Q
+      float* row = data + ((b * KV + head) * G * Q + r) * T;
+      const int64_t from = std::max(k0, before + r % Q + 1);
+      if (from < k1) std::fill(row + from, row + k1, hidden);
     }
   });
   at::Tensor probs = at::softmax(scores, -1);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t segment = task % segments, head = (task / segments) % KV, b = task / (segments * KV);
-      const int64_t k0 = segment * length, k1 = std::min(T, k0 + length);
-      if (k0 >= k1) continue;
-      partial[b][head][segment].copy_(
-          at::mm(probs[b][head].narrow(1, k0, k1 - k0), values[b][head].narrow(0, k0, k1 - k0)));
-    }
+  for_each_segment(B, KV, segments, length, T, [&](int64_t b, int64_t head, int64_t segment, int64_t k0, int64_t k1) {
+    partial[b][head][segment].copy_(
+        at::mm(probs[b][head].narrow(1, k0, k1 - k0), values[b][head].narrow(0, k0, k1 - k0)));
   });
   out.view({B, Q, KV, G, D}).permute({0, 2, 3, 1, 4}).copy_(partial.sum(2).view({B, KV, G, Q, D}));
   at::Tensor grouped = probs.view({B, KV, G, Q, T});

@@ -165,3 +165,24 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv(native.ENV, "require")
     with pytest.raises(RuntimeError, match="KVPOLICY_NATIVE=require.*command not found"):
         native.available()
+
+
+def test_attaching_a_policy_that_reads_attention_builds_the_kernels_before_any_forward(monkeypatch):
+    """A first build (~20 s) happens when the policy attaches, never inside a timed forward call;
+    a key-only policy does not ask for the kernels at all."""
+    import kvpolicy
+    from kvpolicy.testing.tiny import random_ids, tiny_model
+
+    model = tiny_model("llama")
+    asked = []
+    original = native.available
+    monkeypatch.setattr(native, "available", lambda: asked.append(len(asked)) or original())
+    with kvpolicy.build("h2o", budget=8).attach(model) as handle:
+        assert asked, "attach asks for the kernels"
+        before_forward = len(asked)
+        handle.feed(random_ids(1, 12))
+    assert len(asked) > before_forward, "the attention pass uses them"
+    asked.clear()
+    with kvpolicy.build("l2", budget=8).attach(model) as handle:
+        handle.feed(random_ids(1, 12))
+    assert asked == []

@@ -28,6 +28,7 @@ import torch
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from kvpolicy import native
 from kvpolicy.errors import (
     AttachError,
     BudgetOverriddenWarning,
@@ -80,6 +81,11 @@ class GenerationResult:
     sequences: torch.Tensor
     new_tokens: torch.Tensor
     report: CacheReport
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    parameter = next(model.parameters(), None)
+    return parameter is None or parameter.device.type == "cpu"
 
 
 class Attachment(AbstractContextManager):
@@ -149,6 +155,8 @@ class Attachment(AbstractContextManager):
     def __enter__(self) -> Handle:
         if self._entered:
             raise AttachError("this attachment is already in use; call policy.attach(model) again for a new one")
+        if self.requirements.needs_attention and self.managed and _on_cpu(self.model):
+            native.available()  # a first build of the native kernels happens here, not inside a timed forward
         with _LOCK:
             if self.model in _ATTACHED:
                 raise AttachError(

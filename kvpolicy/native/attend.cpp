@@ -20,18 +20,25 @@ namespace {
 // Keys per segment of `attend_split`, at least.
 constexpr int64_t kMinSegment = 256;
 
+// Runs fn(task) for task in [0, count), in parallel, each worker with the caller's thread-local
+// state (inference / grad mode: cached keys are often inference tensors).
+template <typename Fn>
+void parallel_tasks(int64_t count, const Fn& fn) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t task = begin; task < end; ++task) fn(task);
+  });
+}
+
 // Runs fn(b, head, segment, k0, k1) for every non-empty segment [k0, k1) of `length` keys of every
-// (row, KV head), in parallel, each worker with the caller's inference / grad mode.
+// (row, KV head), in parallel.
 template <typename Fn>
 void for_each_segment(int64_t B, int64_t KV, int64_t segments, int64_t length, int64_t T, const Fn& fn) {
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, B * KV * segments, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t segment = task % segments, head = (task / segments) % KV, b = task / (segments * KV);
-      const int64_t k0 = segment * length, k1 = std::min(T, k0 + length);
-      if (k0 < k1) fn(b, head, segment, k0, k1);
-    }
+  parallel_tasks(B * KV * segments, [&](int64_t task) {
+    const int64_t segment = task % segments, head = (task / segments) % KV, b = task / (segments * KV);
+    const int64_t k0 = segment * length, k1 = std::min(T, k0 + length);
+    if (k0 < k1) fn(b, head, segment, k0, k1);
   });
 }
 
@@ -79,6 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
     const c10::optional<at::Tensor>& valid, double scaling, double softcap, int64_t rows, bool columns,
     int64_t step) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "attend: 4-d query, key and value expected");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat,
+              "attend: float32 query, key and value expected");
   const int64_t B = query.size(0), H = query.size(1), Q = query.size(2), D = query.size(3);
   const int64_t KV = key.size(1), T = key.size(2);
   TORCH_CHECK(KV > 0 && H % KV == 0, "attend: ", H, " query heads are not a multiple of ", KV, " KV heads");
@@ -106,35 +115,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
     return {out, row_out, col_out};
   }
   const int64_t first_row = Q - rows;
-  const at::ThreadLocalState caller;  // inference / grad mode travel to the worker threads
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % chunks, head = (task / chunks) % KV, b = task / (chunks * KV);
-      const int64_t start = chunk * step, stop = std::min(start + step, Q), size = stop - start;
-      const int64_t visible = before + stop;  // keys after the chunk's last query are never seen
-      at::Tensor part = q[b][head].narrow(1, start, size).reshape({G * size, D});
-      at::Tensor scores = at::mm(part, keys[b][head].narrow(0, 0, visible).t());
-      if (capped) scores = at::tanh(scores.mul_(scaling / softcap)).mul_(softcap);
-      if (bias.defined()) scores.narrow(1, 0, before).add_(bias[b][head]);
-      float* data = scores.data_ptr<float>();
-      const float hidden = -std::numeric_limits<float>::infinity();
-      for (int64_t r = 0; r < G * size; ++r) {  // causality inside the chunk's own block
-        float* row = data + r * visible;
-        std::fill(row + before + start + r % size + 1, row + visible, hidden);
-      }
-      at::Tensor probs = at::softmax(scores, -1);
-      out_grouped[b][head].narrow(1, start, size).copy_(
-          at::mm(probs, values[b][head].narrow(0, 0, visible)).view({G, size, D}));
-      at::Tensor grouped = probs.view({G, size, visible});
-      if (columns) col_parts[task].narrow(0, 0, visible).copy_(grouped.sum({0, 1}).div_(G));
-      if (rows && stop > first_row) {
-        const int64_t skip = std::max<int64_t>(0, first_row - start);
-        at::Tensor written = row_out[b][head].narrow(0, start + skip - first_row, size - skip);
-        at::Tensor target = written.narrow(1, 0, visible);
-        at::mean_out(target, grouped.narrow(1, skip, size - skip), {0});
-        written.narrow(1, visible, T - visible).zero_();
-      }
+  parallel_tasks(tasks, [&](int64_t task) {
+    const int64_t chunk = task % chunks, head = (task / chunks) % KV, b = task / (chunks * KV);
+    const int64_t start = chunk * step, stop = std::min(start + step, Q), size = stop - start;
+    const int64_t visible = before + stop;  // keys after the chunk's last query are never seen
+    at::Tensor part = q[b][head].narrow(1, start, size).reshape({G * size, D});
+    at::Tensor scores = at::mm(part, keys[b][head].narrow(0, 0, visible).t());
+    if (capped) scores = at::tanh(scores.mul_(scaling / softcap)).mul_(softcap);
+    if (bias.defined()) scores.narrow(1, 0, before).add_(bias[b][head]);
+    float* data = scores.data_ptr<float>();
+    const float hidden = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < G * size; ++r) {  // causality inside the chunk's own block
+      float* row = data + r * visible;
+      std::fill(row + before + start + r % size + 1, row + visible, hidden);
+    }
+    at::Tensor probs = at::softmax(scores, -1);
+    out_grouped[b][head].narrow(1, start, size).copy_(
+        at::mm(probs, values[b][head].narrow(0, 0, visible)).view({G, size, D}));
+    at::Tensor grouped = probs.view({G, size, visible});
+    if (columns) col_parts[task].narrow(0, 0, visible).copy_(grouped.sum({0, 1}).div_(G));
+    if (rows && stop > first_row) {
+      const int64_t skip = std::max<int64_t>(0, first_row - start);
+      at::Tensor written = row_out[b][head].narrow(0, start + skip - first_row, size - skip);
+      at::Tensor target = written.narrow(1, 0, visible);
+      at::mean_out(target, grouped.narrow(1, skip, size - skip), {0});
+      written.narrow(1, visible, T - visible).zero_();
     }
   });
   at::Tensor col_out = columns ? col_parts.view({B, KV, chunks, T}).sum(2) : at::empty({0}, key.options());

@@ -1,8 +1,8 @@
 """Items per second at batch 1 against a left-padded batch, on the real SmolLM2, same scores.
 
 Both sides run the same items through `kvpolicy.eval.harness.evaluate` with prompts chunked from
-their end (``chunk_align="end"``): ``--batch-size 1`` evaluates one item at a time, the other
-side ``--batch`` items as one left-padded batch (`kvpolicy.eval.batched`). Items are drawn from
+their end (``ItemRows(align="end")``): ``--batch-size 1`` evaluates one item at a time, the other
+side ``--batch`` items as one left-padded batch (`kvpolicy.eval.rows.ItemRows`). Items are drawn from
 all the suite's tasks at ``--tokens``, so prompts differ in length by up to ~2x across tasks, as
 real ones do; they are sorted by prompt length and taken ``--batch`` at a time, as `evaluate`
 batches them. The two sides are interleaved batch by batch, each on
@@ -25,6 +25,7 @@ import torch
 import kvpolicy
 from kvpolicy.eval.harness import evaluate
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.rows import ItemRows
 from kvpolicy.eval.tasks import TASKS, build_suite
 from kvpolicy.models import load_model
 
@@ -52,8 +53,10 @@ def main() -> None:
     per_task = -(-args.items // len(tasks))
     items = build_suite(tasks, "test", [args.tokens], list(range(per_task)))[: args.items]
     items.sort(key=lambda item: encode(item, tokenizer).prompt_tokens)  # as `evaluate` batches them
-    run = {"metric": "both", "chunk_size": args.chunk_size, "chunk_align": "end"}
-    evaluate(policy, items[:1], model, tokenizer, **run)  # warm-up: first-call costs hit neither side
+    run = {"metric": "both", "chunk_size": args.chunk_size}
+    evaluate(
+        policy, items[:1], model, tokenizer, rows=ItemRows(1, "end"), **run
+    )  # warm-up: first-call costs hit neither side
     seconds = {"batch 1": 0.0, f"batch {args.batch}": 0.0}
     results: dict[str, list] = {key: [] for key in seconds}
     for start in range(0, len(items), args.batch):
@@ -61,7 +64,7 @@ def main() -> None:
         for key, size in (("batch 1", 1), (f"batch {args.batch}", args.batch)):
             began = time.perf_counter()
             with torch.inference_mode():
-                results[key] += evaluate(policy, group, model, tokenizer, batch_size=size, **run)
+                results[key] += evaluate(policy, group, model, tokenizer, rows=ItemRows(size, "end"), **run)
             seconds[key] += time.perf_counter() - began
     one, many = results.values()
     same = sum(a.prediction == b.prediction and abs(a.score - b.score) < 1e-6 for a, b in zip(one, many, strict=True))

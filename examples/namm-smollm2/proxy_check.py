@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from kvpolicy import Policy
-from kvpolicy.eval.forked import forked_scores
+from kvpolicy.eval.harness import evaluate
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.rows import ForkedRows
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.search_space import SearchSpace
@@ -42,6 +43,15 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
         return r
 
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def forked(
+    policy, item, shared, model, tokenizer, metric, population=None, evict=True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and kept fractions of one row (or one per member of ``population``) forked from ``shared``."""
+    rows = ForkedRows(lambda row: shared, population=population, evict=evict)
+    results = evaluate(policy, [item], model, tokenizer, metric=metric, rows=rows)
+    return np.array([r.score for r in results]), np.array([r.kept_fraction for r in results])
 
 
 def main() -> None:
@@ -78,22 +88,14 @@ def main() -> None:
             item = make_item(task, "train", seed, length)
             encoded = encode(item, tokenizer)
             shared = prefill(policy, model, encoded.prompt_ids, 512)
-            full_proxy[task].append(
-                float(
-                    forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "loglik", evict=False).scores[0]
-                )
-            )
-            full_real[task].append(
-                float(forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "task", evict=False).scores[0])
-            )
-            policy.set_flat(population)
-            ll = forked_scores(policy, args.members, item, encoded, shared, model, tokenizer, "loglik")
-            score = forked_scores(policy, args.members, item, encoded, shared, model, tokenizer, "task")
-            policy.set_flat(centre)
-            proxy[task] = np.concatenate([proxy[task], ll.scores.numpy()[:, None]], 1)
-            real[task] = np.concatenate([real[task], score.scores.numpy()[:, None]], 1)
-            kept.append(ll.kept.numpy())
-            print(task, seed, f"full {full_real[task][-1]:.2f}", np.round(score.scores.numpy(), 2).tolist(), flush=True)
+            full_proxy[task].append(float(forked(policy, item, shared, model, tokenizer, "loglik", evict=False)[0][0]))
+            full_real[task].append(float(forked(policy, item, shared, model, tokenizer, "task", evict=False)[0][0]))
+            ll, member_kept = forked(policy, item, shared, model, tokenizer, "loglik", population)
+            score, _ = forked(policy, item, shared, model, tokenizer, "task", population)
+            proxy[task] = np.concatenate([proxy[task], ll[:, None]], 1)
+            real[task] = np.concatenate([real[task], score[:, None]], 1)
+            kept.append(member_kept)
+            print(task, seed, f"full {full_real[task][-1]:.2f}", np.round(score, 2).tolist(), flush=True)
 
     def fitness(scores: dict, full: dict) -> np.ndarray:  # the evolution's definition, per member
         return np.mean([scores[t].sum(1) / max(sum(full[t]), 1e-9) for t in tasks], axis=0)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import kvpolicy
-from kvpolicy.eval.forked import forked_scores
+from kvpolicy.eval.harness import evaluate
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.rows import ForkedRows
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.search_space import SearchSpace
@@ -28,6 +29,12 @@ from kvpolicy.integrations.hf.shared_prefill import prefill
 from kvpolicy.models import load_model
 
 HERE = Path(__file__).parent
+
+
+def forked_score(policy, item, shared, model, tokenizer, metric, evict=True) -> float:
+    """The score of one row forked from ``shared`` (``evict=False``: its full cache)."""
+    rows = ForkedRows(lambda row: shared, evict=evict)
+    return evaluate(policy, [item], model, tokenizer, metric=metric, rows=rows)[0].score
 
 
 def main() -> None:
@@ -57,12 +64,12 @@ def main() -> None:
             item = make_item(task, "train", seed, length)
             encoded = encode(item, tokenizer)
             shared = prefill(policy, model, encoded.prompt_ids, 512)
-            full = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "loglik", evict=False).scores
-            full_task = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "task", evict=False).scores
+            full = forked_score(policy, item, shared, model, tokenizer, "loglik", evict=False)
+            full_task = forked_score(policy, item, shared, model, tokenizer, "task", evict=False)
             for kernel in kernels:
                 policy.pooler = policy.registry.create("pooler", "span", {"kernel": kernel, "mode": args.mode})
-                ll = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "loglik").scores
-                score = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, "task").scores
+                ll = forked_score(policy, item, shared, model, tokenizer, "loglik")
+                score = forked_score(policy, item, shared, model, tokenizer, "task")
                 table[kernel][task].append((float(ll / full), float(score), float(full_task)))
             print(task, seed, {k: table[k][task][-1] for k in kernels}, flush=True)
     print(f"\n| span ({args.mode}) | " + " | ".join(f"{t} loglik/full, task (full)" for t in tasks) + " |")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared-prefill",
         action="store_true",
         help="run each prompt once for every policy and budget; each policy's first eviction pass then comes after "
-        "the whole prompt (see kvpolicy.eval.shared_suite)",
+        "the whole prompt (see kvpolicy.eval.many_policies)",
     )
     parser.add_argument(
         "--paired-against",
@@ -125,19 +125,19 @@ def length_comparison_table(summaries: list) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.eval.labels import label_for_spec
     from kvpolicy.eval.plot import comparison_figure
-    from kvpolicy.eval.policy_spec import policy_label
     from kvpolicy.models import load_model
 
     grid = _grid(args.policy, args.budget)
     items = suite_items(args)
     model, tokenizer = load_model(args.model)
     out = Path(args.out)
-    labels = [policy_label(spec, budget) for spec, budget, _ in grid]
+    labels = [label_for_spec(spec, budget) for spec, budget, _ in grid]
     if args.shared_prefill:
-        from kvpolicy.eval.shared_suite import fill_shared
+        from kvpolicy.eval.many_policies import evaluate_many
 
-        fill_shared(
+        evaluate_many(
             [(label, policy, out / "runs" / label) for label, (_, _, policy) in zip(labels, grid, strict=True)],
             items,
             model,
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "compare.md", header + table)
     runs = [
         (
-            policy_label(spec),  # one curve per policy spec across budgets (a span variant is its own curve)
+            label_for_spec(spec),  # one curve per policy spec across budgets (a span variant is its own curve)
             s.label,
             s.overall.kept_fraction,
             s.overall.normalised or 0.0,

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.eval.harness import CHUNK_ALIGNMENTS, DEFAULT_CHUNK, METRIC_MODES
+from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
 from kvpolicy.eval.report import markdown_table
+from kvpolicy.eval.rows import CHUNK_ALIGNMENTS
 
 if TYPE_CHECKING:
     from kvpolicy.eval.run import RunSummary
@@ -116,13 +117,13 @@ def run_from_args(
 
 def run(args: argparse.Namespace) -> int:
     import kvpolicy
-    from kvpolicy.eval.policy_spec import policy_label
+    from kvpolicy.eval.labels import label_for_spec
     from kvpolicy.models import load_model
 
     policy = kvpolicy.build(args.policy, **({} if args.budget is None else {"budget": args.budget}))
     items = suite_items(args)
     model, tokenizer = load_model(args.model)
-    label = policy_label(args.policy, args.budget)
+    label = label_for_spec(args.policy, args.budget)
     summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
     print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")

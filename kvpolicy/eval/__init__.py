@@ -1,5 +1,6 @@
-"""Offline long-context evaluation: tasks built from real text pip installs, metrics, a harness
-that measures score, cache kept and time per item, full-cache references and reports.
+"""Offline long-context evaluation: tasks built from real text pip installs, metrics, one driver
+that measures score, cache kept and time per row (`evaluate`), the ways rows are prepared for it
+(`ItemRows`, `PopulationRows`, `ForkedRows`), full-cache references and reports.
 
 Programmatic use (e.g. by the evolution runner)::
 
@@ -17,11 +18,15 @@ from kvpolicy.eval.items import SPLITS, Item
 from kvpolicy.eval.profiles import PROFILES, Profile, get_profile
 from kvpolicy.eval.references import reference_results
 from kvpolicy.eval.results import ItemResult, ResultStore
+from kvpolicy.eval.rows import ForkedRows, ItemRows, PopulationRows
 from kvpolicy.eval.run import RunSummary, run_suite
 from kvpolicy.eval.tasks import TASKS, build_suite, make_item
 
 __all__ = [
     "PROFILES",
+    "ForkedRows",
+    "ItemRows",
+    "PopulationRows",
     "SPLITS",
     "TASKS",
     "Item",

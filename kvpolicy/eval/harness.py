@@ -1,16 +1,16 @@
-"""Run a policy over evaluation items on a model and measure score, cache kept and time.
+"""The one evaluation driver: a policy over items on a model, measuring score, cache kept and time.
 
-`evaluate` is the programmatic entry point (the evolution runner calls it): it takes a built
-`kvpolicy.Policy`, items, a model and its tokenizer, and returns one `ItemResult` per item.
-
-The prompt is fed in chunks of ``chunk_size`` tokens with the policy evicting between chunks,
-as NAMM does during prefill (Cetin et al. 2024, every 512 tokens); otherwise the first answer
-token would be computed while the whole, un-evicted prompt is still in the cache.
+`evaluate` is the programmatic entry point (the CLI, the full-cache references, the evolution and
+the many-policies comparison all call it). For every batch of rows a row plan prepares
+(`kvpolicy.eval.rows`: items as a padded batch, a population, or forks of a shared prefill), it
+prefills the rows, continues them (`kvpolicy.eval.decoding`: teacher forcing, greedy decoding),
+scores each row with its item's metric and returns one `ItemResult` per row.
 
 ``metric``:
-- ``"task"``: greedy generation scored by the item's metric (likelihood items are teacher-forced);
+- ``"task"``: greedy decoding scored by the item's metric (likelihood items are teacher-forced);
 - ``"loglik"``: teacher forcing only, ``score = exp(mean log p(gold answer))``: smooth and cheap;
-- ``"both"``: the task score, with the answer log-likelihood measured too (two passes).
+- ``"both"``: the task score, with the answer log-likelihood measured too (on copies of the rows,
+  so decoding starts from the same prefilled cache).
 """
 
 from __future__ import annotations
@@ -19,53 +19,131 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-import torch
+from tqdm.auto import tqdm
 
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.decoding import end_of_sequence_ids, greedy, teacher_force
 from kvpolicy.eval.items import Item
-from kvpolicy.eval.metrics import answer_logprobs, likelihood_score, score_text
-from kvpolicy.eval.prompting import EncodedItem, encode
+from kvpolicy.eval.labels import label_for_policy
+from kvpolicy.eval.metrics import likelihood_score, score_text
+from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.results import ItemResult
+from kvpolicy.eval.rows import ItemRows, Row, RowPlan
 from kvpolicy.types import CacheReport
 
 Metric = Literal["task", "loglik", "both"]
-ChunkAlign = Literal["start", "end"]
-#: ``start``: prefill chunks from the prompt's first token (the last takes the remainder);
-#: ``end``: from its last (the first takes the remainder), what left-padded batches need
-CHUNK_ALIGNMENTS: tuple[str, ...] = ("start", "end")
 METRIC_MODES: tuple[str, ...] = ("task", "loglik", "both")
 DEFAULT_CHUNK = 512
 
 
-def policy_name(policy: Any) -> str:
-    """``extractor/scorer/selector@budget``: a default label when the caller gives none."""
-    budget = policy.budget.tokens or policy.budget.ratio
-    parts = f"{policy.extractor.name}/{policy.scorer.name}/{policy.selector.name}"
-    return parts + (f"@{budget}" if budget is not None else "")
-
-
 def check_run_arguments(metric: str, chunk_size: int) -> None:
-    """The arguments every evaluation entry point shares, checked before any model work."""
+    """The arguments every evaluation shares, checked before any model work."""
     if metric not in METRIC_MODES:
         raise InvalidConfigError(f"unknown metric mode {metric!r}; use one of {', '.join(METRIC_MODES)}")
-    if chunk_size <= 0:
-        raise InvalidConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise InvalidConfigError(f"chunk_size must be a positive whole number of tokens, got {chunk_size!r}")
+
+
+def by_likelihood(item: Item, metric: str) -> bool:
+    """Whether ``item`` is scored by the likelihood of its gold answer under ``metric``."""
+    return metric == "loglik" or item.metric == "likelihood"
+
+
+def evaluate(
+    policy: Any,
+    items: Sequence[Item],
+    model: Any,
+    tokenizer: Any,
+    *,
+    metric: Metric = "task",
+    chunk_size: int = DEFAULT_CHUNK,
+    rows: RowPlan | None = None,
+    done: Callable[[Item], ItemResult | None] | None = None,
+    on_result: Callable[[ItemResult], None] | None = None,
+    progress: bool | str = False,
+    label: str | None = None,
+) -> list[ItemResult]:
+    """Run ``policy`` over ``items``; one `ItemResult` per row, items in order (a population plan
+    gives each item one row per member, labelled ``<label>[i]``).
+
+    ``rows`` is the row plan (default `ItemRows()`: one item at a time, prompt chunked from its
+    start). ``done(item)`` may return a stored result to skip the item (resuming); ``on_result``
+    is called after each newly computed result (to store it at once); ``progress`` shows a tqdm
+    bar (a string is its label); ``label`` names the policy in the results.
+    """
+    check_run_arguments(metric, chunk_size)
+    plan = rows if rows is not None else ItemRows()
+    name = label or label_for_policy(policy)
+    policy.bind_tokenizer(tokenizer)
+    eos = end_of_sequence_ids(model, tokenizer)
+    found: dict[str, list[ItemResult]] = {}
+    pending: list[Row] = []
+    for item in items:
+        stored = done(item) if done is not None else None
+        if stored is not None:
+            found[item.uid] = [stored]
+        else:
+            pending += plan.rows(item, encode(item, tokenizer), name)
+    computed: dict[int, ItemResult] = {}
+    for batch in _progress(plan.batches(pending), progress):
+        for row, result in zip(
+            batch, _run_batch(policy, model, tokenizer, plan, batch, metric, chunk_size, eos), strict=True
+        ):
+            computed[id(row)] = result
+            if on_result is not None:
+                on_result(result)
+    for row in pending:
+        found.setdefault(row.item.uid, []).append(computed[id(row)])
+    return [result for item in items for result in found[item.uid]]
+
+
+def _run_batch(
+    policy: Any,
+    model: Any,
+    tokenizer: Any,
+    plan: RowPlan,
+    batch: Sequence[Row],
+    metric: str,
+    chunk_size: int,
+    eos: frozenset[int],
+) -> list[ItemResult]:
+    """Prefill ``batch`` as the plan says, continue every row, score it."""
+    start = time.perf_counter()
+    likely = [by_likelihood(row.item, metric) for row in batch]
+    forced = {r: row.encoded.answer_ids for r, row in enumerate(batch) if likely[r] or metric == "both"}
+    limits = {r: row.item.max_new_tokens for r, row in enumerate(batch) if not likely[r]}
+    with plan.prefill(policy, model, batch, chunk_size) as prefilled:
+        logprobs = teacher_force(prefilled.handle, prefilled.last, forced, keep_cache=bool(limits)) if forced else {}
+        answers = greedy(prefilled.handle, prefilled.last, limits, eos)
+    seconds = (time.perf_counter() - start) / len(batch) + prefilled.seconds  # the batch's time, shared evenly
+    results = []
+    for r, row in enumerate(batch):
+        logprob, report = logprobs.get(r, (None, None))
+        prediction = ""
+        if r in answers:
+            tokens, report = answers[r]
+            prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+        score = likelihood_score(logprob) if likely[r] else score_text(row.item.metric, prediction, row.item.answers)
+        results.append(
+            item_result(row, report, plan.chunks, likely=likely[r], score=score, prediction=prediction,
+                        logprob=logprob, seconds=seconds)
+        )  # fmt: skip
+    return results
 
 
 def item_result(
-    item: Item,
-    encoded: EncodedItem,
+    row: Row,
     report: CacheReport,
+    chunks: str,
     *,
-    policy: str,
-    by_likelihood: bool,
+    likely: bool,
     score: float,
     prediction: str,
-    answer_logprob: float | None,
+    logprob: float | None,
     seconds: float,
-    chunks: ChunkAlign = "start",
 ) -> ItemResult:
     """One `ItemResult`: the item's identity, the score, and the cache figures of ``report``."""
+    item = row.item
     return ItemResult(
         uid=item.uid,
         fingerprint=item.fingerprint,
@@ -73,12 +151,12 @@ def item_result(
         split=item.split,
         length=item.length,
         seed=item.seed,
-        policy=policy,
-        metric="likelihood" if by_likelihood else item.metric,
+        policy=row.label,
+        metric="likelihood" if likely else item.metric,
         score=float(score),
         prediction=prediction,
-        answer_logprob=answer_logprob,
-        prompt_tokens=encoded.prompt_tokens,
+        answer_logprob=logprob,
+        prompt_tokens=row.encoded.prompt_tokens,
         tokens_seen=report.seen,
         kept_fraction=report.kept_fraction,
         per_layer_fraction=report.per_layer_fraction,
@@ -88,35 +166,6 @@ def item_result(
         seconds=seconds,
         chunks=chunks,
     )
-
-
-def teacher_forced_logprob(policy: Any, model: Any, encoded: EncodedItem, chunk_size: int) -> tuple[float, CacheReport]:
-    """Mean log-probability per token of the gold answer given the prompt, through the policy.
-
-    The prompt goes in chunks (eviction between them); the last prompt logit predicts the first
-    answer token and the answer tokens but the last are fed as one more chunk.
-    """
-    answer = encoded.answer_ids
-    with torch.inference_mode(), policy.attach(model) as handle:
-        handle.reset()
-        logits = handle.feed(encoded.prompt_ids, chunk_size=chunk_size, last_only=True)
-        if answer.shape[-1] > 1:
-            logits = torch.cat([logits, handle.feed(answer[:, :-1])], dim=1)
-        report = handle.report()
-    return answer_logprobs(logits, answer).mean().item(), report
-
-
-def generate_answer(
-    policy: Any, model: Any, tokenizer: Any, encoded: EncodedItem, max_new_tokens: int, chunk_size: int
-) -> tuple[str, CacheReport]:
-    """Greedy answer through the policy, prompt prefilled in chunks with eviction between them."""
-    inputs = {"input_ids": encoded.prompt_ids, "attention_mask": torch.ones_like(encoded.prompt_ids)}
-    with torch.inference_mode():
-        out = policy.generate(
-            model, inputs, max_new_tokens=max_new_tokens, do_sample=False, prefill_chunk_size=chunk_size
-        )
-    new_tokens = out.sequences[0, encoded.prompt_tokens :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True), out.report
 
 
 def run_item(
@@ -129,96 +178,11 @@ def run_item(
     chunk_size: int = DEFAULT_CHUNK,
     label: str | None = None,
 ) -> ItemResult:
-    """Evaluate one item (see the module docstring for ``metric``)."""
-    start = time.perf_counter()
-    policy.bind_tokenizer(tokenizer)
-    encoded = encode(item, tokenizer)
-    logprob: float | None = None
-    prediction = ""
-    by_likelihood = metric == "loglik" or item.metric == "likelihood"
-    report: CacheReport
-    if by_likelihood or metric == "both":
-        logprob, report = teacher_forced_logprob(policy, model, encoded, chunk_size)
-    if by_likelihood:
-        score = likelihood_score(logprob)  # type: ignore[arg-type]
-    else:
-        prediction, report = generate_answer(policy, model, tokenizer, encoded, item.max_new_tokens, chunk_size)
-        score = score_text(item.metric, prediction, item.answers)
-    return item_result(
-        item,
-        encoded,
-        report,
-        policy=label or policy_name(policy),
-        by_likelihood=by_likelihood,
-        score=score,
-        prediction=prediction,
-        answer_logprob=logprob,
-        seconds=time.perf_counter() - start,
-    )
+    """`evaluate` on one item, one row."""
+    return evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, label=label)[0]
 
 
-def evaluate(
-    policy: Any,
-    items: Sequence[Item],
-    model: Any,
-    tokenizer: Any,
-    *,
-    metric: Metric = "task",
-    chunk_size: int = DEFAULT_CHUNK,
-    done: Callable[[Item], ItemResult | None] | None = None,
-    on_result: Callable[[ItemResult], None] | None = None,
-    progress: bool | str = False,
-    label: str | None = None,
-    batch_size: int = 1,
-    chunk_align: ChunkAlign = "start",
-) -> list[ItemResult]:
-    """Run ``policy`` over ``items``; one `ItemResult` per item, in order.
-
-    ``done(item)`` may return a stored result to skip the item (resuming); ``on_result`` is
-    called after each newly computed item (to store it at once); ``progress`` shows a tqdm bar
-    (a string is used as its label); ``label`` names the policy in the results.
-
-    ``batch_size > 1`` evaluates that many items as one left-padded batch
-    (`kvpolicy.eval.batched`), with prefill chunks aligned to each prompt's end; so does
-    ``chunk_align="end"`` at any batch size, which is what a batch equals item by item.
-    """
-    check_run_arguments(metric, chunk_size)
-    if batch_size < 1:
-        raise InvalidConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if chunk_align not in CHUNK_ALIGNMENTS:
-        raise InvalidConfigError(f"chunk_align must be one of {', '.join(CHUNK_ALIGNMENTS)}, got {chunk_align!r}")
-    if batch_size > 1 or chunk_align == "end":
-        from kvpolicy.eval.batched import run_batch
-
-        found = {item.uid: done(item) if done is not None else None for item in items}
-        # prompts of similar length batch together, so little of a batch is padding
-        pending = sorted(
-            ((item, encode(item, tokenizer)) for item in items if found[item.uid] is None),
-            key=lambda pair: pair[1].prompt_tokens,
-        )
-        batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
-        for batch in _progress(batches, progress):
-            for result in run_batch(policy, batch, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label):
-                found[result.uid] = result
-                if on_result is not None:
-                    on_result(result)
-        return [found[item.uid] for item in items]  # type: ignore[misc]
-    results: list[ItemResult] = []
-    for item in _progress(items, progress):
-        stored = done(item) if done is not None else None
-        if stored is not None:
-            results.append(stored)
-            continue
-        result = run_item(policy, item, model, tokenizer, metric=metric, chunk_size=chunk_size, label=label)
-        if on_result is not None:
-            on_result(result)
-        results.append(result)
-    return results
-
-
-def _progress(items: Sequence[Any], progress: bool | str) -> Iterable[Any]:
+def _progress(batches: Sequence[Any], progress: bool | str) -> Iterable[Any]:
     if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=progress if isinstance(progress, str) else "items", unit="item", dynamic_ncols=True)
+        return batches
+    return tqdm(batches, desc=progress if isinstance(progress, str) else "batches", unit="batch", dynamic_ncols=True)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import kvpolicy
 from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.results import ItemResult, ResultStore
@@ -42,8 +43,6 @@ def reference_results(
     progress: bool | str = False,
 ) -> dict[str, ItemResult]:
     """Full-cache results for ``items`` by uid, computing only those not cached yet."""
-    import kvpolicy
-
     store = ResultStore(reference_path(model_name, metric, chunk_size, directory))
     results = evaluate(
         kvpolicy.build("full"),

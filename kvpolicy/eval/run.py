@@ -16,7 +16,7 @@ import attrs
 
 import kvpolicy
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.eval.harness import DEFAULT_CHUNK, ChunkAlign, Metric, evaluate
+from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.references import reference_results
 from kvpolicy.eval.report import (
@@ -28,6 +28,7 @@ from kvpolicy.eval.report import (
     summarise_by_length,
 )
 from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
+from kvpolicy.eval.rows import ChunkAlign, ItemRows
 
 
 @attrs.frozen
@@ -102,6 +103,7 @@ def run_suite(
     batch, else ``start``) is how prompts are chunked, and a stored result chunked otherwise is
     recomputed."""
     align: ChunkAlign = chunk_align or ("end" if batch_size > 1 else "start")
+    plan = ItemRows(batch_size, align)  # checked before any model work
     out = Path(out)
     references = reference_results(
         items,
@@ -132,8 +134,7 @@ def run_suite(
             on_result=store.add,
             progress=label if progress else False,
             label=label,
-            batch_size=batch_size,
-            chunk_align=align,
+            rows=plan,
         )
     rows = tuple(summarise(results, references))
     lengths = summarise_by_length(results, references)

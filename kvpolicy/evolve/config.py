@@ -51,7 +51,7 @@ class FitnessConfig:
     log-likelihood of the gold answer, scored as ``exp(mean log p)``: cheap, smooth, no decoding).
     ``cache_weight``: adds ``cache_weight × (1 − kept fraction)``, rewarding memory saved.
     ``population_batch``: run all members of a job as one batch, batch row *i* with parameter row
-    *i* (`kvpolicy.eval.population`), instead of one after another; the fast path on a GPU. The
+    *i* (`kvpolicy.eval.rows.PopulationRows`), instead of one after another; the fast path on a GPU. The
     figures equal one-by-one runs up to the rounding of batched kernels, so it is fingerprinted.
     ``shared_prefill``: members share everything up to their first eviction pass — each item's
     prompt runs once, its features are extracted once, and every member of a job is forked from

@@ -1,16 +1,16 @@
 """The real workload: a transformers model running a learnable policy on kvpolicy's offline tasks.
 
 Each member of the population is the policy with one parameter row (`Policy.set_flat`); every
-item goes through the evaluation harness (`kvpolicy.eval.harness.run_item`: chunked prefill with
+item goes through the evaluation driver (`kvpolicy.eval.harness.evaluate`: chunked prefill with
 eviction between chunks, then greedy decoding or teacher forcing), which measures the score and
 the cache actually kept. Calibration runs the zero policy (which keeps every token) with the
 extractor collecting its normalisation statistics, then freezes them (Cetin et al. 2024).
 
 Members are evaluated one after another, each with batch 1, or — with ``"population_batch":
 true`` in the fitness config — all rows of a job as one batch, batch row *i* with parameter row
-*i* (`kvpolicy.eval.population.run_population`), the faster path on a GPU; or — with
+*i* (`kvpolicy.eval.rows.PopulationRows`), the faster path on a GPU; or — with
 ``"shared_prefill": true`` — forked as one batch from a prefill of the item run once and kept
-for later generations (`kvpolicy.eval.forked`), the fast path on a CPU.
+for later generations (`kvpolicy.eval.rows.ForkedRows`), the fast path on a CPU.
 
 The optimizer searches the offset of the ``search``-ed parameter groups from the ``start`` point
 (`SearchSpace`); the workload turns its rows into full parameter vectors.
@@ -27,10 +27,16 @@ import torch
 from kvpolicy.calibration import calibrate, calibrates
 from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.harness import evaluate
+from kvpolicy.eval.prefills import PrefillStore
+from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.rows import ForkedRows, PopulationRows, RowPlan
+from kvpolicy.eval.tasks import check_tasks, make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
 from kvpolicy.evolve.models import load_model_and_tokenizer
 from kvpolicy.evolve.search_space import SearchSpace
+from kvpolicy.integrations.hf.shared_prefill import Prefill, prefill
 from kvpolicy.policy import Policy, build
 
 
@@ -39,8 +45,6 @@ class HfWorkload:
     process pool never loads it)."""
 
     def __init__(self, config: EvolveConfig) -> None:
-        from kvpolicy.eval.tasks import check_tasks
-
         self.config = config
         for stage in config.stages:
             check_tasks(stage.tasks)
@@ -55,10 +59,8 @@ class HfWorkload:
         self.space = SearchSpace(self.policy, config.search, config.start)
         self._model: Any = None
         self._tokenizer: Any = None
-        self._prefills: Any = None
+        self._prefills: PrefillStore | None = None
         if config.fitness.shared_prefill:
-            from kvpolicy.eval.forked import PrefillStore
-
             if schedule.kind != "after_prefill":
                 raise InvalidConfigError(
                     "fitness.shared_prefill needs a policy whose first eviction pass comes after the whole prompt "
@@ -75,53 +77,32 @@ class HfWorkload:
             self._model, self._tokenizer = load_model_and_tokenizer(self.config.model)
         return self._model, self._tokenizer
 
-    def _score(self, policy: Policy, task: str, split: str, length: int, seed: int) -> tuple[float, float]:
-        from kvpolicy.eval.harness import run_item
-        from kvpolicy.eval.tasks import make_item
-
-        model, tokenizer = self._ensure_model()
-        item = make_item(task, item_split(split), seed, length)
-        result = run_item(policy, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size)
-        return result.score, result.kept_fraction
-
-    def _score_population(
-        self, params: torch.Tensor, task: str, split: str, length: int, seed: int
+    def _results(
+        self, policy: Policy, task: str, split: str, length: int, seed: int, rows: RowPlan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores [rows], kept [rows])`` of every parameter row on one item, in one batch."""
-        from kvpolicy.eval.population import run_population
-        from kvpolicy.eval.tasks import make_item
-
+        """``(scores [rows], kept [rows])`` of ``policy`` on one item, its rows prepared by ``rows``."""
         model, tokenizer = self._ensure_model()
         item = make_item(task, item_split(split), seed, length)
-        results = run_population(
-            self.policy, params, item, model, tokenizer, metric=self.config.fitness.metric, chunk_size=self.chunk_size
-        )
+        metric = self.config.fitness.metric
+        results = evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=self.chunk_size, rows=rows)
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
         return scores, torch.tensor([r.kept_fraction for r in results], dtype=torch.float64)
 
-    def _score_forked(
-        self, params: torch.Tensor | None, task: str, split: str, length: int, seed: int, buffers_key: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores [rows], kept [rows])`` of every parameter row forked from the item's shared
-        prefill; ``params=None``: the full cache of that prefill (the reference)."""
-        from kvpolicy.eval.forked import forked_scores
-        from kvpolicy.eval.prompting import encode
-        from kvpolicy.eval.tasks import make_item
-        from kvpolicy.integrations.hf.shared_prefill import prefill
-
+    def _forked_rows(self, params: torch.Tensor | None, item_key: tuple, buffers_key: str) -> ForkedRows:
+        """Rows forked from the item's shared prefill, kept for later generations; ``params=None``:
+        the full cache of that prefill (the reference)."""
         model, tokenizer = self._ensure_model()
-        item = make_item(task, item_split(split), seed, length)
-        encoded = encode(item, tokenizer)
-        key = (task, split, length, seed, buffers_key)
-        shared = self._prefills.get(key, lambda: prefill(self.policy, model, encoded.prompt_ids, self.chunk_size))
-        if params is not None:
-            self.policy.set_flat(params)
-        rows = 1 if params is None else params.shape[0]
-        forked = forked_scores(
-            self.policy, rows, item, encoded, shared, model, tokenizer, self.config.fitness.metric,
-            evict=params is not None,
-        )  # fmt: skip
-        return forked.scores, forked.kept
+        store = self._prefills
+        if store is None:
+            raise InvalidConfigError("forked rows need fitness.shared_prefill")
+
+        def shared(row: Any) -> Prefill:
+            def make() -> Prefill:
+                return prefill(self.policy, model, encode(row.item, tokenizer).prompt_ids, self.chunk_size)
+
+            return store.get((*item_key, buffers_key), make)
+
+        return ForkedRows(shared, population=params, evict=params is not None)
 
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
@@ -135,13 +116,15 @@ class HfWorkload:
             # the reference jobs carry no buffers: they share the prefill made with the current ones
             key = tensor_checksum(dict(job.buffers or self.policy.buffers()))
             for i, seed in enumerate(job.seeds):
-                scores[:, i], kept[:, i] = self._score_forked(params, job.task, job.split, job.length, seed, key)
+                rows = self._forked_rows(params, (job.task, job.split, job.length, seed), key)
+                scores[:, i], kept[:, i] = self._results(self.policy, job.task, job.split, job.length, seed, rows)
             return JobResult(scores, kept, {}, time.perf_counter() - start)
         if params is not None and self.config.fitness.population_batch:
             scores = torch.zeros(job.rows, len(job.seeds), dtype=torch.float64)
             kept = torch.ones_like(scores)
             for i, seed in enumerate(job.seeds):
-                scores[:, i], kept[:, i] = self._score_population(params, job.task, job.split, job.length, seed)
+                rows = PopulationRows(params)
+                scores[:, i], kept[:, i] = self._results(self.policy, job.task, job.split, job.length, seed, rows)
             return JobResult(scores, kept, {}, time.perf_counter() - start)
         rows = [None] if params is None else list(params)
         scores = torch.zeros(len(rows), len(job.seeds), dtype=torch.float64)
@@ -151,7 +134,7 @@ class HfWorkload:
                 self.policy.set_flat(row.float())
             policy = self.full if row is None else self.policy
             for i, seed in enumerate(job.seeds):
-                scores[r, i], kept[r, i] = self._score(policy, job.task, job.split, job.length, seed)
+                scores[r, i], kept[r, i] = self._results(policy, job.task, job.split, job.length, seed)
         return JobResult(scores, kept, {}, time.perf_counter() - start)
 
     def _calibrate(self, job: Job, start: float) -> JobResult:
@@ -161,7 +144,7 @@ class HfWorkload:
         items = [(task, seed) for task in job.tasks or (job.task,) for seed in job.seeds]
 
         def run(policy: Policy, model: Any, item: tuple[str, int]) -> None:
-            self._score(policy, item[0], job.split, job.length, item[1])
+            self._results(policy, item[0], job.split, job.length, item[1])
 
         count = calibrate(self.policy, model, items, params=self.space.start, run=run)
         return JobResult(torch.ones(1, count), torch.ones(1, count), self.policy.buffers(), time.perf_counter() - start)

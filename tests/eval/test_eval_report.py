@@ -16,7 +16,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.errors import CheckpointError, InvalidBudgetError, InvalidConfigError, UnknownComponentError
-from kvpolicy.eval.policy_spec import policy_label
+from kvpolicy.eval.labels import label_for_spec
 from kvpolicy.eval.report import (
     ALL,
     length_table,
@@ -188,7 +188,7 @@ def test_policy_specs() -> None:
     assert parse_policy("streaming_llm", "128").budget.tokens == 128
     assert parse_policy('streaming_llm:{"sinks": 2}', "64").protect.sinks == 2
     assert parse_policy("full").schedule.kind == "never"
-    assert policy_label('streaming_llm:{"sinks": 2}', "25%") == "streaming_llm_sinks_2@25%"
+    assert label_for_spec('streaming_llm:{"sinks": 2}', "25%") == "streaming_llm_sinks_2@25%"
 
 
 @pytest.mark.parametrize(

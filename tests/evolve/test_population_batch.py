@@ -1,5 +1,6 @@
-"""A population scored as one batch (`kvpolicy.eval.population`) gives each member the numbers a
-run of that member alone gives, and the evolution runner's ``population_batch`` option with it.
+"""A population scored as one batch (`kvpolicy.eval.rows.PopulationRows`): rows that stop early
+report their own cache, and the evolution runner's ``population_batch`` option gives what members
+run one by one give (equality of each row on one item: tests/eval/test_row_plans.py).
 
 Tiny random-weight Llama, NAMM-BAM (stft → bam → threshold) updating every 128 tokens on a
 needle item of 1,248 byte tokens, so each member goes through nine updates."""
@@ -13,10 +14,10 @@ import torch
 from evolve_support import TINY_HF, generation_records
 
 from kvpolicy import build
-from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.eval.harness import run_item
-from kvpolicy.eval.population import run_population
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.harness import evaluate, run_item
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.rows import PopulationRows
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig, FitnessConfig
 from kvpolicy.evolve.runner import Evolution
@@ -67,17 +68,6 @@ def assert_same(batched, alone):
         assert b.kv_bytes == a.kv_bytes and b.tokens_seen == a.tokens_seen
 
 
-@pytest.mark.parametrize("seed", [1, 5])
-def test_loglik_of_a_batched_population_equals_members_one_by_one(model, tokenizer, item, seed):
-    policy = namm()
-    params = population(policy, seed)
-    batched = run_population(policy, params, item, model, tokenizer, metric="loglik", chunk_size=EVERY)
-    assert policy.get_flat().shape == (policy.num_params,)  # the single parameter set is back
-    assert len({r.kept_fraction for r in batched}) > 1  # members really evict differently
-    assert all(r.policy.endswith(f"[{i}]") for i, r in enumerate(batched))
-    assert_same(batched, one_by_one(policy, params, item, model, tokenizer, "loglik"))
-
-
 def test_greedy_rows_that_stop_early_report_their_own_cache(tokenizer, item):
     model = tiny_model("llama")  # its own copy: the end-of-sequence token is changed below
     policy = namm()
@@ -88,25 +78,11 @@ def test_greedy_rows_that_stop_early_report_their_own_cache(tokenizer, item):
     stop = next(i for i, token in enumerate(alone) if token not in alone[:i] and i > 2)
     model.generation_config.eos_token_id = alone[stop]  # member 0 now ends after stop + 1 tokens
 
-    batched = run_population(policy, params, item, model, tokenizer, metric="task", chunk_size=EVERY)
+    batched = evaluate(policy, [item], model, tokenizer, metric="task", chunk_size=EVERY, rows=PopulationRows(params))
     assert batched[0].tokens_seen == batched[0].prompt_tokens + stop
     assert len({r.tokens_seen for r in batched}) > 1  # rows stopped at different steps
     assert len({r.kept_fraction for r in batched}) > 1
     assert_same(batched, one_by_one(policy, params, item, model, tokenizer, "task"))
-
-
-def test_bad_populations_are_refused(model, tokenizer, item):
-    policy = namm()
-    with pytest.raises(ShapeError, match=rf"\[members >= 1, {policy.num_params}\]"):
-        run_population(policy, torch.zeros(policy.num_params), item, model, tokenizer)
-    with pytest.raises(ShapeError, match=r"got \(2, 5\)"):
-        run_population(policy, torch.zeros(2, 5), item, model, tokenizer)
-    with pytest.raises(ShapeError, match=r"got \(0, 4172\)"):
-        run_population(policy, torch.zeros(0, policy.num_params), item, model, tokenizer)
-    with pytest.raises(InvalidConfigError, match="no learnable parameters"):
-        run_population(build("h2o", budget=64), torch.zeros(2, 1), item, model, tokenizer)
-    with pytest.raises(InvalidConfigError, match="unknown metric mode 'bleu'"):
-        run_population(policy, torch.zeros(2, policy.num_params), item, model, tokenizer, metric="bleu")
 
 
 # ----------------------------------------------------------------------------- the evolution runner

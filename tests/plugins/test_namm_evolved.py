@@ -68,14 +68,14 @@ def test_it_keeps_the_configured_share_of_any_model(ratio):
 def test_on_smollm2_it_keeps_the_needle_a_quarter_of_the_cache_holds(tmp_path):
     """The shipped NAMM on the model it was evolved for, on ci-profile needle items (test split):
     25% of the cache, and the needle answered on every item the full cache answers."""
+    from kvpolicy.eval.many_policies import evaluate_many
     from kvpolicy.eval.profiles import get_profile
-    from kvpolicy.eval.shared_suite import fill_shared
     from kvpolicy.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct")
     items = get_profile("ci").items("test", tasks=("needle",))
     policy = kvpolicy.build("namm-bam-smollm2")
-    fill_shared([("namm", policy, tmp_path / "namm")], items, model, tokenizer, model_name="smollm2-135m-instruct",
+    evaluate_many([("namm", policy, tmp_path / "namm")], items, model, tokenizer, model_name="smollm2-135m-instruct",
                 metric="task", chunk_size=512, reference_dir=tmp_path / "refs", progress=False)  # fmt: skip
     from kvpolicy.eval.references import reference_path
     from kvpolicy.eval.results import ResultStore

@@ -8,9 +8,9 @@ import pytest
 
 import kvpolicy
 from kvpolicy.eval.harness import evaluate
+from kvpolicy.eval.many_policies import evaluate_many
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ResultStore
-from kvpolicy.eval.shared_suite import fill_shared
 from kvpolicy.eval.tasks import build_suite
 
 
@@ -24,7 +24,7 @@ def test_shared_results_equal_each_policy_run_alone(tiny_model, tiny_tokenizer, 
         "l2": kvpolicy.build("l2", budget="50%", span=5, skip_layers=()),  # the tiny model has 2 layers
     }
     runs = [(label, policy, tmp_path / label) for label, policy in policies.items()]
-    prompts = fill_shared(
+    prompts = evaluate_many(
         runs, items, tiny_model, tiny_tokenizer, model_name="tiny", metric=metric, chunk_size=128,
         reference_dir=tmp_path / "ref", progress=False,
     )  # fmt: skip
@@ -46,7 +46,7 @@ def test_shared_results_equal_each_policy_run_alone(tiny_model, tiny_tokenizer, 
         assert references[want.uid].score == pytest.approx(want.score, abs=1e-4)
         assert references[want.uid].prediction == want.prediction
     # a rerun finds every result and records no prompt
-    again = fill_shared(
+    again = evaluate_many(
         runs, items, tiny_model, tiny_tokenizer, model_name="tiny", metric=metric, chunk_size=128,
         reference_dir=tmp_path / "ref", progress=False,
     )  # fmt: skip

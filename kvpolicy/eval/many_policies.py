@@ -24,19 +24,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.eval.forked import forked_scores
-from kvpolicy.eval.harness import check_run_arguments, item_result
+from kvpolicy.eval.harness import check_run_arguments, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.references import reference_path
-from kvpolicy.eval.results import ResultStore
-from kvpolicy.integrations.hf.shared_prefill import due_layers, prepare, record_prompt
+from kvpolicy.eval.results import ItemResult, ResultStore
+from kvpolicy.eval.rows import ForkedRows
+from kvpolicy.integrations.hf.shared_prefill import Prefill, due_layers, prepare, record_prompt
 from kvpolicy.types import Requirements
 
 
-def fill_shared(
+def evaluate_many(
     runs: Sequence[tuple[str, Any, Path]],
     items: Sequence[Item],
     model: Any,
@@ -61,26 +63,25 @@ def fill_shared(
         policy.bind_tokenizer(tokenizer)
         union = union | policy.requirements
     recorded = 0
-    for item in _progress(items, progress):
+    for item in tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True, disable=not progress):
         pending = [run for run in evicting if not run[2].done(item.uid, item.fingerprint)]
         need_reference = not references.done(item.uid, item.fingerprint)
         if not pending and not need_reference:
             continue
-        encoded = encode(item, tokenizer)
         start = time.perf_counter()
-        cache, last = record_prompt(model, encoded.prompt_ids, union, chunk_size)
+        cache, last = record_prompt(model, encode(item, tokenizer).prompt_ids, union, chunk_size)
         prompt_seconds = time.perf_counter() - start
         recorded += 1
         if need_reference and evicting:  # any policy's view of the recording, nothing evicted
             policy = evicting[0][1]
             shared = prepare(policy, model, cache, last, prompt_seconds)
-            references.add(_result(item, encoded, shared, policy, "full", model, tokenizer, metric, evict=False))
-        prepared: dict[str, Any] = {}  # budgets of one policy share its features
+            references.add(_forked(policy, item, shared, "full", model, tokenizer, metric, chunk_size, evict=False))
+        prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
         for label, policy, store in pending:
             key = _feature_key(policy) + str(due_layers(policy, model, cache))
             if key not in prepared:
                 prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-            store.add(_result(item, encoded, prepared[key], policy, label, model, tokenizer, metric))
+            store.add(_forked(policy, item, prepared[key], label, model, tokenizer, metric, chunk_size))
     return recorded
 
 
@@ -92,26 +93,18 @@ def _feature_key(policy: Any) -> str:
     return json.dumps(config, sort_keys=True) + tensor_checksum(policy.buffers())
 
 
-def _result(item, encoded, shared, policy, label, model, tokenizer, metric, *, evict: bool = True):  # noqa: ANN001, ANN202
-    start = time.perf_counter()
-    forked = forked_scores(policy, 1, item, encoded, shared, model, tokenizer, metric, evict=evict)
-    by_likelihood = metric == "loglik" or item.metric == "likelihood"
-    return item_result(
-        item,
-        encoded,
-        forked.reports[0],
-        policy=label,
-        by_likelihood=by_likelihood,
-        score=float(forked.scores[0]),
-        prediction=forked.predictions[0],
-        answer_logprob=None if forked.logprobs is None else float(forked.logprobs[0]),
-        seconds=shared.seconds + time.perf_counter() - start,
-    )
-
-
-def _progress(items: Sequence[Item], progress: bool) -> Any:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True)
+def _forked(
+    policy: Any,
+    item: Item,
+    shared: Prefill,
+    label: str,
+    model: Any,
+    tokenizer: Any,
+    metric: Any,
+    chunk_size: int,
+    *,
+    evict: bool = True,
+) -> ItemResult:
+    """``policy``'s result on ``item``, forked from its view of the recorded prompt."""
+    plan = ForkedRows(lambda row: shared, evict=evict)
+    return evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=plan, label=label)[0]

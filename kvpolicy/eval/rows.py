@@ -1,0 +1,218 @@
+"""Ways of putting evaluation items into batch rows and prefilling them, before `decoding` continues.
+
+`kvpolicy.eval.harness.evaluate` is the one driver; a *row plan* says how items become rows and how
+a batch of rows is prefilled:
+
+- `ItemRows` (the default): one row per item, ``batch_size`` items as one left-padded batch. The
+  prompt is fed in chunks of ``chunk_size`` with eviction passes between them, as NAMM prefills
+  (Cetin et al. 2024, every 512 tokens); ``align="end"`` puts the chunk boundaries at whole chunks
+  before each prompt's end, so every row of a padded batch meets the boundaries and eviction
+  passes it would meet alone (a batch of one aligned at the end is the reference a batch equals).
+- `PopulationRows`: one row per member of a population ``[members, num_params]``, the item
+  repeated in every row (no padding) and batch row *i* scored with parameter row *i*
+  (`Policy.set_flat`), as the NAMM code batches its CMA-ES population.
+- `ForkedRows`: rows forked from a prefill shared by all of them
+  (`kvpolicy.integrations.hf.shared_prefill`), for policies whose first eviction pass comes after
+  the whole prompt: one row, or one per member of a population.
+
+Each plan's `prefill` yields a `Prefilled`: the attached handle and the logits of every row's last
+prompt token ``[rows, vocab]``. Results equal row-by-row runs up to the rounding of batched kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, Protocol
+
+import attrs
+import torch
+
+from kvpolicy.errors import InvalidConfigError, ShapeError
+from kvpolicy.eval.items import Item
+from kvpolicy.eval.prompting import EncodedItem
+from kvpolicy.integrations.hf.batching import left_pad
+from kvpolicy.integrations.hf.shared_prefill import Prefill, fork
+
+ChunkAlign = Literal["start", "end"]
+#: ``start``: prefill chunks from the prompt's first token (the last takes the remainder);
+#: ``end``: from its last (the first takes the remainder), what left-padded batches need
+CHUNK_ALIGNMENTS: tuple[str, ...] = ("start", "end")
+
+
+@attrs.frozen(eq=False)
+class Row:
+    """One batch row: the item, its encoding, and the label its result carries."""
+
+    item: Item
+    encoded: EncodedItem
+    label: str
+
+
+@attrs.frozen(eq=False)
+class Prefilled:
+    """Rows after their prompts: the attached ``handle`` and the logits ``last [rows, vocab]`` that
+    predict each row's first answer token; ``seconds`` is time spent before (a shared prefill)."""
+
+    handle: Any
+    last: torch.Tensor
+    seconds: float = 0.0
+
+
+class RowPlan(Protocol):
+    """How items become rows (`rows`), which rows share a batch (`batches`) and how a batch is
+    prefilled (`prefill`); ``chunks`` is the prompt chunking its results record."""
+
+    chunks: ChunkAlign
+
+    def rows(self, item: Item, encoded: EncodedItem, label: str) -> list[Row]: ...
+
+    def batches(self, rows: Sequence[Row]) -> list[list[Row]]: ...
+
+    def prefill(
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int
+    ) -> contextlib.AbstractContextManager[Prefilled]: ...
+
+
+@attrs.frozen
+class ItemRows:
+    """One row per item; ``batch_size`` items of similar prompt length as one left-padded batch."""
+
+    batch_size: int = 1
+    align: ChunkAlign = "start"
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.align not in CHUNK_ALIGNMENTS:
+            raise InvalidConfigError(f"chunk_align must be one of {', '.join(CHUNK_ALIGNMENTS)}, got {self.align!r}")
+        if self.batch_size > 1 and self.align != "end":
+            raise InvalidConfigError(
+                "a padded batch chunks each prompt from its end: use align='end' with batch_size > 1"
+            )
+
+    @property
+    def chunks(self) -> ChunkAlign:
+        return self.align
+
+    def rows(self, item: Item, encoded: EncodedItem, label: str) -> list[Row]:
+        return [Row(item, encoded, label)]
+
+    def batches(self, rows: Sequence[Row]) -> list[list[Row]]:
+        if self.batch_size == 1:
+            return [[row] for row in rows]
+        # prompts of similar length batch together, so little of a batch is padding
+        ordered = sorted(rows, key=lambda row: row.encoded.prompt_tokens)
+        return [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+
+    @contextlib.contextmanager
+    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
+        with torch.inference_mode(), policy.attach(model) as handle:
+            handle.reset()
+            if len(batch) == 1:
+                ids, mask = batch[0].encoded.prompt_ids, None
+            else:
+                ids, mask = left_pad([row.encoded.prompt_ids[0] for row in batch], pad_id=0)
+                mask = mask.to(model.device)
+            logits = handle.feed(
+                ids.to(model.device), chunk_size, attention_mask=mask, last_only=True, align_end=self.align == "end"
+            )
+            yield Prefilled(handle, logits[:, -1])
+
+
+def check_population(policy: Any, population: torch.Tensor) -> torch.Tensor:
+    """``population`` as float32 ``[members, num_params]``, or a named error saying what fits."""
+    if policy.num_params == 0:
+        raise InvalidConfigError(f"policy {policy!r} has no learnable parameters, so it has no population to evaluate")
+    population = torch.as_tensor(population)
+    if (
+        population.dim() != 2
+        or population.shape[0] < 1
+        or population.shape[1] != policy.num_params
+        or not population.is_floating_point()
+    ):
+        raise ShapeError(
+            f"a population is a float tensor [members >= 1, {policy.num_params}] (one parameter row per member); "
+            f"got {tuple(population.shape)} ({population.dtype})"
+        )
+    return population.float()
+
+
+@contextlib.contextmanager
+def _population_loaded(policy: Any, population: torch.Tensor | None) -> Iterator[None]:
+    """The policy holds ``population`` (one parameter row per batch row) inside the block, and its
+    own parameters again after it."""
+    if population is None:
+        yield
+        return
+    previous = policy.get_flat()
+    policy.set_flat(population)
+    try:
+        yield
+    finally:
+        policy.set_flat(previous)
+
+
+def _member_rows(item: Item, encoded: EncodedItem, label: str, members: int | None) -> list[Row]:
+    if members is None:
+        return [Row(item, encoded, label)]
+    return [Row(item, encoded, f"{label}[{i}]") for i in range(members)]
+
+
+def _per_item(rows: Sequence[Row]) -> list[list[Row]]:
+    """The rows of each item as one batch (an item's members share their prompt)."""
+    batches: dict[str, list[Row]] = {}
+    for row in rows:
+        batches.setdefault(row.item.uid, []).append(row)
+    return list(batches.values())
+
+
+@attrs.frozen(eq=False)
+class PopulationRows:
+    """One row per member of ``population [members, num_params]``, each item in its own batch."""
+
+    population: torch.Tensor
+    chunks: ChunkAlign = attrs.field(default="start", init=False)
+
+    def rows(self, item: Item, encoded: EncodedItem, label: str) -> list[Row]:
+        return _member_rows(item, encoded, label, self.population.shape[0])
+
+    def batches(self, rows: Sequence[Row]) -> list[list[Row]]:
+        return _per_item(rows)
+
+    @contextlib.contextmanager
+    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
+        population = check_population(policy, self.population)
+        prompt = batch[0].encoded.prompt_ids.expand(population.shape[0], -1).to(model.device)
+        with _population_loaded(policy, population), torch.inference_mode(), policy.attach(model) as handle:
+            handle.reset()
+            yield Prefilled(handle, handle.feed(prompt, chunk_size, last_only=True)[:, -1])
+
+
+@attrs.frozen(eq=False)
+class ForkedRows:
+    """Rows forked from the prefill ``prefill_for(row)`` returns for an item (make it once, keep it
+    in a `kvpolicy.eval.prefills.PrefillStore` across calls): one row, or one per member of
+    ``population``. ``evict=False`` forks the full cache of the same prefill (the reference)."""
+
+    prefill_for: Callable[[Row], Prefill]
+    population: torch.Tensor | None = None
+    evict: bool = True
+    chunks: ChunkAlign = attrs.field(default="start", init=False)
+
+    def rows(self, item: Item, encoded: EncodedItem, label: str) -> list[Row]:
+        return _member_rows(item, encoded, label, None if self.population is None else self.population.shape[0])
+
+    def batches(self, rows: Sequence[Row]) -> list[list[Row]]:
+        return _per_item(rows)
+
+    @contextlib.contextmanager
+    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
+        del chunk_size  # the shared prefill was chunked when it was made
+        shared = self.prefill_for(batch[0])
+        population = None if self.population is None else check_population(policy, self.population)
+        with (
+            _population_loaded(policy, population),
+            fork(shared, policy, model, len(batch), evict=self.evict) as handle,
+        ):
+            yield Prefilled(handle, shared.last_logits.expand(len(batch), -1), seconds=shared.seconds)

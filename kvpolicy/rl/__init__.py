@@ -7,7 +7,7 @@ parts only: a MuJoCo task whose reward depends on a cue shown early (`envs`), a 
 linear controller that makes random / medium / expert data (`controllers`, `data`), a small
 Decision Transformer on a tiny Llama fed ``inputs_embeds`` (`model`, `train`), rollouts that decode
 one timestep at a time through an evicting cache (`rollout`) and the evaluation of every policy
-(`evaluate`). ``python -m kvpolicy.rl --help`` lists the commands.
+(`evaluate_control`). ``python -m kvpolicy.rl --help`` lists the commands.
 
 Nothing in kvpolicy's core imports this package; it needs ``pip install "kvpolicy[rl]"``
 (gymnasium with MuJoCo).

@@ -71,13 +71,13 @@ def _make(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from kvpolicy.rl.evaluate import PolicySpec, default_specs, evaluate, markdown_table, plot
+    from kvpolicy.rl.control_eval import ControlVariant, default_variants, evaluate_control, markdown_table, plot
     from kvpolicy.rl.model import DecisionTransformer
 
     model = DecisionTransformer.load(args.model)
-    specs = [PolicySpec.parse(p) for p in args.policy] if args.policy else default_specs()
+    variants = [ControlVariant.parse(p) for p in args.policy] if args.policy else default_variants()
     out = Path(args.out)
-    summary = evaluate(model, specs, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True))
+    summary = evaluate_control(model, variants, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True))
     table = markdown_table(summary)
     atomic_write_text(out / "summary.md", table)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

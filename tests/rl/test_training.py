@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvpolicy.integrations.hf.attach import cache_keyword  # noqa: E402
-from kvpolicy.rl.evaluate import PolicySpec  # noqa: E402
+from kvpolicy.rl.control_eval import ControlVariant  # noqa: E402
 from kvpolicy.rl.model import TOKENS_PER_STEP, DecisionTransformer, DecisionTransformerConfig  # noqa: E402
 from kvpolicy.rl.train import TrainConfig, sample_timesteps  # noqa: E402
 
@@ -57,5 +57,5 @@ def test_cut_sequence_sees_what_a_rollout_that_evicted_the_gap_sees():
 
 @pytest.mark.parametrize("text", ["full", "full:hide-cue", "h2o@128", "namm-bam-smollm2@25%:hide-cue"])
 def test_policy_spec_labels_parse_back(text):
-    assert PolicySpec.parse(text).label == text
-    assert PolicySpec.parse("full:hide-cue") == PolicySpec("full", None, hide_cue=True)
+    assert ControlVariant.parse(text).label == text
+    assert ControlVariant.parse("full:hide-cue") == ControlVariant("full", None, hide_cue=True)

@@ -39,7 +39,7 @@ STREAMING_EVERY = 64
 
 
 @attrs.frozen
-class PolicySpec:
+class ControlVariant:
     """A preset at one budget (``None``: the preset's own); ``hide_cue``: the model never sees
     the cue (the control that measures what the cue is worth, see `rollout`)."""
 
@@ -56,11 +56,11 @@ class PolicySpec:
 
     @property
     def curve(self) -> str:
-        """The plot's curve this spec belongs to."""
+        """The plot's curve this variant belongs to."""
         return self.preset + (HIDE_CUE_SUFFIX if self.hide_cue else "")
 
     @classmethod
-    def parse(cls, text: str) -> PolicySpec:
+    def parse(cls, text: str) -> ControlVariant:
         """``preset``, ``preset@256``, ``preset@25%``, each optionally ending in ``:hide-cue``."""
         hide_cue = text.endswith(HIDE_CUE_SUFFIX)
         text = text.removesuffix(HIDE_CUE_SUFFIX)
@@ -87,12 +87,12 @@ TOKEN_PRESETS = ("h2o", "tova", "l2", "snapkv", "streaming_llm", "random")
 RATIO_PRESETS = ("snapkv-span", "namm-bam-smollm2")
 
 
-def default_specs(token_budgets: Iterable[int] = TOKEN_BUDGETS, ratios: Iterable[float] = RATIO_BUDGETS) -> list:
+def default_variants(token_budgets: Iterable[int] = TOKEN_BUDGETS, ratios: Iterable[float] = RATIO_BUDGETS) -> list:
     """The full cache, every reference preset at each token budget, the ratio presets at each ratio."""
-    specs = [PolicySpec("full"), PolicySpec("full", hide_cue=True)]
-    specs += [PolicySpec(p, b) for p in TOKEN_PRESETS for b in token_budgets]
-    specs += [PolicySpec(p, float(r)) for p in RATIO_PRESETS for r in ratios]
-    return specs
+    variants = [ControlVariant("full"), ControlVariant("full", hide_cue=True)]
+    variants += [ControlVariant(p, b) for p in TOKEN_PRESETS for b in token_budgets]
+    variants += [ControlVariant(p, float(r)) for p in RATIO_PRESETS for r in ratios]
+    return variants
 
 
 class EpisodeStore:
@@ -132,30 +132,30 @@ def cue_for(seed: int) -> int:
     return 1 if seed % 2 == 0 else -1
 
 
-def evaluate(
+def evaluate_control(
     model: DecisionTransformer,
-    specs: list[PolicySpec],
+    variants: list[ControlVariant],
     seeds: int,
     out: Path,
     *,
     steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every spec on episodes ``0 .. seeds-1`` (resuming from ``out/results.jsonl``) and
-    return one summary row per spec."""
+    """Run every variant on episodes ``0 .. seeds-1`` (resuming from ``out/results.jsonl``) and
+    return one summary row per variant."""
     store = EpisodeStore(Path(out) / "results.jsonl")
     references = model.metadata["reference_returns"]
-    for spec in specs:
-        policy = spec.build()
+    for variant in variants:
+        policy = variant.build()
         for seed in range(seeds):
-            if store.done(spec.label, seed):
+            if store.done(variant.label, seed):
                 continue
-            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps, hide_cue=spec.hide_cue)
+            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps, hide_cue=variant.hide_cue)
             row = {
-                "policy": spec.label,
-                "preset": spec.preset,
-                "budget": spec.budget,
-                "hide_cue": spec.hide_cue,
+                "policy": variant.label,
+                "preset": variant.preset,
+                "budget": variant.budget,
+                "hide_cue": variant.hide_cue,
                 "seed": seed,
                 "cue": result.cue,
                 "return": result.episode_return,
@@ -166,30 +166,30 @@ def evaluate(
             }
             store.add(row)
             log(
-                f"{spec.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
+                f"{variant.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
                 f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}"
             )
-    return summarise(store.rows.values(), specs)
+    return summarise(store.rows.values(), variants)
 
 
-def summarise(rows: Iterable[dict[str, Any]], specs: list[PolicySpec]) -> list[dict[str, Any]]:
-    """Per spec: mean ± standard error of the normalised return, mean cache kept, cue recalled."""
+def summarise(rows: Iterable[dict[str, Any]], variants: list[ControlVariant]) -> list[dict[str, Any]]:
+    """Per variant: mean ± standard error of the normalised return, mean cache kept, cue recalled."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_label.setdefault(row["policy"], []).append(row)
     summary = []
-    for spec in specs:
-        runs = by_label.get(spec.label, [])
+    for variant in variants:
+        runs = by_label.get(variant.label, [])
         if not runs:
             continue
         scores = np.array([r["normalised"] for r in runs])
         sem = float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
         summary.append(
             {
-                "policy": spec.label,
-                "preset": spec.preset,
-                "curve": spec.curve,
-                "budget": spec.budget,
+                "policy": variant.label,
+                "preset": variant.preset,
+                "curve": variant.curve,
+                "budget": variant.budget,
                 "episodes": len(runs),
                 "normalised": float(scores.mean()),
                 "sem": sem,

@@ -108,7 +108,12 @@ def test_nan_on_a_padded_slot_is_ignored():
     def nan_on_padding(scores, v):
         return scores.masked_fill(v.positions < 0, float("nan"))
 
-    _plan(_policy(PlantedScorer(nan_on_padding)), view)
+    clean = _plan(_policy(PlantedScorer(lambda scores, v: scores)), view)
+    planted = _plan(_policy(PlantedScorer(nan_on_padding)), view)
+    kept = planted.indices.masked_fill(~planted.valid, -1) if planted.valid is not None else planted.indices
+    chosen_positions = view.positions.gather(-1, kept.clamp(min=0))
+    assert bool((chosen_positions[kept >= 0] >= 0).all())  # no padded slot is ever kept
+    assert torch.equal(planted.indices, clean.indices)  # the NaN on padding changed nothing
 
 
 def test_padded_selection_slots_may_point_at_zero():

@@ -1,8 +1,8 @@
-"""Calibration: an extractor's frozen normalisation statistics, collected while a policy runs.
+"""Calibration: an extractor's frozen normalisation moments, collected while a policy runs.
 
-NAMM's spectrogram features are z-scored per bin with statistics collected once, by running the
+NAMM's spectrogram features are z-scored per bin with moments (mean, variance) collected once, by running the
 zero policy (all parameters 0, so nothing is evicted), and then frozen (Cetin et al. 2024). Any
-extractor that declares `kvpolicy.types.Calibrated` can be calibrated the same way; the statistics
+extractor that declares `kvpolicy.types.Calibrated` can be calibrated the same way; the moments
 are its buffers, saved with the policy. Both `kvpolicy.calibrate` users — a user with a model and
 prompts, and an evolution run's calibration job — go through `calibrate`.
 """
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def calibrates(policy: Policy) -> bool:
-    """Whether the policy's extractor has statistics to calibrate (`Calibrated`)."""
+    """Whether the policy's extractor has normalisation moments to calibrate (`Calibrated`)."""
     return isinstance(policy.extractor, Calibrated)
 
 
@@ -35,7 +35,7 @@ def calibrate(
     run: Callable[[Policy, Any, Any], Any] | None = None,
     **generate_kwargs: Any,
 ) -> int:
-    """Collect the extractor's normalisation statistics by running ``policy`` over ``inputs``, then
+    """Collect the extractor's normalisation moments by running ``policy`` over ``inputs``, then
     freeze them. Returns the number of inputs run.
 
     The policy runs with ``params`` (default: zeros, the zero policy that keeps every token); its
@@ -46,7 +46,7 @@ def calibrate(
     extractor = policy.extractor
     if not isinstance(extractor, Calibrated):
         raise InvalidConfigError(
-            f"extractor {extractor.name!r} has no calibration statistics; calibrate works with 'stft'"
+            f"extractor {extractor.name!r} has no normalisation moments to calibrate; calibrate works with 'stft'"
         )
     if run is None:
         generate_kwargs.setdefault("max_new_tokens", 1)

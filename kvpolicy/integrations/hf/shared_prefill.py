@@ -213,7 +213,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
     cache = shared.cache.copy()
     with torch.inference_mode(), policy.attach(model) as handle:
         attachment = handle._attachment
-        if not attachment._own(cache):
+        if not attachment.owns(cache):
             raise InvalidConfigError(
                 "this prefill was made for a policy with other requirements or managed layers; make the prefill with "
                 "the policy you fork"

@@ -1,7 +1,7 @@
 """A hypothesis state machine driving a real evicting cache under a policy.
 
 `cache_machine(...)` builds a `RuleBasedStateMachine` that attaches a policy to a tiny
-random-weight model (`kvpolicy.testing.tiny`) and runs prefill chunks, decode steps and resets in
+random-weight model (`kvpolicy.integrations.hf.tiny`) and runs prefill chunks, decode steps and resets in
 drawn orders; the batch's rows may start with drawn left padding (a left-padded batch, each
 row counting and evicting its own tokens). After every step it checks, on every layer the
 policy manages and for every row:

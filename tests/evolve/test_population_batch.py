@@ -20,8 +20,7 @@ from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig, FitnessConfig
 from kvpolicy.evolve.runner import Evolution
-from kvpolicy.integrations.hf.tiny import byte_tokenizer
-from kvpolicy.testing.tiny import tiny_model
+from kvpolicy.integrations.hf.tiny import byte_tokenizer, tiny_model
 
 EVERY = 128
 

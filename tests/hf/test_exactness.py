@@ -1,5 +1,5 @@
 """Decoding over an evicted cache equals a full recompute in which every query sees exactly the
-tokens its layer and head still held (`kvpolicy.integrations.hf.reference`), to float tolerance."""
+tokens its layer and head still held (`kvpolicy.testing.reference`), to float tolerance."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hf_helpers import RandomScorer, streaming
 
 import kvpolicy
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 from kvpolicy.types import Schedule
 
 TOLERANCE = 1e-4

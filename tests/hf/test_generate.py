@@ -8,7 +8,7 @@ import torch
 from hf_helpers import RecordingExtractor, greedy_loop, streaming
 
 import kvpolicy
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 from kvpolicy.types import Schedule
 
 

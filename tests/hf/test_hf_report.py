@@ -5,7 +5,7 @@ from __future__ import annotations
 from hf_helpers import streaming
 
 import kvpolicy
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 
 def test_report_counts_bytes_and_tokens(llama):

@@ -6,7 +6,7 @@ import torch
 from hf_helpers import streaming
 
 import kvpolicy
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 
 def test_full_policy_gives_identical_logits_and_tokens(family_model):

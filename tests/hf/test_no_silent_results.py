@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 import kvpolicy
 from kvpolicy.errors import AttachError, BudgetOverriddenWarning, KVPolicyWarning
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 NEW = 5
 

@@ -12,7 +12,7 @@ import torch
 import kvpolicy
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.search_space import parameter_layout
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy_plugins.namm import EVOLVED_SMOLLM2, EVOLVED_VOTES_KERNELS, evolved_config
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "namm-smollm2"

@@ -8,8 +8,8 @@ import torch
 
 import kvpolicy
 from kvpolicy import calibrate
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 
 PAPER_SIGMA = 0.065  # CMA-ES initial step size of the paper: a plausible first-generation member
 

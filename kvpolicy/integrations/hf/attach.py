@@ -16,20 +16,22 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 from kvpolicy import native
 from kvpolicy.errors import AttachError, InvalidConfigError, ShapeError, UnsupportedModelError
 from kvpolicy.integrations.hf.attention import (
     SUPPORTED_IMPLEMENTATIONS,
     AttentionRoute,
+    is_registered,
     make_attention_function,
     make_mask_function,
+    register_functions,
+    unregister_functions,
 )
 from kvpolicy.integrations.hf.cache import EvictingCache, layer_types
 from kvpolicy.integrations.hf.generate import GenerationResult, cache_keyword, generate_on_cache, given_cache
@@ -51,10 +53,18 @@ def _on_cpu(model: torch.nn.Module) -> bool:
 class Attachment(AbstractContextManager):
     """One policy attached to one model (see the module docstring). ``__enter__`` returns a `Handle`."""
 
-    def __init__(self, model: torch.nn.Module, policy: Any, family: str, statistics: str = "in_pass") -> None:
-        #: what the attention function reads (named and pointed at a cache while attached);
-        #: ``statistics``: how attention statistics are computed (`attention.STATISTICS_PATHS`)
-        self.route = AttentionRoute("", "", statistics)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: Any,
+        family: str,
+        attention: Callable[[AttentionRoute], Callable[..., Any]] = make_attention_function,
+    ) -> None:
+        #: what the attention function reads (named and pointed at a cache while attached)
+        self.route = AttentionRoute("", "")
+        #: makes the attention function registered for the route (the test kit's recompute
+        #: reference, `kvpolicy.testing.recompute`, passes its own)
+        self.make_attention = attention
         self.model = model
         self.policy = policy
         self.family = family
@@ -130,12 +140,11 @@ class Attachment(AbstractContextManager):
                     f"attn_implementation in {SUPPORTED_IMPLEMENTATIONS}"
                 )
             name = f"kvpolicy_{next(_NAMES)}"
-            while name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping:
+            while is_registered(name):
                 name = f"kvpolicy_{next(_NAMES)}"
             self.route.name, self.route.implementation = name, implementation
             _ATTACHED[self.model] = self
-        AttentionInterface.register(name, make_attention_function(self.route))
-        AttentionMaskInterface.register(name, make_mask_function(self.route))
+        register_functions(name, self.make_attention(self.route), make_mask_function(self.route))
         self._saved_implementations = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self._configs()]
         self.model.config._attn_implementation = name
         self._hooks = [
@@ -172,8 +181,7 @@ class Attachment(AbstractContextManager):
         self._hooks = []
         for config, value in self._saved_implementations:
             config.__dict__["_attn_implementation_internal"] = value
-        AttentionInterface._global_mapping.pop(self.route.name, None)
-        AttentionMaskInterface._global_mapping.pop(self.route.name, None)
+        unregister_functions(self.route.name)
         if self._wraps_generate and self._had_generate:
             self.model.generate = self._original_generate
         elif self._wraps_generate:

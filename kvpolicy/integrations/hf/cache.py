@@ -4,8 +4,8 @@ Its layers are `EvictingLayer`s (`kvpolicy.integrations.hf.layer`: keys, values,
 per-token state kept together) and, for sliding-window layers, transformers' own
 `DynamicSlidingWindowLayer`. The cache hands each forward call its tokens' absolute positions
 (`begin_forward`), appends keys and values through transformers' ``cache.update`` (only an
-*append*, never an eviction), takes the statistics the attention function records
-(`record_in_pass`, `record_for_recompute`) and runs the eviction pass between forward calls
+*append*, never an eviction), keeps the statistics the attention pass computed
+(`record_in_pass`) and runs the eviction pass between forward calls
 (`eviction_pass`, see `kvpolicy.integrations.hf.eviction`).
 
 ``get_seq_length()`` stays *physical* (the tokens actually stored): transformers sizes masks and
@@ -24,7 +24,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer
 
 from kvpolicy.errors import ShapeError, UnsupportedModelError, UnsupportedPaddingError
-from kvpolicy.integrations.hf import statistics
 from kvpolicy.integrations.hf.eviction import due_rows, evict_rows
 from kvpolicy.integrations.hf.layer import PADDED_POSITION, EvictingLayer
 from kvpolicy.integrations.hf.layer_view import layer_view
@@ -177,23 +176,6 @@ class EvictingCache(DynamicCache):
         if rows is not None:
             layer.add_rows(rows, self._pending_positions[:, -rows.shape[2] :], self.requirements.attention_window)
         if columns is not None:
-            layer.add_accumulated(columns)
-
-    def record_for_recompute(
-        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None
-    ) -> None:
-        """The ``recompute`` statistics path: keep the newest queries (their attention rows are
-        computed at the eviction pass) and add the attention received, from a second pass."""
-        layer = self.layers[layer_idx]
-        requirements = self.requirements
-        new = query.shape[2]
-        layer.scaling, layer.softcap = scaling, softcap
-        if requirements.attention_window:
-            layer.remember_queries(query, self._pending_positions[:, -new:], requirements.attention_window)
-        if requirements.accumulated_attention:
-            columns = statistics.attention_columns(
-                query.detach(), key.detach(), layer.valid, scaling=scaling, softcap=softcap
-            )
             layer.add_accumulated(columns)
 
     # ----------------------------------------------------------------- the eviction pass

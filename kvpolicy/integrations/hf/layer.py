@@ -74,10 +74,6 @@ class EvictingLayer(DynamicLayer):
         self.accumulated: torch.Tensor | None = None  # [batch, kv_heads, tokens] float32, when required
         self.state: dict[str, torch.Tensor] = {}
         self.window: AttentionWindow | None = None  # attention rows of the newest queries (in-pass)
-        self.queries: torch.Tensor | None = None  # [batch, heads, queries, head_dim] newest queries (recompute)
-        self.query_positions: torch.Tensor | None = None  # [batch, queries] int64 (recompute; -1 padded)
-        self.scaling: float = 1.0
-        self.softcap: float | None = None
         #: per batch row (int64, on the CPU): tokens seen (padding excluded), tokens since the
         #: row's last eviction pass, eviction passes run; None before the first append
         self.row_seen: torch.Tensor | None = None
@@ -142,16 +138,6 @@ class EvictingLayer(DynamicLayer):
             self.window = AttentionWindow(window)
         self.window = self.window.append(rows, positions.to(rows.device))
 
-    def remember_queries(self, queries: torch.Tensor, positions: torch.Tensor, window: int) -> None:
-        """Keep the ``window`` newest queries since the last update (the ``recompute`` statistics
-        path computes their attention rows at update time: the keys they saw are all still cached)."""
-        queries = queries.detach()[:, :, -window:]
-        positions = positions[:, -window:].to(queries.device)
-        if self.queries is not None:
-            queries = torch.cat([self.queries, queries], 2)[:, :, -window:]
-            positions = torch.cat([self.query_positions, positions], 1)[:, -window:]
-        self.queries, self.query_positions = queries, positions
-
     def add_accumulated(self, columns: torch.Tensor) -> None:
         """Add ``[batch, kv_heads, tokens]`` attention received (the cache's current tokens)."""
         if self.accumulated is None:
@@ -201,7 +187,6 @@ class EvictingLayer(DynamicLayer):
             self.row_updates = self.row_updates + done.long()
             self.row_new = self.row_new.masked_fill(done, 0)
         if not bool(self.row_new.any()):
-            self.queries = self.query_positions = None
             self.window = None
         if policy is not None:
             self.finished = not policy.will_run_again(updates=int(self.row_updates.min()))
@@ -275,7 +260,7 @@ class EvictingLayer(DynamicLayer):
         )
 
     _BATCHED = (
-        "keys", "values", "positions", "token_ids", "valid", "accumulated", "queries", "query_positions",
+        "keys", "values", "positions", "token_ids", "valid", "accumulated",
         "row_seen", "row_new", "row_updates",
     )  # fmt: skip
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.errors import ShapeError
-from kvpolicy.integrations.hf import statistics
 from kvpolicy.integrations.hf.layer import EvictingLayer, check_state, expand_index, gather_tokens, valid_first
 from kvpolicy.types import LayerView, Requirements, extend_tokens
 
@@ -58,17 +57,6 @@ def layer_view(
         if order is not None:
             attention = attention.gather(3, order.unsqueeze(2).expand(-1, -1, attention.shape[2], -1))
         view.attention, view.query_positions = attention, pick(recent.query_positions)[0]
-    elif window and layer.queries is not None:
-        view.attention = statistics.attention_rows(
-            pick(layer.queries)[:, :, -window:],
-            pick(layer.query_positions)[:, -window:],
-            arrange(layer.keys),
-            view.positions,
-            None if valid is None else (valid if order is None else valid.gather(2, order)),
-            scaling=layer.scaling,
-            softcap=layer.softcap,
-        )
-        view.query_positions = pick(layer.query_positions)[0, -window:]
     if requirements.accumulated_attention:
         accumulated = layer.accumulated
         if accumulated is None:

@@ -29,6 +29,7 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.attach import Handle
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.policy import Policy
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
 
@@ -120,10 +121,6 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             continue
         window = wanted.attention_window
         layer.window = layer.window.last(window) if window and layer.window is not None else None
-        if window and layer.queries is not None:  # the recompute path's stored queries
-            layer.queries, layer.query_positions = layer.queries[:, :, -window:], layer.query_positions[-window:]
-        else:
-            layer.queries = layer.query_positions = None
         if not wanted.accumulated_attention:
             layer.accumulated = None
         if not wanted.token_ids:
@@ -138,7 +135,7 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             if index not in policy.skip_layers:
                 features[index] = policy.extract(view)
             layer.state = view.state
-            layer.queries = layer.query_positions = layer.window = None  # turned into features; not kept
+            layer.window = None  # turned into features; not kept
     elapsed = time.perf_counter() - start
     cache.policy_seconds += elapsed
     return Prefill(cache, features, last_logits, cache.seen, seconds + elapsed)
@@ -172,8 +169,6 @@ class _Recorder:
 def _recording_policy(requirements: Requirements) -> Any:
     """A policy that records ``requirements`` on every full-attention layer and never runs a pass
     on its own (eviction is deferred while it records)."""
-    from kvpolicy.policy import Policy
-
     return Policy(_Recorder(requirements), "feature", "threshold", schedule=Schedule("after_prefill"))
 
 

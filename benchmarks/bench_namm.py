@@ -148,7 +148,7 @@ def main() -> None:
             "wall_ratio_vs_keep_all": run["wall"] / base["wall"],
             "cpu_ratio_vs_keep_all": run["cpu"] / base["cpu"],
             "kept_fraction": report.kept_fraction,
-            "updates": report.updates,
+            "updates": report.eviction_passes,
             "policy_wall_seconds": report.policy_seconds,
             "pieces_cpu_seconds": pieces,
         }

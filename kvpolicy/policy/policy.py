@@ -175,32 +175,32 @@ class Policy:
 
     # ----------------------------------------------------------------- runtime
 
-    def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, updates: int) -> bool:
+    def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, passes_done: int) -> bool:
         """Whether a layer is due for its eviction pass now (called between forward calls).
 
         ``new_tokens`` entered since the last eviction pass, ``cached`` are in the layer now, ``seen``
-        entered in all, ``prefill_done`` is true once the prompt has been consumed, ``updates``
+        entered in all, ``prefill_done`` is true once the prompt has been consumed, ``passes_done``
         counts this layer's earlier eviction passes.
         """
         kind = self.schedule.kind
         if kind == "never" or new_tokens <= 0:
             return False
         if kind == "after_prefill":
-            return prefill_done and updates == 0
+            return prefill_done and passes_done == 0
         if kind == "every_n":
             return new_tokens >= self.schedule.every
         capacity = self.budget.capacity(seen)
         return capacity is None or cached > capacity + self.schedule.slack
 
-    def will_run_again(self, *, updates: int) -> bool:
-        """Whether a layer that has had ``updates`` eviction passes can still be due for another
+    def will_run_again(self, *, passes_done: int) -> bool:
+        """Whether a layer that has had ``passes_done`` eviction passes can still be due for another
         (`is_due`): false for ``never`` and, after its one pass, for ``after_prefill``. Once false,
         the forward pass need not record that layer's statistics any more."""
         kind = self.schedule.kind
         if kind == "never":
             return False
         if kind == "after_prefill":
-            return updates == 0
+            return passes_done == 0
         return True
 
     def protected_mask(self, view: LayerView) -> torch.Tensor:
@@ -265,7 +265,7 @@ class Policy:
         if padded is not None:
             pooled = pooled.masked_fill(padded, float("-inf"))
         # padded slots are -inf now, so a NaN anywhere is on a cached token; the max propagates
-        # NaN, one reduction instead of a mask (this runs on every update)
+        # NaN, one reduction instead of a mask (this runs on every eviction pass)
         if pooled.numel() and bool(torch.isnan(pooled.amax())):
             check_no_nan(pooled, padded, view, where)
         return pooled

@@ -82,8 +82,8 @@ def attention_columns(
 ) -> torch.Tensor:
     """``[batch, kv_heads, tokens]`` attention each cached token received from this call's queries.
 
-    ``keys`` hold the cached tokens followed by the ``queries``' own tokens (as `cache.update`
-    returns them); ``valid [batch, kv_heads, past]`` masks padded slots of the cached part.
+    ``keys`` hold the cached tokens followed by the ``queries``' own tokens (as transformers'
+    `cache.update` appends and returns them); ``valid [batch, kv_heads, past]`` masks padded slots of the cached part.
     """
     batch, heads, n_queries, _ = queries.shape
     tokens = keys.shape[2]

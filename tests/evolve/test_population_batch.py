@@ -2,7 +2,7 @@
 run of that member alone gives, and the evolution runner's ``population_batch`` option with it.
 
 Tiny random-weight Llama, NAMM-BAM (stft → bam → threshold) updating every 128 tokens on a
-needle item of 1,248 byte tokens, so each member goes through nine updates."""
+needle item of 1,248 byte tokens, so each member goes through nine eviction passes."""
 
 from __future__ import annotations
 

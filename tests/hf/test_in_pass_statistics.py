@@ -210,7 +210,7 @@ def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mo
                 steps.append(handle.feed(ids[:, step : step + 1]))
                 cache = handle.cache
                 layers = [cache.layers[index] for index in cache.managed]
-                assert layers and all(layer.updates == 1 for layer in layers)
+                assert layers and all(layer.eviction_passes == 1 for layer in layers)
                 recorded.append(
                     any(layer.window is not None for layer in layers)
                     or any(cache.records_statistics(index) for index in cache.managed)
@@ -221,7 +221,7 @@ def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mo
     logits, recorded, report = run()
     assert report.kept_fraction < 1.0, "the run must really evict"
     assert not any(recorded)
-    monkeypatch.setattr(kvpolicy.Policy, "will_run_again", lambda self, *, updates: True)
+    monkeypatch.setattr(kvpolicy.Policy, "will_run_again", lambda self, *, passes_done: True)
     still_recording, recorded, reference = run()
     assert all(recorded), "the reference run records on every decode step"
     torch.testing.assert_close(logits, still_recording, atol=TOLERANCE, rtol=0)

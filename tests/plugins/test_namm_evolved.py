@@ -60,7 +60,7 @@ def test_it_keeps_the_configured_share_of_any_model(ratio):
     policy = kvpolicy.build("namm-bam-smollm2", budget=ratio)
     ids = random_ids(1, 600, seed=1)
     out = policy.generate(model, {"input_ids": ids}, max_new_tokens=4, do_sample=False, prefill_chunk_size=256)
-    assert out.report.updates == 1  # once, after the whole prompt
+    assert out.report.eviction_passes == 1  # once, after the whole prompt
     assert out.report.kept_fraction == pytest.approx(ratio, abs=0.02)
 
 

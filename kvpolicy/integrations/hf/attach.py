@@ -114,7 +114,7 @@ class Attachment(AbstractContextManager):
                 "use_cache=False: generate ran without a cache, so the policy kept and evicted nothing "
                 "(exactly the bare model's logits); the figures describe an empty cache"
             )
-        elif self.cache is not None and self.cache.updates and self.policy.schedule.kind != "never":
+        elif self.cache is not None and self.cache.eviction_passes and self.policy.schedule.kind != "never":
             note = budget_override_note(self.policy.budget, self.policy.protect, self.cache.fewest_tokens)
             if note:
                 notes.append(note)

@@ -86,7 +86,7 @@ class EvictingCache(DynamicCache):
         self.seen = 0
         #: absolute index at which the current prompt ends (None: every forward completes its input)
         self.prompt_end: int | None = None
-        self.updates = 0
+        self.eviction_passes = 0
         self.policy_seconds = 0.0
         #: tokens each batch row has seen ([batch] int64, CPU; padding excluded); ``seen`` counts columns
         self.row_seen: torch.Tensor | None = None
@@ -207,7 +207,7 @@ class EvictingCache(DynamicCache):
                     evict_rows(self.layers[index], policy, index, self.num_layers, self.requirements, groups)
                     ran = True
         self.policy_seconds += time.perf_counter() - start
-        self.updates += int(ran)
+        self.eviction_passes += int(ran)
 
     def copy(self) -> EvictingCache:
         """A copy that can be filled and evicted without touching this cache: layers and their
@@ -251,7 +251,7 @@ class EvictingCache(DynamicCache):
         self.seen = 0
         self.row_seen = self.column_valid = None
         self.prompt_end = None
-        self.updates = 0
+        self.eviction_passes = 0
         self.policy_seconds = 0.0
 
     def crop(self, tokens_to_remove: int) -> None:

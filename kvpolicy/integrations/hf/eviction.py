@@ -23,15 +23,17 @@ def due_rows(layer: Any, policy: Any, prefill_done: bool) -> list[list[int]]:
     `Schedule`), grouped by their counters: a group is planned as one batch."""
     if not isinstance(layer, EvictingLayer) or layer.positions is None:
         return []
-    counters = list(zip(layer.row_seen.tolist(), layer.row_new.tolist(), layer.row_updates.tolist(), strict=True))
+    counters = list(zip(layer.row_seen.tolist(), layer.row_new.tolist(), layer.row_passes.tolist(), strict=True))
     cached = layer.cached_rows()
     groups: dict[tuple[int, int, int], list[int]] = {}
     if len(set(counters)) == 1 and len(set(cached)) == 1:  # the usual case: one decision for all rows
         counters, cached = counters[:1], cached[:1]
-    for row, ((seen, new, updates), tokens) in enumerate(zip(counters, cached, strict=True)):
-        due = policy.is_due(new_tokens=new, cached=tokens, seen=seen, prefill_done=prefill_done, updates=updates)
+    for row, ((seen, new, passes_done), tokens) in enumerate(zip(counters, cached, strict=True)):
+        due = policy.is_due(
+            new_tokens=new, cached=tokens, seen=seen, prefill_done=prefill_done, passes_done=passes_done
+        )
         if due:
-            groups.setdefault((seen, new, updates), []).append(row)
+            groups.setdefault((seen, new, passes_done), []).append(row)
     if len(counters) == 1 and groups:
         return [list(range(layer.batch))]
     return list(groups.values())

@@ -95,7 +95,7 @@ def generate_on_cache(attachment: Any, original_generate: Any, *args: Any, **kwa
     kwargs[cache_keyword(attachment.model)] = cache
     attachment.cache = cache
     output = original_generate(*args, **kwargs)
-    if cache.updates and attachment.policy.schedule.kind != "never":
+    if cache.eviction_passes and attachment.policy.schedule.kind != "never":
         note = budget_override_note(attachment.policy.budget, attachment.policy.protect, cache.fewest_tokens)
         if note:
             warnings.warn(note, BudgetOverriddenWarning, stacklevel=3)  # the caller of model.generate

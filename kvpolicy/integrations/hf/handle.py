@@ -82,7 +82,7 @@ class Handle:
         remainder): in a left-padded batch every row then sees the chunking it would see alone.
 
         ``evict=False`` records the statistics the policy needs but runs no eviction pass: the
-        update that was due is left for later (`kvpolicy.integrations.hf.shared_prefill` forks many
+        eviction pass that was due is left for later (`kvpolicy.integrations.hf.shared_prefill` forks many
         parameter rows from that point). ``last_only=True`` computes the logits of the last
         token only (``[batch, 1, vocab]``): a 2k-token prompt's full logits cost SmolLM2 a fifth
         of its forward pass."""

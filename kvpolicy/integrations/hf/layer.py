@@ -9,7 +9,7 @@ nothing ever goes out of step. Sliding-window layers stay transformers' own
 
 Left-padded batches: each row numbers its own tokens (a padded slot is stored at position -1 and
 ``valid`` False, never counted or scored) and keeps its own schedule counters
-(`EvictingLayer.row_seen`, ``row_new``, ``row_updates``). What the policy sees of a layer is
+(`EvictingLayer.row_seen`, ``row_new``, ``row_passes``). What the policy sees of a layer is
 built in `kvpolicy.integrations.hf.layer_view`; when a pass runs, in
 `kvpolicy.integrations.hf.eviction`.
 """
@@ -78,7 +78,7 @@ class EvictingLayer(DynamicLayer):
         #: row's last eviction pass, eviction passes run; None before the first append
         self.row_seen: torch.Tensor | None = None
         self.row_new: torch.Tensor | None = None
-        self.row_updates: torch.Tensor | None = None
+        self.row_passes: torch.Tensor | None = None
         #: which rows hold each `state` entry ([batch] bool): rows evict on their own schedules
         self.state_rows: dict[str, torch.Tensor] = {}
         self.finished = False  # the policy's schedule will never run another pass on this layer (any row)
@@ -121,14 +121,14 @@ class EvictingLayer(DynamicLayer):
         if counts is None:
             counts = torch.full((batch,), new, dtype=torch.long)
         if self.row_seen is None:
-            self.row_seen = self.row_new = self.row_updates = torch.zeros(batch, dtype=torch.long)
+            self.row_seen = self.row_new = self.row_passes = torch.zeros(batch, dtype=torch.long)
         self.row_seen = self.row_seen + counts
         self.row_new = self.row_new + counts
         return keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
         raise UnsupportedModelError(
-            "an EvictingLayer is filled through EvictingCache.update, which knows the absolute positions"
+            "an EvictingLayer is appended to through EvictingCache.update, which knows the absolute positions"
         )
 
     def add_rows(self, rows: torch.Tensor, positions: torch.Tensor, window: int) -> None:
@@ -163,9 +163,9 @@ class EvictingLayer(DynamicLayer):
         return 0 if self.positions is None else self.positions.shape[0]
 
     @property
-    def updates(self) -> int:
+    def eviction_passes(self) -> int:
         """Eviction passes run, by the row that ran the most."""
-        return 0 if self.row_updates is None else int(self.row_updates.max())
+        return 0 if self.row_passes is None else int(self.row_passes.max())
 
     def cached_rows(self) -> list[int]:
         """Tokens per head of each row for the schedule: the physical length, or the row's mean
@@ -179,17 +179,17 @@ class EvictingLayer(DynamicLayer):
         since its pass, forget the statistics; once ``policy`` can run no further pass on any row
         (`Policy.will_run_again`), mark the layer finished: its attention records nothing more."""
         if rows is None or len(rows) == self.batch:
-            self.row_updates = self.row_updates + 1
+            self.row_passes = self.row_passes + 1
             self.row_new = torch.zeros_like(self.row_new)
         else:
             done = torch.zeros(self.batch, dtype=torch.bool)
             done[rows] = True
-            self.row_updates = self.row_updates + done.long()
+            self.row_passes = self.row_passes + done.long()
             self.row_new = self.row_new.masked_fill(done, 0)
         if not bool(self.row_new.any()):
             self.window = None
         if policy is not None:
-            self.finished = not policy.will_run_again(updates=int(self.row_updates.min()))
+            self.finished = not policy.will_run_again(passes_done=int(self.row_passes.min()))
 
     # ----------------------------------------------------------------- eviction
 
@@ -261,7 +261,7 @@ class EvictingLayer(DynamicLayer):
 
     _BATCHED = (
         "keys", "values", "positions", "token_ids", "valid", "accumulated",
-        "row_seen", "row_new", "row_updates",
+        "row_seen", "row_new", "row_passes",
     )  # fmt: skip
 
     def _batch_apply(self, fn) -> None:

@@ -69,7 +69,7 @@ def check_shareable(policy: Any, chunk_size: int | None, prompt_tokens: int) -> 
     if kind == "after_prefill" or (single_forward and kind in ("every_step", "every_n")):
         if kind == "every_n" and prompt_tokens < policy.schedule.every:
             raise InvalidConfigError(
-                f"an every_n/{policy.schedule.every} policy does not update after a {prompt_tokens}-token prompt, "
+                f"an every_n/{policy.schedule.every} policy runs no eviction pass after a {prompt_tokens}-token prompt, "
                 "so there is no first eviction pass to fork from"
             )
         return
@@ -235,7 +235,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
                 layer.finish_pass(policy=policy)
         if rows > 1:
             cache.repeat_rows(rows)
-        cache.updates += int(evict)
+        cache.eviction_passes += int(evict)
         cache.policy_seconds += time.perf_counter() - start
         attachment.cache = cache
         attachment.deferring = not evict  # the full-cache reference never evicts, however long it decodes

@@ -10,7 +10,7 @@ interleaved runs of:
 - ``namm-bam zero, torch path``: the same without kvpolicy's native CPU kernels
   (`kvpolicy.native.disabled`): in-pass statistics and spectrogram as plain torch operations;
 - ``namm-bam zero, recompute``: the same with the reference statistics path (output from the
-  model's kernel, attention rows recomputed from the stored queries at update time);
+  model's kernel, statistics from a second pass: `kvpolicy.testing.recompute`);
 - ``namm-bam member``: one random member of a first CMA-ES generation (σ 0.065, the paper's
   initial step), which does evict and so also makes the model's attention cheaper.
 
@@ -46,6 +46,7 @@ PIECES = ("attention statistics", "stft", "scorer", "selection", "gather")
 @contextlib.contextmanager
 def timed_pieces(policy, totals: dict[str, float]) -> Iterator[None]:
     """Accumulate seconds spent in each piece of a policy update into ``totals``."""
+    from kvpolicy.integrations.hf import eviction
     from kvpolicy.integrations.hf.cache import EvictingLayer
 
     def wrap(owner, attribute: str, piece: str):
@@ -62,7 +63,7 @@ def timed_pieces(policy, totals: dict[str, float]) -> Iterator[None]:
         return owner, attribute, original
 
     patched = [
-        wrap(EvictingLayer, "view", "attention statistics"),
+        wrap(eviction, "layer_view", "attention statistics"),
         wrap(EvictingLayer, "gather", "gather"),
         wrap(policy.extractor, "extract", "stft"),
         wrap(policy.scorer, "score", "scorer"),
@@ -72,7 +73,7 @@ def timed_pieces(policy, totals: dict[str, float]) -> Iterator[None]:
         yield
     finally:
         for owner, attribute, original in reversed(patched):
-            if owner is EvictingLayer:
+            if owner is EvictingLayer or owner is eviction:
                 setattr(owner, attribute, original)
             else:
                 delattr(owner, attribute)  # the instance attribute hid the class's method
@@ -82,10 +83,12 @@ def prefill(model, policy, ids: torch.Tensor, chunk: int, statistics: str = "in_
     """Wall and CPU seconds to feed ``ids`` in chunks with ``policy`` attached, its report and the split."""
     from kvpolicy import native
     from kvpolicy.integrations.hf.adapter import HFAdapter
+    from kvpolicy.testing.recompute import attach_recomputing
 
     pieces: dict[str, float] = defaultdict(float)
     path = contextlib.nullcontext() if kernels else native.disabled()
-    with HFAdapter(model).attach(policy, statistics=statistics) as handle, timed_pieces(policy, pieces), path:
+    attachment = attach_recomputing(model, policy) if statistics == "recompute" else HFAdapter(model).attach(policy)
+    with attachment as handle, timed_pieces(policy, pieces), path:
         wall, cpu = time.perf_counter(), time.process_time()
         handle.feed(ids, chunk_size=chunk)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -145,7 +148,7 @@ def main() -> None:
             "wall_ratio_vs_keep_all": run["wall"] / base["wall"],
             "cpu_ratio_vs_keep_all": run["cpu"] / base["cpu"],
             "kept_fraction": report.kept_fraction,
-            "updates": report.updates,
+            "updates": report.eviction_passes,
             "policy_wall_seconds": report.policy_seconds,
             "pieces_cpu_seconds": pieces,
         }

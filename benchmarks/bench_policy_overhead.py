@@ -25,7 +25,8 @@ on the torch path they are tested against: the two runs side by side show what t
 ``statistics held`` is the largest amount of attention statistics the layers held at once (the
 rows of the newest queries and the received attention, all layers, just before an update):
 bounded by chunk × tokens per layer. ``--statistics recompute`` measures the reference path
-(output from the model's kernel, statistics from a second pass) instead of the in-pass one.
+(output from the model's kernel, statistics from a second pass: `kvpolicy.testing.recompute`)
+instead of the in-pass one.
 
     python benchmarks/bench_policy_overhead.py --tokens 2048
     python benchmarks/bench_policy_overhead.py --tokens 4096
@@ -47,6 +48,7 @@ from kvpolicy.integrations.hf.adapter import HFAdapter
 from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.models import load_model
 from kvpolicy.prompts import haystack
+from kvpolicy.testing.recompute import attach_recomputing
 from kvpolicy.types import Schedule
 
 POLICIES = ("full", "l2", "streaming_llm", "tova", "snapkv", "h2o", "fastgen", "namm-bam", "namm-mlp")
@@ -98,7 +100,7 @@ def _held(cache) -> int:
     for layer in cache.layers:
         window = getattr(layer, "window", None)
         total += window.nbytes if window is not None else 0
-        for name in ("queries", "accumulated"):
+        for name in ("accumulated",):
             tensor = getattr(layer, name, None)
             total += tensor.numel() * tensor.element_size() if tensor is not None else 0
     return total
@@ -108,7 +110,8 @@ def _measure_policy(policy, model, prompt, follow, chunk: int, mode: str) -> tup
     """Seconds of the chunked prefill (eviction passes included), of each decode step, and the most
     statistics held at once."""
     held = 0
-    with torch.inference_mode(), HFAdapter(model).attach(policy, statistics=mode) as handle:
+    attachment = attach_recomputing(model, policy) if mode == "recompute" else HFAdapter(model).attach(policy)
+    with torch.inference_mode(), attachment as handle:
         handle.reset()
         start = time.perf_counter()
         for part in prompt.split(chunk, dim=1):

@@ -136,7 +136,7 @@ def passes(args: argparse.Namespace, span: dict) -> None:
                     pooler.pool = _timed_call(type(pooler).pool.__get__(pooler), pooling)
                     with variants[label].attach(model) as handle, _timing_eviction(variants[label], spent):
                         handle.feed(ids, chunk_size=512)
-                        count = handle.cache.updates
+                        count = handle.cache.eviction_passes
                     del pooler.pool
                     times[label].append(spent[0])
                     if label == "with":

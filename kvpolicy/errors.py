@@ -59,7 +59,7 @@ class ShapeError(KVPolicyError, ValueError):
 
 
 class ContractError(KVPolicyError, ValueError):
-    """A component's output breaks its contract at run time (checked cheaply on every update,
+    """A component's output breaks its contract at run time (checked cheaply on every eviction pass,
     because a silently wrong cache is worse than a loud failure)."""
 
 

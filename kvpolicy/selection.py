@@ -57,7 +57,7 @@ def pool_neighbours(scores: torch.Tensor, kernel: int, mode: str, padded: torch.
     ``max`` is one ``max_pool1d``. ``avg`` divides each window's sum by its count of real tokens
     (the cache's ends and padded slots do not count). Window sums are built in float64 from
     shifted sums of widths 1, 2, 4, ... (`_window_sums`: ~2·log2(kernel) elementwise adds; a
-    convolution costs more than the rest of an update on a CPU). Each window is summed from its
+    convolution costs more than the rest of an eviction pass on a CPU). Each window is summed from its
     own scores only, never as a difference of prefix sums, so the float-max stand-ins for ±inf
     cancel exactly and never swamp other windows: the result equals a float64 convolution.
     """

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from kvpolicy.evolve.config import EvolveConfig, StageConfig
 from kvpolicy.evolve.executors import Executor, make_executor
 from kvpolicy.evolve.fitness import population_fitness, to_loss
 from kvpolicy.evolve.jobs import VALIDATION, Job, JobResult, Workload
+from kvpolicy.evolve.reference_scores import ReferenceScores
 from kvpolicy.evolve.state import (
     PartialGeneration,
     RunState,
@@ -96,7 +97,7 @@ class Evolution:
                     f"a stage asks for {stage.items} items per generation but train_pool has only {config.train_pool}"
                 )
         self.registry.spec("optimizer", config.optimizer.name)  # unknown name → clear error before any work
-        self._references: dict[str, float] = {}
+        self._references = ReferenceScores(self._path(REFERENCES), config.fitness.metric)
 
     # ----------------------------------------------------------------- paths & state
 
@@ -134,20 +135,6 @@ class Evolution:
         atomic_write_text(self._path("config.json"), json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         return self._new_state()
 
-    def _load_references(self) -> None:
-        path = self._path(REFERENCES)
-        if not path.exists():
-            return
-        try:
-            self._references = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"{path} is corrupt ({exc}); delete it to recompute the full-cache references"
-            ) from exc
-
-    def _reference_key(self, task: str, split: str, length: int, seed: int) -> str:
-        return f"{task}|{split}|{length}|{seed}|{self.config.fitness.metric}"
-
     # ----------------------------------------------------------------- items
 
     def _train_seeds(self, generation: int, task_index: int, stage: StageConfig) -> tuple[int, ...]:
@@ -170,26 +157,6 @@ class Evolution:
         if self._executor is None:
             self._executor = make_executor(self.config, self.workload)
         return self._executor
-
-    def _ensure_references(self, wanted: Sequence[tuple[str, str, int, tuple[int, ...]]]) -> None:
-        """Compute (once, then cached on disk) the full-cache score of every item in ``wanted``."""
-        jobs = []
-        for task, split, length, seeds in wanted:
-            missing = tuple(s for s in seeds if self._reference_key(task, split, length, s) not in self._references)
-            if missing:
-                jobs.append(Job(len(jobs), "evaluate", task, split, length, missing))
-        if not jobs:
-            return
-        for index, result in self.executor.map(jobs):
-            job = jobs[index]
-            for seed, score in zip(job.seeds, result.scores[0].tolist(), strict=True):
-                self._references[self._reference_key(job.task, job.split, job.length, seed)] = float(score)
-        atomic_write_text(self._path(REFERENCES), json.dumps(self._references, indent=1, sort_keys=True))
-
-    def _reference(self, task: str, split: str, length: int, seeds: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(
-            [self._references[self._reference_key(task, split, length, s)] for s in seeds], dtype=torch.float64
-        )
 
     def _run_jobs(self, jobs: list[Job], generation: int, rows: torch.Tensor) -> dict[int, JobResult]:
         """Run ``jobs``, reusing those a killed run already finished for the same population."""
@@ -225,7 +192,7 @@ class Evolution:
 
     def _run(self) -> EvolutionResult:
         state = self._load_or_start()
-        self._load_references()
+        self._references.load()
         optimizer = self._make_optimizer()
         optimizer.load_state_dict(state.optimizer_state)
         if not state.calibrated:
@@ -297,7 +264,7 @@ class Evolution:
         wanted = [(t, "train", n, s) for t, n, s in train]
         if heldout:
             wanted += [(t, VALIDATION, n, s) for t, n, s in self._heldout()]
-        self._ensure_references(wanted)
+        self._references.ensure(wanted, self.executor)
         jobs = self._evaluation_jobs(rows, train, heldout, state.buffers)
         results = self._run_jobs(jobs, generation, rows)
 
@@ -317,7 +284,7 @@ class Evolution:
         for _, _, seeds in train:
             kept_count += len(seeds)
         kept = kept_sum / kept_count
-        references = {task: self._reference(task, "train", n, s) for task, n, s in train}
+        references = {task: self._references.of(task, "train", n, s) for task, n, s in train}
         fitness = population_fitness(scores, references, kept, self.config.fitness.cache_weight)
         optimizer.tell(population, to_loss(fitness[:members]))
 
@@ -360,7 +327,7 @@ class Evolution:
         generation: int,
     ) -> dict[str, Any]:
         """Held-out fitness of the mean; a new best is saved as the result policy at once."""
-        references = {task: self._reference(task, VALIDATION, n, s) for task, n, s in self._heldout()}
+        references = {task: self._references.of(task, VALIDATION, n, s) for task, n, s in self._heldout()}
         kept_fraction = torch.cat(kept).mean().reshape(1)
         fitness = float(population_fitness(scores, references, kept_fraction, self.config.fitness.cache_weight)[0])
         if state.best_fitness is None or fitness > state.best_fitness:
@@ -372,7 +339,7 @@ class Evolution:
         """Score the last mean on the held-out items, keep it if best, save it, mark the run done."""
         generation = state.next_generation
         final = optimizer.result.reshape(1, -1)
-        self._ensure_references([(t, VALIDATION, n, s) for t, n, s in self._heldout()])
+        self._references.ensure([(t, VALIDATION, n, s) for t, n, s in self._heldout()], self.executor)
         jobs = self._evaluation_jobs(final, [], True, state.buffers)
         results = self._run_jobs(jobs, generation, final)
         scores = {job.task: results[job.index].scores.double() for job in jobs}

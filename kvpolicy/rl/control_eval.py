@@ -34,7 +34,7 @@ from kvpolicy.rl.train import normalised
 
 HIDE_CUE_SUFFIX = ":hide-cue"
 
-#: tokens between updates for presets that evict once after the prompt (SnapKV, the shipped NAMM)
+#: tokens between eviction passes for presets that evict once after the prompt (SnapKV, the shipped NAMM)
 STREAMING_EVERY = 64
 
 

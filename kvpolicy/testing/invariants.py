@@ -1,7 +1,7 @@
 """The invariants of an eviction, as plain functions returning what is violated.
 
 Shared by the conformance checks (one `Selector.select` call on drawn tensors) and the state
-machine (a cache driven through many updates). Each function returns a list of messages, empty
+machine (a cache driven through many eviction passes). Each function returns a list of messages, empty
 when everything holds, so a caller can report every broken rule at once.
 """
 

@@ -1,7 +1,7 @@
 """A hypothesis state machine driving a real evicting cache under a policy.
 
 `cache_machine(...)` builds a `RuleBasedStateMachine` that attaches a policy to a tiny
-random-weight model (`kvpolicy.testing.tiny`) and runs prefill chunks, decode steps and resets in
+random-weight model (`kvpolicy.integrations.hf.tiny`) and runs prefill chunks, decode steps and resets in
 drawn orders; the batch's rows may start with drawn left padding (a left-padded batch, each
 row counting and evicting its own tokens). After every step it checks, on every layer the
 policy manages and for every row:
@@ -10,7 +10,7 @@ policy manages and for every row:
   kept in each slot are bit-identical to those written for that position;
 - an evicted token never comes back;
 - protected tokens (sinks, the recent window, the newest token) are always kept;
-- at every update: the selection keeps within the budget (or the selector's own rule), keeps
+- at every eviction pass: the selection keeps within the budget (or the selector's own rule), keeps
   every protected token and evicts no token scored above an unprotected survivor of its head
   (unless the selector declares ``keeps_highest_scores = False``);
 - a keep-all policy (schedule ``never``) gives logits identical to the bare model's (unpadded
@@ -60,7 +60,7 @@ def _ids(batch: int, tokens: int, seed: int) -> torch.Tensor:
 
 
 class _UpdateRecorder:
-    """Wraps one policy's ``selector.select`` (on the instance only) to record every update."""
+    """Wraps one policy's ``selector.select`` (on the instance only) to record every eviction pass."""
 
     def __init__(self, policy: Policy) -> None:
         self.records: list[dict[str, Any]] = []
@@ -123,7 +123,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         """Keep a copy of every key and value written to a managed layer (the ground truth)."""
         original = cache.update
 
-        def update(key_states, value_states, layer_idx, *args, **kwargs):
+        def append(key_states, value_states, layer_idx, *args, **kwargs):
             if layer_idx in cache.managed:
                 keys, values = self.written.get(layer_idx, (None, None))
                 k, v = key_states.detach().clone(), value_states.detach().clone()
@@ -133,7 +133,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
                 )
             return original(key_states, value_states, layer_idx, *args, **kwargs)
 
-        cache.update = update
+        cache.update = append  # transformers' update only appends
 
     def teardown(self) -> None:
         if self.attachment is not None:
@@ -155,7 +155,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         self.steps += 1
         if self.bare is not None and not any(self.pads):
             self._compare_with_bare(ids, chunk, logits)
-        self._check_updates()
+        self._check_passes()
 
     @precondition(lambda self: self.fed + 2 <= MAX_TOKENS)
     @rule(tokens=st.integers(2, 12), chunk=st.one_of(st.none(), st.integers(1, 6)))
@@ -196,7 +196,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
             if getattr(layer, "positions", None) is not None:
                 yield index, layer
 
-    def _check_updates(self) -> None:
+    def _check_passes(self) -> None:
         problems = []
         for record in self.recorder.records:
             found = selection_violations(
@@ -206,7 +206,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
                 record["capacity"],
                 score_order=self.score_order,
             )
-            problems += [f"layer {record['layer']} update at {record['seen']} tokens: {p}" for p in found]
+            problems += [f"layer {record['layer']} eviction pass at {record['seen']} tokens: {p}" for p in found]
         self.recorder.records.clear()
         raise_if(problems, f"{self.policy} broke the selection rules")
 

@@ -23,7 +23,7 @@ _VIEW_FIELDS: dict[str, tuple[str, str]] = {
 
 @attrs.define(eq=False)
 class LayerView:
-    """What the policy sees of one layer's cache when it updates (built by the integration).
+    """What the policy sees of one layer's cache at an eviction pass (built by the integration).
 
     Attributes
     ----------
@@ -131,7 +131,7 @@ class CacheReport:
     kv_bytes: int
     full_kv_bytes: int
     policy_seconds: float
-    updates: int
+    eviction_passes: int
     evicting_layers: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
     row_tokens: tuple[int, ...] = ()
@@ -172,6 +172,6 @@ class CacheReport:
         return (
             f"tokens seen {seen}; cache kept {self.kept_fraction:.1%} "
             f"({self.kv_bytes / mib:.2f} MiB{padding} of {self.full_kv_bytes / mib:.2f} MiB, "
-            f"{self.bytes_saved / mib:.2f} MiB saved); {self.updates} updates, "
+            f"{self.bytes_saved / mib:.2f} MiB saved); {self.eviction_passes} eviction pass{'es' if self.eviction_passes != 1 else ''}, "
             f"{self.policy_seconds * 1000:.1f} ms in the policy"
         )

@@ -131,14 +131,13 @@ def test_policy_naming_a_missing_plugin_is_a_checkpoint_error(tmp_path, registry
         Policy.load(path, registry=Registry())
 
 
-def test_override_keeps_parameters_and_validates(tmp_path, registry):
+def test_building_a_saved_policy_with_overrides_keeps_parameters_and_validates(tmp_path, registry):
     policy = Policy("position", "linear_test", "top_k", budget=16, sinks=2, registry=registry)
     policy.set_flat(torch.tensor([0.25, 0.5]))
     path = tmp_path / "p.safetensors"
     policy.save(path)
-    loaded = Policy.load(path, registry=registry).override(budget="50%", recent=3)
+    loaded = kvpolicy.build(path, registry=registry, budget="50%", recent=3)
     assert loaded.budget == kvpolicy.Budget(ratio=0.5) and loaded.protect.recent == 3 and loaded.protect.sinks == 2
     assert torch.equal(loaded.get_flat(), torch.tensor([0.25, 0.5]))
     with pytest.raises(kvpolicy.InvalidBudgetError, match="smaller than"):
-        loaded.override(budget=3)
-    assert loaded.budget == kvpolicy.Budget(ratio=0.5)  # unchanged by the refused override
+        kvpolicy.build(path, registry=registry, budget=3, recent=3)  # 2 sinks + 3 recent

@@ -171,7 +171,7 @@ def test_attaching_a_policy_that_reads_attention_builds_the_kernels_before_any_f
     """A first build (~20 s) happens when the policy attaches, never inside a timed forward call;
     a key-only policy does not ask for the kernels at all."""
     import kvpolicy
-    from kvpolicy.testing.tiny import random_ids, tiny_model
+    from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 
     model = tiny_model("llama")
     asked = []

@@ -146,14 +146,26 @@ def test_protected_mask_covers_sinks_recent_and_newest(registry):
 @pytest.mark.parametrize(
     ("schedule", "kwargs", "due"),
     [
-        (Schedule("every_n", every=4), dict(new_tokens=3, cached=10, seen=10, prefill_done=False, updates=0), False),
-        (Schedule("every_n", every=4), dict(new_tokens=4, cached=10, seen=10, prefill_done=False, updates=0), True),
-        (Schedule("after_prefill"), dict(new_tokens=9, cached=9, seen=9, prefill_done=False, updates=0), False),
-        (Schedule("after_prefill"), dict(new_tokens=9, cached=9, seen=9, prefill_done=True, updates=0), True),
-        (Schedule("after_prefill"), dict(new_tokens=1, cached=9, seen=20, prefill_done=True, updates=1), False),
-        (Schedule("every_step", slack=2), dict(new_tokens=1, cached=10, seen=30, prefill_done=True, updates=3), False),
-        (Schedule("every_step", slack=2), dict(new_tokens=1, cached=11, seen=30, prefill_done=True, updates=3), True),
-        (Schedule("never"), dict(new_tokens=99, cached=99, seen=99, prefill_done=True, updates=0), False),
+        (
+            Schedule("every_n", every=4),
+            dict(new_tokens=3, cached=10, seen=10, prefill_done=False, passes_done=0),
+            False,
+        ),
+        (Schedule("every_n", every=4), dict(new_tokens=4, cached=10, seen=10, prefill_done=False, passes_done=0), True),
+        (Schedule("after_prefill"), dict(new_tokens=9, cached=9, seen=9, prefill_done=False, passes_done=0), False),
+        (Schedule("after_prefill"), dict(new_tokens=9, cached=9, seen=9, prefill_done=True, passes_done=0), True),
+        (Schedule("after_prefill"), dict(new_tokens=1, cached=9, seen=20, prefill_done=True, passes_done=1), False),
+        (
+            Schedule("every_step", slack=2),
+            dict(new_tokens=1, cached=10, seen=30, prefill_done=True, passes_done=3),
+            False,
+        ),
+        (
+            Schedule("every_step", slack=2),
+            dict(new_tokens=1, cached=11, seen=30, prefill_done=True, passes_done=3),
+            True,
+        ),
+        (Schedule("never"), dict(new_tokens=99, cached=99, seen=99, prefill_done=True, passes_done=0), False),
     ],
 )
 def test_schedule(registry, schedule, kwargs, due):
@@ -162,7 +174,7 @@ def test_schedule(registry, schedule, kwargs, due):
 
 
 @pytest.mark.parametrize(
-    ("schedule", "updates", "again"),
+    ("schedule", "passes_done", "again"),
     [
         (Schedule("after_prefill"), 0, True),
         (Schedule("after_prefill"), 1, False),
@@ -171,12 +183,12 @@ def test_schedule(registry, schedule, kwargs, due):
         (Schedule("never"), 0, False),
     ],
 )
-def test_will_run_again_is_false_only_when_no_pass_can_be_due(registry, schedule, updates, again):
+def test_will_run_again_is_false_only_when_no_pass_can_be_due(registry, schedule, passes_done, again):
     policy = kvpolicy.build("random", budget=8, schedule=schedule, registry=registry)
-    assert policy.will_run_again(updates=updates) is again
+    assert policy.will_run_again(passes_done=passes_done) is again
     if not again:  # whatever comes next, is_due agrees
         for prefill_done in (False, True):
-            kwargs = dict(new_tokens=99, cached=99, seen=999, prefill_done=prefill_done, updates=updates)
+            kwargs = dict(new_tokens=99, cached=99, seen=999, prefill_done=prefill_done, passes_done=passes_done)
             assert not policy.is_due(**kwargs)
 
 

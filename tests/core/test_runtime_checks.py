@@ -12,9 +12,9 @@ import torch
 
 import kvpolicy
 from kvpolicy.errors import InvalidScoresError, InvalidSelectionError
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy.selection import sorted_selection
 from kvpolicy.testing.strategies import CacheShape, make_view
-from kvpolicy.testing.tiny import random_ids, tiny_model
 from kvpolicy.types import Budget, EmptyConfig, LayerView, Requirements, Selection
 
 

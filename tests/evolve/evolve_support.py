@@ -9,7 +9,7 @@ from typing import Any
 #: the real path, small: NAMM-BAM on a tiny random-weight Llama with kvpolicy's needle task
 TINY_HF = {
     "model": "tiny:llama",
-    # NAMM (stft → bam → threshold) updating every 128 tokens so a short prompt sees several updates
+    # NAMM (stft → bam → threshold) running an eviction pass every 128 tokens so a short prompt sees several
     "policy": {"preset": "namm-bam", "every": 128, "extractor": {"window": 128}},
     "optimizer": {"name": "cma_es", "config": {"popsize": 4, "diagonal": True}},
     "stages": [{"tasks": ["needle"], "generations": 2, "items": 1, "length": 256}],

@@ -3,7 +3,7 @@ report their own cache, and the evolution runner's ``population_batch`` option g
 run one by one give (equality of each row on one item: tests/eval/test_row_plans.py).
 
 Tiny random-weight Llama, NAMM-BAM (stft → bam → threshold) updating every 128 tokens on a
-needle item of 1,248 byte tokens, so each member goes through nine updates."""
+needle item of 1,248 byte tokens, so each member goes through nine eviction passes."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from kvpolicy.eval.rows import PopulationRows
 from kvpolicy.eval.tasks import make_item
 from kvpolicy.evolve.config import EvolveConfig, FitnessConfig
 from kvpolicy.evolve.runner import Evolution
-from kvpolicy.integrations.hf.tiny import byte_tokenizer
-from kvpolicy.testing.tiny import tiny_model
+from kvpolicy.integrations.hf.tiny import byte_tokenizer, tiny_model
 
 EVERY = 128
 

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from kvpolicy.testing.tiny import FAMILIES, tiny_model
+from kvpolicy.integrations.hf.tiny import FAMILIES, tiny_model
 
 
 @functools.cache

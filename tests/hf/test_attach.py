@@ -13,7 +13,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import kvpolicy
 from kvpolicy.errors import AttachError, ShapeError, UnsupportedModelError, UnsupportedPaddingError
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 
 
 def _snapshot(model):

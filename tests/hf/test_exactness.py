@@ -1,5 +1,5 @@
 """Decoding over an evicted cache equals a full recompute in which every query sees exactly the
-tokens its layer and head still held (`kvpolicy.integrations.hf.reference`), to float tolerance."""
+tokens its layer and head still held (`kvpolicy.testing.reference`), to float tolerance."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hf_helpers import RandomScorer, streaming
 
 import kvpolicy
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 from kvpolicy.types import Schedule
 
 TOLERANCE = 1e-4
@@ -32,7 +32,7 @@ def _run(model, policy, prompt, chunk_size, decode_steps):
 def test_evicted_decoding_matches_masked_recompute(family_model):
     prompt = random_ids(2, 50, seed=3)
     sequence, logits, records, report = _run(family_model, streaming(budget=12), prompt, 9, 6)
-    assert report.updates > 0 and min(min(h) for h in (report.kept[i] for i in report.evicting_layers)) == 12
+    assert report.eviction_passes > 0 and min(min(h) for h in (report.kept[i] for i in report.evicting_layers)) == 12
     reference = masked_recompute(family_model, sequence, records)
     assert (reference - logits).abs().max() < TOLERANCE
     with torch.no_grad():  # eviction really changed the outcome: the check is not vacuous

@@ -8,7 +8,7 @@ import torch
 from hf_helpers import RecordingExtractor, greedy_loop, streaming
 
 import kvpolicy
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 from kvpolicy.types import Schedule
 
 
@@ -24,7 +24,7 @@ def test_three_ways_of_generating_agree(family_model, chunk):
         inside_report = handle.report()
         loop = greedy_loop(handle, prompt, 9, chunk_size=chunk)
     result = policy.generate(family_model, {"input_ids": prompt}, **kwargs)
-    assert inside_report.updates > 0
+    assert inside_report.eviction_passes > 0
     assert torch.equal(inside, loop)
     assert torch.equal(result.sequences, inside)
     assert torch.equal(result.new_tokens, inside[:, prompt.shape[1] :])

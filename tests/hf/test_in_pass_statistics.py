@@ -12,10 +12,11 @@ import torch
 from hf_helpers import RandomScorer
 
 import kvpolicy
-from kvpolicy.integrations.hf import in_pass, statistics
-from kvpolicy.integrations.hf.adapter import HFAdapter
+from kvpolicy.integrations.hf import in_pass
 from kvpolicy.integrations.hf.attention import masked_attention
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
+from kvpolicy.testing import statistics
+from kvpolicy.testing.recompute import attach_with
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 from kvpolicy_plugins.stft import StftConfig, StftExtractor
 
@@ -68,7 +69,7 @@ class PositionFeatures:
 
 def _run(model, make_policy, ids: torch.Tensor, prompt_chunk: int, mode: str) -> tuple[list[dict], Any]:
     policy, recording = make_policy()
-    with HFAdapter(model).attach(policy, statistics=mode) as handle:
+    with attach_with(mode, model, policy) as handle:
         handle.feed(ids[:, :-6], chunk_size=prompt_chunk)
         handle.feed(ids[:, -6:], chunk_size=1)  # decoding, one query per call
         report = handle.report()
@@ -195,7 +196,7 @@ def test_rows_only_attend_the_window_explicitly(llama):
 @pytest.mark.parametrize("mode", ["in_pass", "recompute"])
 def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mode):
     """SnapKV's one eviction pass, after the prompt, is its last: the decode steps that follow
-    record no statistics on any layer (no attention rows, no stored queries), and their logits
+    record no statistics on any layer (no attention rows), and their logits
     and kept tokens equal those of a run that goes on recording."""
     ids = random_ids(2, 50, seed=23)
     prompt = 44
@@ -203,15 +204,15 @@ def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mo
     def run() -> tuple[torch.Tensor, list[bool], Any]:
         policy = kvpolicy.build("snapkv", budget=16)
         steps, recorded = [], []
-        with HFAdapter(llama).attach(policy, statistics=mode) as handle:
+        with attach_with(mode, llama, policy) as handle:
             handle.feed(ids[:, :prompt], chunk_size=5)
             for step in range(prompt, ids.shape[1]):
                 steps.append(handle.feed(ids[:, step : step + 1]))
                 cache = handle.cache
                 layers = [cache.layers[index] for index in cache.managed]
-                assert layers and all(layer.updates == 1 for layer in layers)
+                assert layers and all(layer.eviction_passes == 1 for layer in layers)
                 recorded.append(
-                    any(layer.window is not None or layer.queries is not None for layer in layers)
+                    any(layer.window is not None for layer in layers)
                     or any(cache.records_statistics(index) for index in cache.managed)
                 )
             report = handle.report()
@@ -220,7 +221,7 @@ def test_nothing_is_recorded_after_the_last_eviction_pass(llama, monkeypatch, mo
     logits, recorded, report = run()
     assert report.kept_fraction < 1.0, "the run must really evict"
     assert not any(recorded)
-    monkeypatch.setattr(kvpolicy.Policy, "will_run_again", lambda self, *, updates: True)
+    monkeypatch.setattr(kvpolicy.Policy, "will_run_again", lambda self, *, passes_done: True)
     still_recording, recorded, reference = run()
     assert all(recorded), "the reference run records on every decode step"
     torch.testing.assert_close(logits, still_recording, atol=TOLERANCE, rtol=0)

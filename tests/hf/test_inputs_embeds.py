@@ -11,8 +11,8 @@ from transformers import DynamicCache
 import kvpolicy
 from kvpolicy.errors import ShapeError, UnsupportedModelError
 from kvpolicy.integrations.hf.attach import cache_keyword
-from kvpolicy.integrations.hf.reference import ForwardRecord, kept_before_forward, masked_recompute
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
+from kvpolicy.testing.reference import ForwardRecord, kept_before_forward, masked_recompute
 from kvpolicy.types import Schedule
 
 

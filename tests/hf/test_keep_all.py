@@ -6,7 +6,7 @@ import torch
 from hf_helpers import streaming
 
 import kvpolicy
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 
 def test_full_policy_gives_identical_logits_and_tokens(family_model):
@@ -32,7 +32,7 @@ def test_budget_larger_than_prompt_gives_identical_logits(family_model):
     policy = streaming(budget=64)
     with policy.attach(family_model) as handle:
         logits = handle.feed(ids)
-        assert handle.report().updates == 0
+        assert handle.report().eviction_passes == 0
     result = policy.generate(family_model, {"input_ids": ids}, max_new_tokens=5, do_sample=False)
     assert torch.equal(logits, plain)
     assert torch.equal(result.sequences, plain_tokens)

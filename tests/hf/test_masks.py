@@ -10,8 +10,8 @@ from hf_helpers import streaming
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvpolicy.errors import AttachError
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 
 
 def test_chunked_prefill_with_eviction_is_causally_masked(family_model):

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 import kvpolicy
 from kvpolicy.errors import AttachError, BudgetOverriddenWarning, KVPolicyWarning
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 NEW = 5
 
@@ -44,7 +44,7 @@ def test_use_cache_false_inside_attach_is_exact_and_reported(llama, policy_name,
         )  # fmt: skip
         report = handle.report()
     assert all(torch.equal(a, b) for a, b in zip(out.logits, bare, strict=True))
-    assert report.updates == 0 and report.seen == 0
+    assert report.eviction_passes == 0 and report.seen == 0
     assert any("use_cache=False" in note and "evicted nothing" in note for note in report.notes)
 
 
@@ -64,7 +64,7 @@ def test_cached_generate_after_an_uncached_one_drops_the_note(llama):
         llama.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, use_cache=False)
         llama.generate(input_ids=prompt, max_new_tokens=2, do_sample=False)
         report = handle.report()
-    assert report.updates > 0
+    assert report.eviction_passes > 0
     assert not any("use_cache=False" in note for note in report.notes)
 
 

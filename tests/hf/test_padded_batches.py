@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.integrations.hf.tiny import FAMILIES, random_ids, tiny_model
 from kvpolicy.registry import default_registry
 from kvpolicy.testing.padding import feed_batch, feed_row_alone, left_pad
-from kvpolicy.testing.tiny import FAMILIES, random_ids, tiny_model
 from kvpolicy.types import Schedule
 
 TOLERANCE = 1e-4
@@ -174,13 +174,13 @@ def test_every_preset_on_smollm2(smollm2, name):
 def test_padded_statistics_equal_the_recomputed_reference(name):
     """The in-pass statistics of a padded batch equal the second-pass reference: same kept
     tokens and logits (rows, columns and features are compared through what they decide)."""
-    from kvpolicy.integrations.hf.adapter import HFAdapter
+    from kvpolicy.testing.recompute import attach_with
 
     model = _model("llama")
     ids, mask = _prompts(model.config.vocab_size)
     results = {}
     for mode in ("in_pass", "recompute"):
-        with HFAdapter(model).attach(evicting(name), statistics=mode) as handle:
+        with attach_with(mode, model, evicting(name)) as handle:
             logits = handle.feed(ids, CHUNK, attention_mask=mask)
             logits = torch.cat([logits, handle.feed(logits[:, -1:].argmax(-1))], 1)
             layers = [(layer.positions.clone(), layer.valid) for layer in handle.cache.layers]

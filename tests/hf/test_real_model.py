@@ -11,7 +11,7 @@ from hf_helpers import streaming
 
 import kvpolicy
 from kvpolicy.data import essays
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 
 pytestmark = pytest.mark.real_model
 

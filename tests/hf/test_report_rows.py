@@ -8,7 +8,7 @@ from hf_helpers import streaming
 
 import kvpolicy
 from kvpolicy.errors import ShapeError
-from kvpolicy.testing.tiny import random_ids
+from kvpolicy.integrations.hf.tiny import random_ids
 
 TOKENS, EVERY = 160, 32
 

@@ -10,7 +10,7 @@ import kvpolicy
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.eval.metrics import answer_logprobs
 from kvpolicy.integrations.hf.shared_prefill import fork, prefill
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy.types import Schedule
 
 

@@ -10,8 +10,9 @@ import torch
 from hf_helpers import AccumulatedScorer, RecordingExtractor
 
 import kvpolicy
-from kvpolicy.integrations.hf import cache, in_pass, statistics
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf import cache, in_pass
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
+from kvpolicy.testing import statistics
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule, extend_tokens
 
 
@@ -66,7 +67,7 @@ def test_key_only_policy_computes_no_attention_statistics(llama, monkeypatch):
         layers = [handle.cache.layers[i] for i in handle.cache.managed]
     assert extractor.views and all(v.keys is not None and v.attention is None for v in extractor.views)
     assert all(v.accumulated_attention is None and v.token_ids is None for v in extractor.views)
-    assert all(layer.queries is None and layer.window is None and layer.accumulated is None for layer in layers)
+    assert all(layer.window is None and layer.accumulated is None for layer in layers)
 
 
 class CountingExtractor:

@@ -9,7 +9,7 @@ import torch
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.evolve.search_space import parameter_layout
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy.types import LayerView, Schedule
 
 

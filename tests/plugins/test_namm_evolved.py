@@ -12,7 +12,7 @@ import torch
 import kvpolicy
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.search_space import parameter_layout
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy_plugins.namm import EVOLVED_SMOLLM2, EVOLVED_VOTES_KERNELS, evolved_config
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "namm-smollm2"
@@ -60,7 +60,7 @@ def test_it_keeps_the_configured_share_of_any_model(ratio):
     policy = kvpolicy.build("namm-bam-smollm2", budget=ratio)
     ids = random_ids(1, 600, seed=1)
     out = policy.generate(model, {"input_ids": ids}, max_new_tokens=4, do_sample=False, prefill_chunk_size=256)
-    assert out.report.updates == 1  # once, after the whole prompt
+    assert out.report.eviction_passes == 1  # once, after the whole prompt
     assert out.report.kept_fraction == pytest.approx(ratio, abs=0.02)
 
 

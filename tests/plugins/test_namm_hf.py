@@ -8,8 +8,8 @@ import torch
 
 import kvpolicy
 from kvpolicy import calibrate
-from kvpolicy.integrations.hf.reference import feed_recorded, masked_recompute
-from kvpolicy.testing.tiny import random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
+from kvpolicy.testing.reference import feed_recorded, masked_recompute
 
 PAPER_SIGMA = 0.065  # CMA-ES initial step size of the paper: a plausible first-generation member
 
@@ -30,7 +30,7 @@ def test_zero_namm_generates_exactly_like_no_policy_tiny(tiny):
         tiny, ids, max_new_tokens=12, do_sample=False, prefill_chunk_size=64
     )
     assert torch.equal(result.sequences, plain)
-    assert result.report.updates >= 4 and result.report.kept_fraction == 1.0
+    assert result.report.eviction_passes >= 4 and result.report.kept_fraction == 1.0
 
 
 @pytest.mark.parametrize("preset", ["namm-bam", "namm-mlp"])
@@ -43,7 +43,7 @@ def test_random_namm_evicts_and_stays_exact_wrt_the_kept_cache_tiny(tiny, preset
         # decoding one token at a time; the 7th update falls due on the way, after token 448
         step_logits, steps = feed_recorded(handle, ids[:, 400:], chunk_size=1)
         report = handle.report()
-    assert report.kept_fraction < 1.0 and report.updates == 7
+    assert report.kept_fraction < 1.0 and report.eviction_passes == 7
     logits = torch.cat([prompt_logits, step_logits], dim=1)
     torch.testing.assert_close(logits, masked_recompute(tiny, ids, records + steps), atol=1e-4, rtol=1e-4)
 
@@ -82,7 +82,7 @@ def test_zero_namm_on_smollm2_gives_the_same_output_as_no_policy(smollm2):
     policy = kvpolicy.build("namm-bam", every=256)
     result = policy.generate(model, ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=256)
     assert torch.equal(result.sequences, plain)
-    assert result.report.updates == 2  # after 256 and 512 prompt tokens: the scorer did run
+    assert result.report.eviction_passes == 2  # after 256 and 512 prompt tokens: the scorer did run
     assert result.report.kept_fraction == 1.0
 
 
@@ -97,7 +97,7 @@ def test_random_namm_on_smollm2_evicts_exactly_and_reports_each_layer(smollm2):
         report = handle.report()
     logits = torch.cat([prompt_logits, step_logits], dim=1)
     fractions = report.per_layer_fraction
-    assert len(fractions) == 30 and report.updates == 2
+    assert len(fractions) == 30 and report.eviction_passes == 2
     assert all(0.0 < f < 1.0 for f in fractions), fractions
     assert len(set(round(f, 3) for f in fractions)) > 1  # retention is emergent, per layer
     # every query saw exactly the tokens its layer and head still held: equal to a masked full forward

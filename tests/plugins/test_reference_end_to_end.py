@@ -73,7 +73,7 @@ def test_h2o_evicts_during_chunked_prefill(tiny_model) -> None:
         cache = handle.cache
         for index in cache.managed:
             layer = cache.layers[index]
-            assert layer.updates == 5  # after chunks 2..6 (the first 16 tokens fit the budget)
+            assert layer.eviction_passes == 5  # after chunks 2..6 (the first 16 tokens fit the budget)
             assert layer.tokens == BUDGET
             # the recent half of the budget is the 12 newest positions, in every head
             newest = layer.positions[..., -12:]
@@ -91,7 +91,7 @@ def test_fastgen_profile_survives_generation(tiny_model) -> None:
             # state covers the tokens up to the last update; newer ones are appended by the next one
             assert profile.shape[:2] == (1, 2) and 0 < profile.shape[2] <= cache.layers[index].tokens
             assert bool((profile == profile[..., :1]).all())
-            assert cache.layers[index].updates >= 3
+            assert cache.layers[index].eviction_passes >= 3
 
 
 # --------------------------------------------------------------------------- real SmolLM2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from kvpolicy.errors import ShapeError, UnsupportedModelError
 from kvpolicy.integrations.hf.attach import Attachment, GenerationResult
+from kvpolicy.integrations.hf.attention import AttentionRoute, make_attention_function
 
 #: ``config.model_type`` → family name, for every family tested with kvpolicy
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -52,9 +53,12 @@ class HFAdapter:
             )
         return SUPPORTED_FAMILIES[self.model_type]
 
-    def attach(self, policy: Any, statistics: str = "in_pass") -> Attachment:
-        """``statistics``: ``in_pass`` (default) or ``recompute`` (see `attention.STATISTICS_PATHS`)."""
-        return Attachment(self.model, policy, self._check(), statistics)
+    def attach(
+        self, policy: Any, attention: Callable[[AttentionRoute], Callable[..., Any]] | None = None
+    ) -> Attachment:
+        """An `Attachment` of ``policy`` to the model; ``attention`` makes the attention function
+        it registers (default: kvpolicy's, `attention.make_attention_function`)."""
+        return Attachment(self.model, policy, self._check(), attention or make_attention_function)
 
     def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:
         """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``."""

@@ -11,8 +11,10 @@ the layer's cache lines up with the mask transformers built (always, while nothi
 evicted, so a keep-all policy gives identical logits). A layer whose physical length differs from
 the mask's (layers evict differently) or that has padded slots gets its own mask: every valid
 cached token plus the new tokens causally. On top of the output it records only the statistics
-the policy declared (`kvpolicy.types.Requirements`), into the cache of the forward call
-(`EvictingCache.record_in_pass` / `record_for_recompute`); a key-only policy costs nothing extra.
+the policy declared (`kvpolicy.types.Requirements`), computed in the same pass
+(`kvpolicy.integrations.hf.in_pass`) and kept by the cache of the forward call
+(`EvictingCache.record_in_pass`); a key-only policy costs nothing extra. The test kit's reference
+(`kvpolicy.testing.recompute`) records them from a second pass over the scores instead.
 
 What the two functions read is an `AttentionRoute`, which the attachment owns and points at the
 cache of each forward call: this module knows nothing of the attachment.
@@ -28,40 +30,42 @@ from typing import Any
 import attrs
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from kvpolicy.errors import AttachError, InvalidConfigError, UnsupportedModelError
+from kvpolicy.errors import AttachError, UnsupportedModelError
 from kvpolicy.integrations.hf import in_pass
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
-from kvpolicy.integrations.hf.statistics import visibility
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
-
-#: ``in_pass``: the attention pass computes the statistics a policy declared from its own
-#: probabilities (`kvpolicy.integrations.hf.in_pass`); ``recompute``: the output comes from the
-#: model's kernel and the statistics from a second pass (`kvpolicy.integrations.hf.statistics`),
-#: the straightforward reference the in-pass path is tested against.
-STATISTICS_PATHS = ("in_pass", "recompute")
 
 
 @attrs.define
 class AttentionRoute:
     """What the attention and mask functions registered under ``name`` read: the model's own
-    ``implementation`` (``sdpa`` / ``eager``) they wrap, the ``statistics`` path, and the
-    ``cache`` of the forward call in flight (None outside one, or for a cache the policy does
-    not own: then attention is the model's own)."""
+    ``implementation`` (``sdpa`` / ``eager``) they wrap and the ``cache`` of the forward call in
+    flight (None outside one, or for a cache the policy does not own: then attention is the
+    model's own)."""
 
     name: str
     implementation: str
-    statistics: str = "in_pass"
     cache: EvictingCache | None = None
 
-    def __attrs_post_init__(self) -> None:
-        if self.statistics not in STATISTICS_PATHS:
-            raise InvalidConfigError(
-                f"statistics must be one of {', '.join(STATISTICS_PATHS)}, got {self.statistics!r}"
-            )
+
+def register_functions(name: str, attention: Callable[..., Any], mask: Callable[..., Any]) -> None:
+    """Register an attention and a mask function under ``name`` in transformers' interfaces."""
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+
+
+def unregister_functions(name: str) -> None:
+    """Remove what `register_functions` registered under ``name`` (transformers' own entries stay)."""
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def is_registered(name: str) -> bool:
+    return name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
 
 
 def original_attention(implementation: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -80,6 +84,23 @@ def original_mask(implementation: str) -> Callable[..., Any]:
 
 def _repeat_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
     return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def visibility(past: int, new: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``[batch or 1, kv_heads or 1, new, past + new]`` bool: which tokens each new query may see
+    (every valid cached token, and the valid new tokens causally). ``valid [batch, kv_heads, ≥
+    past + new]`` marks padded slots, new ones included; a padded query sees itself only, so its
+    softmax has a finite row (its output is never read)."""
+    causal = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+    seen_past = torch.ones(new, past, dtype=torch.bool, device=device)
+    mask = torch.cat([seen_past, causal], dim=1)[None, None]
+    if valid is not None:
+        past_valid = valid[:, :, None, :past].expand(-1, -1, new, -1)
+        new_valid = valid[:, :, None, past : past + new]
+        own = torch.eye(new, dtype=torch.bool, device=device)
+        block = causal & (new_valid | own) if new_valid.shape[-1] == new else causal.expand(*valid.shape[:2], -1, -1)
+        mask = torch.cat([past_valid, block], 3)
+    return mask
 
 
 def masked_attention(
@@ -190,8 +211,57 @@ def _sliding_mask(column_valid: torch.Tensor, new: int, tokens: int, window: int
     return (reach[None] & (valid[:, None, :] | (keys == queries)[None]))[:, None]
 
 
-def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, None]]:
-    """The attention function of one route (a closure: it reads the cache in use)."""
+def scaling_of(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> float:
+    """The softmax scale the model passes (``scaling``), else the module's, else 1/sqrt(head_dim)."""
+    return kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+
+
+def _check_mask(
+    route: AttentionRoute, attention_mask: torch.Tensor | None, layer_idx: int, new: int, past: int
+) -> None:
+    if attention_mask is None and new > 1 and past > 0:
+        raise AttachError(
+            f"no causal mask reached the attention of layer {layer_idx} for a {new}-token chunk over "
+            f"{past} cached tokens: the mask function {route.name!r} is not registered in "
+            "transformers' AttentionMaskInterface"
+        )
+
+
+def plain_attention(
+    route: AttentionRoute,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """The layer's attention output, recording nothing: the model's own kernel where the cache
+    lines up with transformers' mask, kvpolicy's mask where it does not (heads that keep
+    different tokens, padded slots, left padding in a sliding window)."""
+    original = original_attention(route.implementation, module)
+    cache = route.cache
+    layer_idx = getattr(module, "layer_idx", None)
+    layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
+    if not isinstance(layer, EvictingLayer):
+        if isinstance(layer, DynamicSlidingWindowLayer) and cache.column_valid is not None:
+            padded = _sliding_mask(cache.column_valid, query.shape[2], key.shape[2], layer.sliding_window)
+            if padded is not None:
+                scaling = scaling_of(module, query, kwargs)
+                return attention_with_mask(query, key, value, padded, scaling, kwargs.get("softcap")), None
+        return original(module, query, key, value, attention_mask, **kwargs)
+    new, tokens = query.shape[2], key.shape[2]
+    _check_mask(route, attention_mask, layer_idx, new, tokens - new)
+    if layer.valid is None and (attention_mask is None or attention_mask.shape[-1] == tokens):
+        return original(module, query, key, value, attention_mask, **kwargs)
+    scaling = scaling_of(module, query, kwargs)
+    return masked_attention(module, query, key, value, layer.valid, scaling, kwargs.get("softcap")), None
+
+
+def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention function of one route (a closure: it reads the cache in use): for a layer
+    whose statistics the policy reads, the output and the statistics in one pass; otherwise
+    `plain_attention`."""
 
     def kvpolicy_attention(
         module: torch.nn.Module,
@@ -201,58 +271,29 @@ def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        original = original_attention(route.implementation, module)
         cache = route.cache
         layer_idx = getattr(module, "layer_idx", None)
-        layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
-        if not isinstance(layer, EvictingLayer):
-            if isinstance(layer, DynamicSlidingWindowLayer) and cache.column_valid is not None:
-                padded = _sliding_mask(cache.column_valid, query.shape[2], key.shape[2], layer.sliding_window)
-                if padded is not None:
-                    scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-                    return attention_with_mask(query, key, value, padded, scaling, kwargs.get("softcap")), None
-            return original(module, query, key, value, attention_mask, **kwargs)
-
+        if cache is None or layer_idx is None or not cache.records_statistics(layer_idx):
+            return plain_attention(route, module, query, key, value, attention_mask, **kwargs)
         new, tokens = query.shape[2], key.shape[2]
-        past = tokens - new
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        softcap = kwargs.get("softcap")
-        if attention_mask is None and new > 1 and past > 0:
-            raise AttachError(
-                f"no causal mask reached the attention of layer {layer_idx} for a {new}-token chunk over "
-                f"{past} cached tokens: the mask function {route.name!r} is not registered in "
-                "transformers' AttentionMaskInterface"
-            )
-        mask_fits = attention_mask is None or attention_mask.shape[-1] == tokens
-        records = cache.records_statistics(layer_idx)
-        if records and route.statistics == "in_pass":
-            start = time.perf_counter()
-            output = _attend_in_pass(
-                original,
-                module,
-                query,
-                key,
-                value,
-                attention_mask,
-                layer_idx,
-                cache,
-                mask_fits,
-                scaling,
-                softcap,
-                kwargs,
-            )
-            cache.policy_seconds += time.perf_counter() - start
-            return output, None
-        if layer.valid is None and mask_fits:
-            output, weights = original(module, query, key, value, attention_mask, **kwargs)
-        else:
-            output, weights = masked_attention(module, query, key, value, layer.valid, scaling, softcap), None
-
-        if records:  # the ``recompute`` path: a second pass over the scores (the reference)
-            start = time.perf_counter()
-            cache.record_for_recompute(layer_idx, query, key, scaling, softcap)
-            cache.policy_seconds += time.perf_counter() - start
-        return output, weights
+        _check_mask(route, attention_mask, layer_idx, new, tokens - new)
+        start = time.perf_counter()
+        output = _attend_in_pass(
+            original_attention(route.implementation, module),
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            layer_idx,
+            cache,
+            attention_mask is None or attention_mask.shape[-1] == tokens,
+            scaling_of(module, query, kwargs),
+            kwargs.get("softcap"),
+            kwargs,
+        )
+        cache.policy_seconds += time.perf_counter() - start
+        return output, None
 
     return kvpolicy_attention
 

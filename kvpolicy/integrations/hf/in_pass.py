@@ -61,7 +61,7 @@ def attend(
         ``[batch, heads, queries, head_dim]``: the last ``queries`` queries of the call.
     key, value:
         ``[batch, kv_heads, tokens, head_dim]``, every token of the layer after this call's
-        update; the queries are the newest ``queries`` tokens, so the ``tokens - queries`` before
+        append; the queries are the newest ``queries`` tokens, so the ``tokens - queries`` before
         them are visible to all (where valid) and the last ``queries`` causally.
     valid:
         ``[batch, kv_heads, tokens]`` bool, False at padded slots (cached or new); None if all valid.

@@ -132,7 +132,7 @@ def build_report(cache: EvictingCache, notes: tuple[str, ...], row: int | None =
         full_kv_bytes=full,
         padding_bytes=padding,
         policy_seconds=cache.policy_seconds,
-        updates=cache.updates,
+        eviction_passes=cache.eviction_passes,
         evicting_layers=tuple(cache.managed),
         notes=notes,
     )

@@ -29,6 +29,7 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.attach import Handle
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.policy import Policy
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
 
@@ -68,7 +69,7 @@ def check_shareable(policy: Any, chunk_size: int | None, prompt_tokens: int) -> 
     if kind == "after_prefill" or (single_forward and kind in ("every_step", "every_n")):
         if kind == "every_n" and prompt_tokens < policy.schedule.every:
             raise InvalidConfigError(
-                f"an every_n/{policy.schedule.every} policy does not update after a {prompt_tokens}-token prompt, "
+                f"an every_n/{policy.schedule.every} policy runs no eviction pass after a {prompt_tokens}-token prompt, "
                 "so there is no first eviction pass to fork from"
             )
         return
@@ -120,10 +121,6 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             continue
         window = wanted.attention_window
         layer.window = layer.window.last(window) if window and layer.window is not None else None
-        if window and layer.queries is not None:  # the recompute path's stored queries
-            layer.queries, layer.query_positions = layer.queries[:, :, -window:], layer.query_positions[-window:]
-        else:
-            layer.queries = layer.query_positions = None
         if not wanted.accumulated_attention:
             layer.accumulated = None
         if not wanted.token_ids:
@@ -138,7 +135,7 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             if index not in policy.skip_layers:
                 features[index] = policy.extract(view)
             layer.state = view.state
-            layer.queries = layer.query_positions = layer.window = None  # turned into features; not kept
+            layer.window = None  # turned into features; not kept
     elapsed = time.perf_counter() - start
     cache.policy_seconds += elapsed
     return Prefill(cache, features, last_logits, cache.seen, seconds + elapsed)
@@ -172,8 +169,6 @@ class _Recorder:
 def _recording_policy(requirements: Requirements) -> Any:
     """A policy that records ``requirements`` on every full-attention layer and never runs a pass
     on its own (eviction is deferred while it records)."""
-    from kvpolicy.policy import Policy
-
     return Policy(_Recorder(requirements), "feature", "threshold", schedule=Schedule("after_prefill"))
 
 
@@ -213,7 +208,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
     cache = shared.cache.copy()
     with torch.inference_mode(), policy.attach(model) as handle:
         attachment = handle._attachment
-        if not attachment._own(cache):
+        if not attachment.owns(cache):
             raise InvalidConfigError(
                 "this prefill was made for a policy with other requirements or managed layers; make the prefill with "
                 "the policy you fork"
@@ -240,7 +235,7 @@ def fork(shared: Prefill, policy: Any, model: Any, rows: int = 1, *, evict: bool
                 layer.finish_pass(policy=policy)
         if rows > 1:
             cache.repeat_rows(rows)
-        cache.updates += int(evict)
+        cache.eviction_passes += int(evict)
         cache.policy_seconds += time.perf_counter() - start
         attachment.cache = cache
         attachment.deferring = not evict  # the full-cache reference never evicts, however long it decodes

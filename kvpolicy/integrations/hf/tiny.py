@@ -2,8 +2,8 @@
 attention, fp32. One builder per supported family (`tiny_model(family)`), and a byte-level
 tokenizer (`byte_tokenizer`) so task prompts run unchanged on them.
 
-Used by the tests, by the testing kit (`kvpolicy.testing.tiny` is this module, for plugin
-authors) and by evolution runs on ``tiny:<family>`` models, which load in milliseconds.
+The one home of the tiny models: used by the tests, by the testing kit and plugin authors'
+tests (``from kvpolicy.integrations.hf.tiny import tiny_model``) and by evolution runs on ``tiny:<family>`` models, which load in milliseconds.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The attention rows of a layer's newest queries, kept across forward calls until its update.
+"""The attention rows of a layer's newest queries, kept across forward calls until its eviction pass.
 
 A policy with ``Requirements.attention_window = w`` reads the rows of the ``w`` newest queries
-since the layer's last update. They are computed in the attention pass of the call that runs
+since the layer's last eviction pass. They are computed in the attention pass of the call that runs
 those queries (`kvpolicy.integrations.hf.in_pass`), so a window that spans several calls (decoding,
-or prefill chunks that do not divide the update period) is assembled here from one block per
+or prefill chunks that do not divide the schedule's period) is assembled here from one block per
 call. Between gathers a layer only grows, so a block computed over the tokens of its time lines
 up with the cache's first tokens; tokens that came later did not exist for its queries and get 0.
 A gather that keeps the window (some batch rows of a padded batch were not due) re-indexes it

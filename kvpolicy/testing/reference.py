@@ -5,7 +5,8 @@ Eviction happens between forward calls, so a query's visible keys are those kept
 forward call plus the causal part of its own chunk. A full recompute with that per-layer,
 per-head mask reproduces every hidden state of the evicting run, so its logits must agree with
 the run's to float tolerance: a bug anywhere in positions, masks, gathering or state alignment
-shows up as a mismatch. Used by the tests; useful to anyone checking a new policy end to end.
+shows up as a mismatch. The reference of the exactness tests, in the test kit for anyone checking a
+new policy end to end.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from typing import Any
 
 import attrs
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from kvpolicy.integrations.hf.attention import (
+    original_attention,
+    original_mask,
+    register_functions,
+    unregister_functions,
+)
 from kvpolicy.integrations.hf.cache import EvictingLayer
 
 _REFERENCE_NAME = "kvpolicy_reference"
@@ -90,17 +95,11 @@ def masked_recompute(model: torch.nn.Module, input_ids: torch.Tensor, records: l
     evicting = [any(r.kept[i] is not None for r in records) for i in range(config.num_hidden_layers)]
     masks = visibility_masks(records, config.num_hidden_layers, evicting)
     implementation = model.config._attn_implementation
-    original = ALL_ATTENTION_FUNCTIONS[implementation] if implementation != "eager" else None
 
     def reference_attention(module, query, key, value, attention_mask, **kwargs):
         mask = masks[module.layer_idx]
         if mask is None:
-            function = original
-            if function is None:
-                import sys
-
-                function = sys.modules[type(module).__module__].eager_attention_forward
-            return function(module, query, key, value, attention_mask, **kwargs)
+            return original_attention(implementation, module)(module, query, key, value, attention_mask, **kwargs)
         groups = query.shape[1] // key.shape[1]
         full = mask.to(query.device).repeat_interleave(groups, dim=1)
         keys, values = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -109,8 +108,7 @@ def masked_recompute(model: torch.nn.Module, input_ids: torch.Tensor, records: l
         )
         return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(_REFERENCE_NAME, reference_attention)
-    AttentionMaskInterface.register(_REFERENCE_NAME, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    register_functions(_REFERENCE_NAME, reference_attention, original_mask(implementation))
     saved = model.config._attn_implementation
     try:
         model.config._attn_implementation = _REFERENCE_NAME
@@ -119,5 +117,4 @@ def masked_recompute(model: torch.nn.Module, input_ids: torch.Tensor, records: l
             return model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
     finally:
         model.config._attn_implementation = saved
-        AttentionInterface._global_mapping.pop(_REFERENCE_NAME, None)
-        AttentionMaskInterface._global_mapping.pop(_REFERENCE_NAME, None)
+        unregister_functions(_REFERENCE_NAME)

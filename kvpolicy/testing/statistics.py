@@ -1,20 +1,21 @@
-"""Attention statistics a policy may declare (`kvpolicy.types.Requirements`), computed in chunks.
+"""The reference attention statistics: the straightforward computation the in-pass path is tested
+against (`kvpolicy.testing.recompute` records them in a second pass over the scores).
 
 Both are post-softmax attention averaged over each GQA group, so there is one value per KV head:
 
 - `attention_rows`: rows of the newest queries over the cached tokens, for windowed features
-  (NAMM's STFT, Cetin et al. 2024; SnapKV's observation window). Computed at update time from the
-  queries remembered since the last update; the keys those queries saw are all still cached then,
-  so masking tokens newer than each query reproduces the rows of the forward pass exactly.
+  (NAMM's STFT, Cetin et al. 2024; SnapKV's observation window);
 - `attention_columns`: attention each token received, summed over the queries of one forward
   call (H2O's heavy-hitter score, Zhang et al. 2023).
 
-Chunks keep the float32 score tensor under ``max_elements``.
-"""
+Chunks keep the float32 score tensor under ``max_elements``; the visibility of each query is the
+production one (`kvpolicy.integrations.hf.attention.visibility`)."""
 
 from __future__ import annotations
 
 import torch
+
+from kvpolicy.integrations.hf.attention import visibility
 
 DEFAULT_MAX_ELEMENTS = 1 << 22
 
@@ -70,23 +71,6 @@ def attention_rows(
     return torch.cat(rows, dim=2)
 
 
-def visibility(past: int, new: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``[batch or 1, kv_heads or 1, new, past + new]`` bool: which tokens each new query may see
-    (every valid cached token, and the valid new tokens causally). ``valid [batch, kv_heads, ≥
-    past + new]`` marks padded slots, new ones included; a padded query sees itself only, so its
-    softmax has a finite row (its output is never read)."""
-    causal = torch.ones(new, new, dtype=torch.bool, device=device).tril()
-    seen_past = torch.ones(new, past, dtype=torch.bool, device=device)
-    mask = torch.cat([seen_past, causal], dim=1)[None, None]
-    if valid is not None:
-        past_valid = valid[:, :, None, :past].expand(-1, -1, new, -1)
-        new_valid = valid[:, :, None, past : past + new]
-        own = torch.eye(new, dtype=torch.bool, device=device)
-        block = causal & (new_valid | own) if new_valid.shape[-1] == new else causal.expand(*valid.shape[:2], -1, -1)
-        mask = torch.cat([past_valid, block], 3)
-    return mask
-
-
 def attention_columns(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -98,8 +82,8 @@ def attention_columns(
 ) -> torch.Tensor:
     """``[batch, kv_heads, tokens]`` attention each cached token received from this call's queries.
 
-    ``keys`` hold the cached tokens followed by the ``queries``' own tokens (as `cache.update`
-    returns them); ``valid [batch, kv_heads, past]`` masks padded slots of the cached part.
+    ``keys`` hold the cached tokens followed by the ``queries``' own tokens (as transformers'
+    `cache.update` appends and returns them); ``valid [batch, kv_heads, past]`` masks padded slots of the cached part.
     """
     batch, heads, n_queries, _ = queries.shape
     tokens = keys.shape[2]

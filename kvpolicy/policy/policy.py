@@ -2,7 +2,8 @@
 
 A policy is built from component objects or from registry names with configs, serialises to
 JSON (`Policy.config`), and is attached to a model through the model-adapter hook, so this
-module never imports transformers (the HF integration is itself a plugin).
+module never imports transformers (the HF integration is itself a plugin). What it checks is in
+`kvpolicy.policy.checks`; building one from a spec with overrides, in `kvpolicy.policy.builder`.
 """
 
 from __future__ import annotations
@@ -17,29 +18,18 @@ import attrs
 import torch
 
 from kvpolicy.checkpoint import PolicyFile, open_policy_file, write_policy_file
-from kvpolicy.errors import (
-    CheckpointError,
-    FeatureWidthError,
-    InvalidBudgetError,
-    InvalidConfigError,
-    InvalidScoresError,
-    InvalidSelectionError,
-    KVPolicyError,
-    ShapeError,
-)
+from kvpolicy.errors import CheckpointError, InvalidConfigError, InvalidScoresError, KVPolicyError, ShapeError
+from kvpolicy.policy.checks import check_budget, check_feature_width, check_no_nan, check_selection, check_shape
+from kvpolicy.policy.components import ComponentLike, as_component, as_pooler, expect
 from kvpolicy.registry import Registry, default_registry
 from kvpolicy.selection import padding_mask
-from kvpolicy.spec import PolicySpec, read_spec
 from kvpolicy.types import (
     Budget,
-    ComponentKind,
     ComponentRef,
-    DeclaresFeatures,
     LayerView,
     Parametric,
     PolicyConfig,
     Protection,
-    ReadsFeatures,
     Requirements,
     Schedule,
     Selection,
@@ -48,28 +38,7 @@ from kvpolicy.types import (
     capabilities,
     config_to_dict,
     layer_indices,
-    span_pooler_ref,
 )
-
-ComponentLike = str | ComponentRef | tuple[str, Mapping[str, Any]] | Any
-
-
-def _as_component(kind: ComponentKind, value: ComponentLike, registry: Registry) -> Any:
-    """A component object from a name, a ``(name, config)`` pair, a ComponentRef or an object."""
-    if isinstance(value, str):
-        return registry.create(kind, value)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
-        return registry.create(kind, value[0], value[1])
-    if isinstance(value, ComponentRef):
-        return registry.create(kind, value.name, value.config)
-    if isinstance(value, Mapping):
-        if "name" not in value:
-            raise InvalidConfigError(f"{kind} given as a mapping needs a 'name' key, got {sorted(value)}")
-        return registry.create(kind, value["name"], value.get("config"))
-    for attr in ("name", "config", "requirements"):
-        if not hasattr(value, attr):
-            raise InvalidConfigError(f"{kind} object {value!r} lacks `{attr}`; see kvpolicy.types for the protocol")
-    return value
 
 
 class Policy:
@@ -113,14 +82,14 @@ class Policy:
         registry: Registry | None = None,
     ) -> None:
         self.registry = registry or default_registry()
-        self.extractor = _as_component("extractor", extractor, self.registry)
-        self.scorer = _as_component("scorer", scorer, self.registry)
-        self.selector = _as_component("selector", selector, self.registry)
-        self.pooler = _as_pooler(pooler, span, self.registry)
+        self.extractor = as_component("extractor", extractor, self.registry)
+        self.scorer = as_component("scorer", scorer, self.registry)
+        self.selector = as_component("selector", selector, self.registry)
+        self.pooler = as_pooler(pooler, span, self.registry)
         if schedule is not None and every is not None:
             raise InvalidConfigError("give either schedule or every, not both")
-        _expect("schedule", schedule, Schedule, 'Schedule("every_step"), or every=n for Schedule("every_n", every=n)')
-        _expect("protect", protect, Protection, "Protection(sinks=4, recent=0), or sinks= / recent=")
+        expect("schedule", schedule, Schedule, 'Schedule("every_step"), or every=n for Schedule("every_n", every=n)')
+        expect("protect", protect, Protection, "Protection(sinks=4, recent=0), or sinks= / recent=")
         self.schedule = schedule or (Schedule("every_n", every=every) if every is not None else Schedule())
         protect = protect or Protection()
         self.protect = attrs.evolve(
@@ -129,68 +98,14 @@ class Policy:
         )
         self.budget = Budget.parse(budget)
         self.skip_layers = layer_indices(skip_layers)
-        self._check_feature_width()
-        self._check_budget()
-
-    # ----------------------------------------------------------------- construction & JSON
-
-    def _check_feature_width(self) -> None:
-        """The extractor's declared feature width must be one the scorer declares it takes."""
-        if not isinstance(self.extractor, DeclaresFeatures) or not isinstance(self.scorer, ReadsFeatures):
-            return
-        width, takes = self.extractor.num_features, self.scorer.input_width
-        if not takes.admits(width):
-            raise FeatureWidthError(
-                f"extractor {self.extractor.name!r} gives {width} features per token, but scorer "
-                f"{self.scorer.name!r} takes {takes}; configure the scorer for {width} features (e.g. "
-                f"its `features` field) or use an extractor whose width it takes"
-            )
+        check_feature_width(self.extractor, self.scorer)
+        check_budget(self.selector, self.budget, self.protect, self.schedule.kind != "never")
 
     @property
     def needs_budget(self) -> bool:
         """Whether the policy evicts by a budget: its selector sizes the cache from one
         (`kvpolicy.types.Capabilities.needs_budget`) and its schedule ever runs."""
         return capabilities(self.selector).needs_budget and self.schedule.kind != "never"
-
-    def _check_budget(self) -> None:
-        wants_budget = capabilities(self.selector).needs_budget
-        if self.needs_budget and not self.budget.is_set:
-            raise InvalidBudgetError(
-                f"selector {self.selector.name!r} needs a budget (e.g. budget=512 or budget=0.25); "
-                "threshold-style selectors are the ones that work without one"
-            )
-        if not wants_budget and self.budget.is_set:
-            raise InvalidBudgetError(
-                f"selector {self.selector.name!r} decides the cache size itself and takes no budget; "
-                f"got {self.budget}. Use a top_k selector for a fixed budget."
-            )
-        if self.budget.tokens is not None and self.budget.tokens < self.protect.minimum:
-            raise InvalidBudgetError(
-                f"budget of {self.budget.tokens} tokens is smaller than the {self.protect.minimum} tokens "
-                f"the policy must protect ({self.protect.sinks} sinks + {max(self.protect.recent, 1)} recent)"
-            )
-
-    def override(
-        self,
-        *,
-        budget: Budget | int | float | str | None = ...,  # type: ignore[assignment]
-        sinks: int | None = None,
-        recent: int | None = None,
-    ) -> Policy:
-        """Change budget / protection in place, keeping learned parameters and calibrated buffers
-        (e.g. of a loaded NAMM), and validate the result as a new policy would be."""
-        before = (self.budget, self.protect)
-        if budget is not ...:
-            self.budget = Budget.parse(budget)
-        changes = {k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None}
-        if changes:
-            self.protect = attrs.evolve(self.protect, **changes)
-        try:
-            self._check_budget()
-        except InvalidBudgetError:
-            self.budget, self.protect = before  # a refused override leaves the policy as it was
-            raise
-        return self
 
     @property
     def config(self) -> PolicyConfig:
@@ -260,32 +175,32 @@ class Policy:
 
     # ----------------------------------------------------------------- runtime
 
-    def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, updates: int) -> bool:
+    def is_due(self, *, new_tokens: int, cached: int, seen: int, prefill_done: bool, passes_done: int) -> bool:
         """Whether a layer is due for its eviction pass now (called between forward calls).
 
         ``new_tokens`` entered since the last eviction pass, ``cached`` are in the layer now, ``seen``
-        entered in all, ``prefill_done`` is true once the prompt has been consumed, ``updates``
+        entered in all, ``prefill_done`` is true once the prompt has been consumed, ``passes_done``
         counts this layer's earlier eviction passes.
         """
         kind = self.schedule.kind
         if kind == "never" or new_tokens <= 0:
             return False
         if kind == "after_prefill":
-            return prefill_done and updates == 0
+            return prefill_done and passes_done == 0
         if kind == "every_n":
             return new_tokens >= self.schedule.every
         capacity = self.budget.capacity(seen)
         return capacity is None or cached > capacity + self.schedule.slack
 
-    def will_run_again(self, *, updates: int) -> bool:
-        """Whether a layer that has had ``updates`` eviction passes can still be due for another
+    def will_run_again(self, *, passes_done: int) -> bool:
+        """Whether a layer that has had ``passes_done`` eviction passes can still be due for another
         (`is_due`): false for ``never`` and, after its one pass, for ``after_prefill``. Once false,
         the forward pass need not record that layer's statistics any more."""
         kind = self.schedule.kind
         if kind == "never":
             return False
         if kind == "after_prefill":
-            return updates == 0
+            return passes_done == 0
         return True
 
     def protected_mask(self, view: LayerView) -> torch.Tensor:
@@ -306,7 +221,7 @@ class Policy:
     def extract(self, view: LayerView) -> torch.Tensor:
         """The extractor's features ``[batch, kv_heads, tokens, features]`` for one layer, shape-checked."""
         features = self.extractor.extract(view)
-        _check_leading(features, view, f"extractor {self.extractor.name!r} features", extra_dims=1)
+        check_shape(features, view, f"extractor {self.extractor.name!r} features", extra_dims=1)
         return features
 
     def choose(self, view: LayerView, features: torch.Tensor) -> Selection:
@@ -316,11 +231,11 @@ class Policy:
         (members forked from one shared prefill: `kvpolicy.integrations.hf.shared_prefill`).
         """
         scores = self.scorer.score(features, view)
-        _check_leading(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
+        check_shape(scores, view, f"scorer {self.scorer.name!r} scores", extra_dims=0)
         # Padded slots (heads of a layer keeping different counts) sit at position -1: rank them
         # below every real token so they never take a real token's place.
         padded = padding_mask(view.positions)
-        _check_no_nan(scores, padded, view, f"scorer {self.scorer.name!r}")
+        check_no_nan(scores, padded, view, f"scorer {self.scorer.name!r}")
         if padded is not None:
             scores = scores.float().masked_fill(padded, float("-inf"))
         if self.pooler is not None:
@@ -334,7 +249,7 @@ class Policy:
                 f"selector {self.selector.name!r} returned indices {shape}; "
                 f"expected [batch={view.batch}, kv_heads={view.kv_heads}, kept]"
             )
-        _check_selection(selection, protected, padded, view, self.selector.name)
+        check_selection(selection, protected, padded, view, self.selector.name)
         return selection
 
     def _pool(self, scores: torch.Tensor, view: LayerView, padded: torch.Tensor | None) -> torch.Tensor:
@@ -342,7 +257,7 @@ class Policy:
         token; padded slots are set back to -inf so no pooler can let padding displace a token."""
         where = f"pooler {self.pooler.name!r}"
         pooled = self.pooler.pool(scores, view)
-        _check_leading(pooled, view, f"{where} scores", extra_dims=0)
+        check_shape(pooled, view, f"{where} scores", extra_dims=0)
         if not pooled.is_floating_point():
             raise InvalidScoresError(
                 f"{where} returned {pooled.dtype} scores on layer {view.layer}; they must be floats"
@@ -350,9 +265,9 @@ class Policy:
         if padded is not None:
             pooled = pooled.masked_fill(padded, float("-inf"))
         # padded slots are -inf now, so a NaN anywhere is on a cached token; the max propagates
-        # NaN, one reduction instead of a mask (this runs on every update)
+        # NaN, one reduction instead of a mask (this runs on every eviction pass)
         if pooled.numel() and bool(torch.isnan(pooled.amax())):
-            _check_no_nan(pooled, padded, view, where)
+            check_no_nan(pooled, padded, view, where)
         return pooled
 
     # ----------------------------------------------------------------- learnable parameters
@@ -483,216 +398,3 @@ class Policy:
     def generate(self, model: Any, inputs: Any, **generate_kwargs: Any) -> Any:
         """Generate with this policy attached; returns the adapter's result (tokens + report)."""
         return self.registry.model_adapter(model).generate(self, inputs, **generate_kwargs)
-
-
-def _expect(name: str, value: Any, cls: type, hint: str) -> None:
-    if value is not None and not isinstance(value, cls):
-        raise InvalidConfigError(f"{name} must be a {cls.__name__} or None, e.g. {hint}; got {value!r}")
-
-
-def _as_pooler(pooler: ComponentLike | None, span: int | Mapping[str, Any] | None, registry: Registry) -> Any:
-    """The pooler object from ``pooler`` (any registered pooler) or the ``span`` shorthand, or None."""
-    if pooler is not None and span is not None:
-        raise InvalidConfigError(
-            f"give either pooler ({pooler!r}) or span ({span!r}), not both; span=k is shorthand for "
-            "pooler=('span', {'kernel': k})"
-        )
-    if span is not None:
-        ref = span_pooler_ref(span)
-        return None if ref is None else _as_component("pooler", ref, registry)
-    return None if pooler is None else _as_component("pooler", pooler, registry)
-
-
-def _check_no_nan(scores: torch.Tensor, padded: torch.Tensor | None, view: LayerView, source: str) -> None:
-    """A NaN score has no rank, so the selector would keep or evict that token arbitrarily;
-    ±inf are legal (+inf pins a token, padded slots are set to −inf). ``source`` names the
-    component that produced ``scores`` (``scorer 'h2o'``, ``pooler 'span'``)."""
-    nan = torch.isnan(scores)
-    if padded is not None:
-        nan &= ~padded
-    if not bool(nan.any()):
-        return
-    row, head, slot = (int(i) for i in nan.nonzero()[0])
-    raise InvalidScoresError(
-        f"{source} returned NaN for {int(nan.sum())} cached token(s) on layer {view.layer} (first: batch "
-        f"row {row}, head {head}, position {int(view.positions[row, head, slot])}); scores must be numbers or ±inf"
-    )
-
-
-def _check_selection(
-    selection: Selection, protected: torch.Tensor, padded: torch.Tensor | None, view: LayerView, selector: str
-) -> None:
-    """Cheap run-time checks of a selection (vectorised, one host sync when all is well): indices
-    inside the cache, no token twice, ascending per head and every protected token kept. Slots
-    that ``selection.valid`` marks as padding are ignored (they legitimately point at 0)."""
-    indices = selection.indices
-    where = f"selector {selector!r} on layer {view.layer}"
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise InvalidSelectionError(f"{where} returned {indices.dtype} indices; they must be integers")
-    valid = selection.valid
-    if valid is None:
-        valid = torch.ones_like(indices, dtype=torch.bool)
-    elif not isinstance(valid, torch.Tensor) or valid.shape != indices.shape or valid.dtype != torch.bool:
-        got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-        raise InvalidSelectionError(f"{where} returned selection.valid {got}; expected bool {tuple(indices.shape)}")
-    tokens = view.tokens
-    outside = ~((indices >= 0) & (indices < tokens))
-    safe = indices.clamp(0, max(tokens - 1, 0)).long()
-    counts = torch.zeros(protected.shape, dtype=torch.int32, device=indices.device)
-    counts.scatter_add_(-1, safe, (valid & ~outside).to(torch.int32))
-    unsorted = torch.zeros_like(valid)
-    if indices.shape[-1] > 1:
-        before = torch.where(valid, safe, -1).cummax(-1).values  # the largest valid index up to each slot
-        unsorted[..., 1:] = valid[..., 1:] & (safe[..., 1:] <= before[..., :-1])
-    dropped = protected.to(counts.device) & (counts == 0)
-    if padded is not None:
-        dropped &= ~padded.to(counts.device)
-    problems = torch.stack([outside.any(), (counts > 1).any(), unsorted.any(), dropped.any()]).tolist()
-    if not any(problems):
-        return
-    if problems[0]:
-        raise InvalidSelectionError(
-            f"{where} returned indices {int(indices.min())}..{int(indices.max())}; they must lie in [0, {tokens})"
-        )
-    if problems[1]:
-        row, head, slot = (int(i) for i in (counts > 1).nonzero()[0])
-        raise InvalidSelectionError(
-            f"{where} kept slot {slot} twice (batch row {row}, head {head}); each cached token may be kept once"
-        )
-    if problems[2]:
-        row, head, _ = (int(i) for i in unsorted.nonzero()[0])
-        raise InvalidSelectionError(
-            f"{where} returned unsorted indices (batch row {row}, head {head}): {indices[row, head].tolist()[:16]}; "
-            "kept indices must ascend per head (kvpolicy.selection.sorted_selection does this)"
-        )
-    row, head, slot = (int(i) for i in dropped.nonzero()[0])
-    raise InvalidSelectionError(
-        f"{where} dropped {int(dropped.sum())} protected token(s) (first: position "
-        f"{int(view.positions[row, head, slot])}, batch row {row}, head {head}); sinks, the recent window and the "
-        "newest token must always be kept"
-    )
-
-
-def _check_leading(tensor: torch.Tensor, view: LayerView, what: str, extra_dims: int) -> None:
-    expected = (view.batch, view.kv_heads, view.tokens)
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[:3]) != expected or tensor.dim() != 3 + extra_dims:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        dims = "[batch, kv_heads, tokens" + (", features]" if extra_dims else "]")
-        raise ShapeError(f"{what} have shape {shape}; expected {dims} with leading dims {expected}")
-
-
-def _merged_pooler(base: PolicyConfig | None, pooler: Any, span: Any) -> ComponentLike | None:
-    """The pooler `build` passes on: the base's unless ``pooler`` or ``span`` overrides it (a dict
-    of fields without ``name`` is merged into the base's pooler config, like components)."""
-    base_pooler = base.pooler if base is not None else None
-    if span is not ...:
-        return None if pooler is ... else pooler  # Policy refuses pooler and span together
-    if pooler is ...:
-        return base_pooler
-    if isinstance(pooler, Mapping) and "name" not in pooler:
-        if base_pooler is None:
-            raise InvalidConfigError(
-                f"pooler fields {sorted(pooler)} need a pooler to change; the base policy has none: "
-                "name one, e.g. pooler=('span', {'kernel': 15})"
-            )
-        return ComponentRef(base_pooler.name, {**base_pooler.config, **pooler})
-    return pooler
-
-
-def build(
-    spec: PolicySpec | None = None,
-    *,
-    registry: Registry | None = None,
-    extractor: ComponentLike | None = None,
-    scorer: ComponentLike | None = None,
-    selector: ComponentLike | None = None,
-    budget: Budget | int | float | str | None = ...,  # type: ignore[assignment]
-    schedule: Schedule | None = None,
-    every: int | None = None,
-    sinks: int | None = None,
-    recent: int | None = None,
-    skip_layers: tuple[int, ...] | None = None,
-    pooler: ComponentLike | None = ...,  # type: ignore[assignment]
-    span: int | Mapping[str, Any] | None = ...,  # type: ignore[assignment]
-) -> Policy:
-    """Build a policy from a spec (`kvpolicy.spec`: a preset name, ``name:{json}``, a
-    `PolicyConfig` or its dict, ``{"preset": name, ...}``, a .json or .safetensors file), or from
-    components alone, with overrides.
-
-    Overrides replace the base's values: ``build("h2o", budget=256, recent=32)``; the spec's own
-    overrides (``'h2o:{"recent": 32}'``) come first, the keywords after. Component overrides given
-    as a dict of fields (``scorer={"heavy": 0.5}``) are merged into the base's config of that
-    component; a name or object replaces it. ``pooler`` (or its shorthand ``span``) replaces the
-    base's pooler, None removes it. A preset registered with ``weights``, or a saved policy file,
-    starts with those learned parameters and buffers.
-    """
-    registry = registry or default_registry()
-    given = {
-        name: value
-        for name, value in (
-            ("extractor", extractor), ("scorer", scorer), ("selector", selector), ("budget", budget),
-            ("schedule", schedule), ("every", every), ("sinks", sinks), ("recent", recent),
-            ("skip_layers", skip_layers), ("pooler", pooler), ("span", span),
-        )
-        if value is not (... if name in _UNSET_BY_ELLIPSIS else None)
-    }  # fmt: skip
-    if spec is None:
-        if extractor is None or scorer is None or selector is None:
-            raise InvalidConfigError("without a preset, build() needs extractor, scorer and selector")
-        source = None
-    else:
-        source = read_spec(spec, registry)
-        given = {**_checked_overrides(source.overrides), **given}
-    policy = _merged(source.config if source is not None else None, given, registry)
-    if source is not None and source.weights is not None:  # a shipped NAMM, or a saved policy file
-        policy.load_weights(source.weights)
-    return policy
-
-
-#: `build`'s override keywords, and those whose "not given" is ``...`` (None is a value for them)
-OVERRIDES = ("extractor", "scorer", "selector", "budget", "schedule", "every", "sinks", "recent",
-             "skip_layers", "pooler", "span")  # fmt: skip
-_UNSET_BY_ELLIPSIS = frozenset({"budget", "pooler", "span"})
-
-
-def _checked_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(map(str, set(overrides) - set(OVERRIDES)))
-    if unknown:
-        raise InvalidConfigError(f"unknown override(s) {', '.join(unknown)}; accepted: {', '.join(OVERRIDES)}")
-    return dict(overrides)
-
-
-def _merged(base: PolicyConfig | None, given: Mapping[str, Any], registry: Registry) -> Policy:
-    """The one override merge: ``given`` (override name → value, only those given) applied to ``base``."""
-
-    def merged(role: str) -> ComponentLike:
-        override = given.get(role)
-        if base is None:
-            return override
-        ref: ComponentRef = getattr(base, role)
-        if override is None:
-            return ref
-        if isinstance(override, Mapping) and "name" not in override:
-            return ComponentRef(ref.name, {**ref.config, **override})
-        return override
-
-    protect = base.protect if base is not None else Protection()
-    sinks, recent = given.get("sinks"), given.get("recent")
-    if sinks is not None or recent is not None:
-        protect = attrs.evolve(protect, **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None})
-    schedule = given.get("schedule")
-    if given.get("every") is not None:
-        schedule = Schedule("every_n", every=given["every"])
-    skip_layers = given.get("skip_layers")
-    return Policy(
-        merged("extractor"),
-        merged("scorer"),
-        merged("selector"),
-        schedule=schedule or (base.schedule if base is not None else None),
-        protect=protect,
-        budget=given["budget"] if "budget" in given else (base.budget if base is not None else None),
-        skip_layers=skip_layers if skip_layers is not None else (base.skip_layers if base is not None else ()),
-        pooler=_merged_pooler(base, given.get("pooler", ...), given.get("span", ...)),
-        span=given.get("span"),
-        registry=registry,
-    )

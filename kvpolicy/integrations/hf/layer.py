@@ -1,0 +1,284 @@
+"""Storage of one evicting layer: keys, values and everything aligned with them, kept together.
+
+An `EvictingLayer` stores keys and values ``[batch, kv_heads, tokens, head_dim]`` and, aligned
+with them, the absolute position of every kept token, optionally its token id, the attention it
+has accumulated, a ``valid`` mask for padded slots and the per-token state components keep in
+``LayerView.state``. `EvictingLayer.gather` applies a `Selection` to all of them at once, so
+nothing ever goes out of step. Sliding-window layers stay transformers' own
+`DynamicSlidingWindowLayer`: they trim themselves and are never evicted.
+
+Left-padded batches: each row numbers its own tokens (a padded slot is stored at position -1 and
+``valid`` False, never counted or scored) and keeps its own schedule counters
+(`EvictingLayer.row_seen`, ``row_new``, ``row_passes``). What the policy sees of a layer is
+built in `kvpolicy.integrations.hf.layer_view`; when a pass runs, in
+`kvpolicy.integrations.hf.eviction`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvpolicy.errors import ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.window import AttentionWindow
+from kvpolicy.types import Selection, extend_tokens
+
+#: position stored for a padded (invalid) slot; such a slot is never attended
+PADDED_POSITION = -1
+
+
+def expand_index(indices: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``indices [batch, kv_heads, kept]`` broadcast over the trailing dimensions of ``tensor``."""
+    return indices.reshape(*indices.shape, *([1] * (tensor.dim() - 3))).expand(*indices.shape, *tensor.shape[3:])
+
+
+def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gather ``tensor [batch, kv_heads, tokens, ...]`` along tokens with ``indices [batch, kv_heads, kept]``."""
+    return tensor.gather(2, expand_index(indices, tensor))
+
+
+def _keeps_all(indices: torch.Tensor, tokens: int) -> bool:
+    """Whether ``indices [batch, kv_heads, kept]`` keep all ``tokens`` in their stored order."""
+    if indices.shape[2] != tokens:
+        return False
+    return bool((indices == torch.arange(tokens, device=indices.device)).all())
+
+
+def valid_first(valid: torch.Tensor) -> bool:
+    """Whether every head lists its valid slots first (true after any pass; false while a row's
+    left padding is still stored)."""
+    return not bool((valid[..., 1:] & ~valid[..., :-1]).any())
+
+
+def check_state(name: str, tensor: object, tokens: int) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() < 3 or tensor.shape[2] > tokens:
+        raise ShapeError(
+            f"LayerView.state[{name!r}] must be a tensor [batch, kv_heads, tokens', ...] with tokens' <= "
+            f"{tokens}; got {tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
+        )
+
+
+class EvictingLayer(DynamicLayer):
+    """One full-attention layer whose tokens a policy may evict (see the module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__()
+        self.positions: torch.Tensor | None = None  # [batch, kv_heads, tokens] int64
+        self.token_ids: torch.Tensor | None = None  # [batch, kv_heads, tokens] int64, when required
+        self.valid: torch.Tensor | None = None  # [batch, kv_heads, tokens] bool; None = every slot valid
+        self.accumulated: torch.Tensor | None = None  # [batch, kv_heads, tokens] float32, when required
+        self.state: dict[str, torch.Tensor] = {}
+        self.window: AttentionWindow | None = None  # attention rows of the newest queries (in-pass)
+        #: per batch row (int64, on the CPU): tokens seen (padding excluded), tokens since the
+        #: row's last eviction pass, eviction passes run; None before the first append
+        self.row_seen: torch.Tensor | None = None
+        self.row_new: torch.Tensor | None = None
+        self.row_passes: torch.Tensor | None = None
+        #: which rows hold each `state` entry ([batch] bool): rows evict on their own schedules
+        self.state_rows: dict[str, torch.Tensor] = {}
+        self.finished = False  # the policy's schedule will never run another pass on this layer (any row)
+
+    # ----------------------------------------------------------------- filling
+
+    def append(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        token_ids: torch.Tensor | None,
+        new_valid: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new tokens at ``positions [batch, tokens]`` (each row's own, -1 where padded);
+        ``token_ids [batch, tokens]`` or None; ``new_valid [batch, tokens]`` False at padding (None:
+        all real) with ``counts [batch]`` real tokens per row (CPU)."""
+        before = self.tokens
+        keys, values = DynamicLayer.update(self, key_states, value_states)
+        batch, kv_heads, new = key_states.shape[:3]
+        shape = (batch, kv_heads, new)
+        new_positions = positions.to(key_states.device).view(batch, 1, new).expand(shape)
+        self.positions = (
+            new_positions.clone() if self.positions is None else torch.cat([self.positions, new_positions], 2)
+        )
+        if token_ids is not None:
+            ids = token_ids.to(key_states.device).view(batch, 1, new).expand(shape)
+            self.token_ids = ids.clone() if self.token_ids is None else torch.cat([self.token_ids, ids], 2)
+        if new_valid is not None or self.valid is not None:
+            old = (
+                self.valid
+                if self.valid is not None
+                else self.positions.new_ones((batch, kv_heads, before), dtype=torch.bool)
+            )
+            fresh = (
+                old.new_ones(shape) if new_valid is None else new_valid.to(old.device).view(batch, 1, new).expand(shape)
+            )
+            self.valid = torch.cat([old, fresh], 2)
+        if counts is None:
+            counts = torch.full((batch,), new, dtype=torch.long)
+        if self.row_seen is None:
+            self.row_seen = self.row_new = self.row_passes = torch.zeros(batch, dtype=torch.long)
+        self.row_seen = self.row_seen + counts
+        self.row_new = self.row_new + counts
+        return keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
+        raise UnsupportedModelError(
+            "an EvictingLayer is appended to through EvictingCache.update, which knows the absolute positions"
+        )
+
+    def add_rows(self, rows: torch.Tensor, positions: torch.Tensor, window: int) -> None:
+        """Keep ``rows [batch, kv_heads, queries, tokens]`` computed in this call's attention pass
+        (queries at ``positions [batch, queries]``) among the ``window`` newest."""
+        if self.window is None:
+            self.window = AttentionWindow(window)
+        self.window = self.window.append(rows, positions.to(rows.device))
+
+    def add_accumulated(self, columns: torch.Tensor) -> None:
+        """Add ``[batch, kv_heads, tokens]`` attention received (the cache's current tokens)."""
+        if self.accumulated is None:
+            self.accumulated = torch.zeros_like(columns)
+        self.accumulated = extend_tokens(self.accumulated, columns.shape[2]) + columns
+
+    # ----------------------------------------------------------------- what the policy sees
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[2]
+
+    def kept_per_head(self) -> torch.Tensor:
+        """``[batch, kv_heads]`` tokens each head really keeps (padded slots excluded)."""
+        if self.positions is None:
+            return torch.zeros(0, 0)
+        if self.valid is None:
+            return torch.full(self.positions.shape[:2], float(self.tokens))
+        return self.valid.sum(-1).float()
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[0]
+
+    @property
+    def eviction_passes(self) -> int:
+        """Eviction passes run, by the row that ran the most."""
+        return 0 if self.row_passes is None else int(self.row_passes.max())
+
+    def cached_rows(self) -> list[int]:
+        """Tokens per head of each row for the schedule: the physical length, or the row's mean
+        kept over its heads if they differ (what the row alone would hold)."""
+        if self.valid is None:
+            return [self.tokens] * self.batch
+        return [math.ceil(x) for x in self.valid.sum(-1).float().mean(-1).tolist()]
+
+    def finish_pass(self, rows: list[int] | None = None, policy: Any = None) -> None:
+        """After an eviction pass of ``rows`` (all by default): count it; once no row has tokens
+        since its pass, forget the statistics; once ``policy`` can run no further pass on any row
+        (`Policy.will_run_again`), mark the layer finished: its attention records nothing more."""
+        if rows is None or len(rows) == self.batch:
+            self.row_passes = self.row_passes + 1
+            self.row_new = torch.zeros_like(self.row_new)
+        else:
+            done = torch.zeros(self.batch, dtype=torch.bool)
+            done[rows] = True
+            self.row_passes = self.row_passes + done.long()
+            self.row_new = self.row_new.masked_fill(done, 0)
+        if not bool(self.row_new.any()):
+            self.window = None
+        if policy is not None:
+            self.finished = not policy.will_run_again(passes_done=int(self.row_passes.min()))
+
+    # ----------------------------------------------------------------- eviction
+
+    def gather(self, selection: Selection) -> None:
+        """Keep the selected tokens: keys, values, positions, ids, statistics and state together."""
+        indices = selection.indices.to(self.keys.device, torch.long)
+        batch, kv_heads, tokens = self.positions.shape
+        if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, kv_heads):
+            raise ShapeError(
+                f"selection indices have shape {tuple(indices.shape)}; expected [batch={batch}, kv_heads={kv_heads}, kept]"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= tokens):
+            raise ShapeError(
+                f"selection indices must lie in [0, {tokens}); got {int(indices.min())}..{int(indices.max())}"
+            )
+        valid = None
+        if selection.valid is not None:
+            if selection.valid.shape != indices.shape:
+                raise ShapeError(
+                    f"selection.valid has shape {tuple(selection.valid.shape)}, indices {tuple(indices.shape)}"
+                )
+            valid = selection.valid.to(indices.device, torch.bool)
+        if self.valid is None and (valid is None or bool(valid.all())) and _keeps_all(indices, tokens):
+            return  # every token kept, in order: nothing to move (a NAMM that evicts nothing this pass)
+        if self.valid is not None:
+            old = self.valid.gather(2, indices)
+            valid = old if valid is None else valid & old
+        self._take(indices)
+        self.valid = None
+        if valid is not None and not bool(valid.all()):
+            self._compact(valid)
+
+    def _take(self, indices: torch.Tensor) -> None:
+        tokens = self.tokens
+        self.keys = gather_tokens(self.keys, indices)
+        self.values = gather_tokens(self.values, indices)
+        self.positions = self.positions.gather(2, indices)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.gather(2, indices)
+        if self.accumulated is not None:
+            self.accumulated = extend_tokens(self.accumulated, tokens).gather(2, indices)
+        for name, tensor in list(self.state.items()):
+            check_state(name, tensor, tokens)
+            self.state[name] = gather_tokens(extend_tokens(tensor, tokens), indices.to(tensor.device))
+        if self.window is not None:  # rows not yet due still need their window, re-indexed
+            self.window = self.window.take(indices.to(self.window.blocks[0].device), tokens)
+
+    def _compact(self, valid: torch.Tensor) -> None:
+        """Move each head's valid slots first (in order) and trim to the longest head, so padded
+        slots never accumulate; the remaining padding is masked out of attention."""
+        order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)
+        kept = int(valid.sum(-1).max())
+        order = order[..., :kept]
+        valid = valid.gather(2, order)
+        self._take(order)
+        self.positions = self.positions.masked_fill(~valid, PADDED_POSITION)
+        self.valid = None if bool(valid.all()) else valid
+
+    # ----------------------------------------------------------------- transformers' cache API
+
+    def reset(self) -> None:
+        super().reset()
+        self.__init__()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedModelError(
+            "an evicting cache cannot be cropped (assisted / speculative decoding is not supported)"
+        )
+
+    _BATCHED = (
+        "keys", "values", "positions", "token_ids", "valid", "accumulated",
+        "row_seen", "row_new", "row_passes",
+    )  # fmt: skip
+
+    def _batch_apply(self, fn) -> None:
+        for name in self._BATCHED:
+            tensor = getattr(self, name)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.numel():
+                setattr(self, name, fn(tensor))
+        if self.window is not None:
+            self.window = self.window.map(fn)
+        self.state = {k: fn(v) for k, v in self.state.items()}
+        self.state_rows = {k: fn(v) for k, v in self.state_rows.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_apply(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -21,15 +21,13 @@ cache run up to 64 tokens over budget between evictions, so the gather is not pa
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
-    EmptyConfig,
     LayerView,
     PolicyConfig,
     Protection,
@@ -42,26 +40,16 @@ from kvpolicy_plugins.basic import FeatureScorer
 PAPER_SKIP_LAYERS: tuple[int, ...] = (0, 1)
 
 
-class KeyNormExtractor:
+class KeyNormExtractor(ComponentBase):
     """One feature per token: the L2 norm of its cached key, per KV head."""
 
-    name: ClassVar[str] = "key_norm"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(keys=True)
-
-    @property
-    def num_features(self) -> int:
-        return 1
+    name = "key_norm"
+    requirements = Requirements(keys=True)
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` key norms (float32)."""
-        view.require("keys", by="extractor 'key_norm'")
+        view.require("keys", by=self.label)
         return torch.linalg.vector_norm(view.keys.float(), dim=-1).unsqueeze(-1)
 
 

@@ -34,7 +34,7 @@ import torch
 from kvpolicy import hookimpl, native
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.selection import padding_mask, pool_neighbours
-from kvpolicy.types import LayerView, Requirements, extend_tokens, positive
+from kvpolicy.types import BufferedComponent, LayerView, Requirements, extend_tokens, positive
 
 EMA_KEY = "stft.ema"
 CONTEXT_KEY = "stft.context"
@@ -276,7 +276,7 @@ def folded_hann_spectrogram(
     return out.transpose(2, 3)
 
 
-class StftExtractor:
+class StftExtractor(BufferedComponent):
     """NAMM attention spectrogram + recency (Cetin et al. 2024): 25 features per token by default.
 
     `Stateful`: the per-bin normalisation statistics (``mean``, ``var``, ``count``) are saved with
@@ -284,7 +284,7 @@ class StftExtractor:
     to collect them, then `freeze`. Until calibrated, bins pass through un-normalised.
     """
 
-    name: ClassVar[str] = "stft"
+    name = "stft"
     Config = StftConfig
     #: Tokens per tile of `folded_spectrogram`: a tile's blocks stay in cache (measured fastest
     #: of 32, 64 and 128 on CPU for NAMM's 32 frames).
@@ -292,15 +292,20 @@ class StftExtractor:
     #: Tokens per tile of `folded_hann_spectrogram` (measured fastest of 64, 128 and 256).
     hann_tile: ClassVar[int] = 128
 
-    def __init__(self, config: StftConfig | None = None) -> None:
-        self.config = config or StftConfig()
+    def setup(self) -> None:
+        super().setup()
         self.calibrating = False
-        bins = self.config.bins
-        self._mean = torch.zeros(bins, dtype=torch.float64)
-        self._var = torch.ones(bins, dtype=torch.float64)
-        self._count = torch.zeros(1, dtype=torch.float64)
         self._bases: dict[torch.device, torch.Tensor] = {}
         self._half_dfts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def initial_buffers(self) -> dict[str, torch.Tensor]:
+        """Per-bin normalisation statistics: ``mean``, ``var`` and the ``count`` of values seen."""
+        bins = self.config.bins
+        return {
+            "mean": torch.zeros(bins, dtype=torch.float64),
+            "var": torch.ones(bins, dtype=torch.float64),
+            "count": torch.zeros(1, dtype=torch.float64),
+        }
 
     @property
     def requirements(self) -> Requirements:
@@ -314,36 +319,19 @@ class StftExtractor:
 
     @property
     def calibrated(self) -> bool:
-        return bool(self._count.item() > 0)
+        return bool(self.buffers["count"].item() > 0)
 
     def start_calibration(self) -> None:
         """Forget any statistics and collect new ones on every following `extract`."""
-        self._mean.zero_()
-        self._var.fill_(1.0)
-        self._count.zero_()
+        self.buffers = self.initial_buffers()
         self.calibrating = True
 
     def freeze(self) -> None:
         """Stop collecting; the statistics gathered so far are used from now on."""
         self.calibrating = False
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self._mean.clone(), "var": self._var.clone(), "count": self._count.clone()}
-
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = {"mean", "var", "count"} - set(state)
-        if missing:
-            raise KeyError(f"stft statistics lack {sorted(missing)}; expected mean, var and count")
-        bins = self.config.bins
-        for key, size in (("mean", bins), ("var", bins), ("count", 1)):
-            if tuple(state[key].shape) != (size,):
-                raise ValueError(
-                    f"stft statistic {key!r} has shape {tuple(state[key].shape)}, expected ({size},) "
-                    f"for n_fft={self.config.n_fft}"
-                )
-        self._mean = state["mean"].detach().to(torch.float64).cpu().clone()
-        self._var = state["var"].detach().to(torch.float64).cpu().clone()
-        self._count = state["count"].detach().to(torch.float64).cpu().clone()
+        super().load_state_dict(state)
         self.calibrating = False
 
     def _accumulate(self, values: torch.Tensor) -> None:
@@ -354,15 +342,16 @@ class StftExtractor:
             return
         mean_b = flat.mean(0)
         var_b = flat.var(0, unbiased=False)
-        n_a = self._count.item()
+        mean, var, count = self.buffers["mean"], self.buffers["var"], self.buffers["count"]
+        n_a = count.item()
         total = n_a + n_b
-        delta = mean_b - self._mean
+        delta = mean_b - mean
         if n_a == 0:
-            self._mean, self._var = mean_b, var_b
+            mean, var = mean_b, var_b
         else:
-            self._mean = self._mean + delta * (n_b / total)
-            self._var = (self._var * n_a + var_b * n_b + delta.square() * (n_a * n_b / total)) / total
-        self._count.fill_(total)
+            mean = mean + delta * (n_b / total)
+            var = (var * n_a + var_b * n_b + delta.square() * (n_a * n_b / total)) / total
+        self.buffers = {"mean": mean, "var": var, "count": count.fill_(total)}
 
     # ----------------------------------------------------------------- features
 
@@ -470,8 +459,8 @@ class StftExtractor:
             self._accumulate(ema)
         spectral = ema
         if cfg.normalize and (self.calibrated or self.calibrating):
-            mean = self._mean.to(device=ema.device, dtype=torch.float32)
-            std = self._var.sqrt().clamp_min(cfg.eps).to(device=ema.device, dtype=torch.float32)
+            mean = self.buffers["mean"].to(device=ema.device, dtype=torch.float32)
+            std = self.buffers["var"].sqrt().clamp_min(cfg.eps).to(device=ema.device, dtype=torch.float32)
             spectral = (ema - mean) / std
         if not cfg.recency_dims:
             return spectral
@@ -531,11 +520,8 @@ class StftVotesExtractor(StftExtractor):
     the width-31 feature ranks tokens exactly as the raw votes with ``span=31`` do.
     """
 
-    name: ClassVar[str] = "stft_votes"
+    name = "stft_votes"
     Config = StftVotesConfig
-
-    def __init__(self, config: StftVotesConfig | None = None) -> None:
-        super().__init__(config or StftVotesConfig())
 
     def extract(self, view: LayerView) -> torch.Tensor:
         spectral = super().extract(view)

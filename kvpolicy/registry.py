@@ -47,9 +47,6 @@ _REGISTER_HOOKS: dict[ComponentKind, str] = {
     "optimizer": "kvpolicy_register_optimizers",
 }
 
-#: the preset hook, then its deprecated name (still called, with a DeprecationWarning from pluggy)
-_PRESET_HOOKS = ("kvpolicy_register_presets", "kvpolicy_register_policies")
-
 
 class PluginLoadWarning(KVPolicyWarning):
     """A plugin was skipped because it could not be loaded or registered."""
@@ -64,17 +61,10 @@ class ComponentSpec:
     cls: type
     plugin: str
     description: str = ""
-    #: for a name registered as an alias of a configured component (``register(name, cls,
-    #: config={...})``): the config fields the name stands for; a given config is merged over them
-    defaults: Mapping[str, Any] | None = attrs.field(default=None, eq=False, hash=False)
 
     @property
     def config_cls(self) -> type:
         return self.cls.Config
-
-    @property
-    def is_alias(self) -> bool:
-        return self.defaults is not None
 
 
 @attrs.frozen
@@ -288,10 +278,9 @@ class Registry:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=self._component_register(kind, plugin_name, staged))
-        for hook_name in _PRESET_HOOKS:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(register=self._preset_register(plugin_name, staged_presets))
+        for impl in self.pm.hook.kvpolicy_register_presets.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(register=self._preset_register(plugin_name, staged_presets))
         clashes: list[tuple[str, str, str]] = [
             (spec.kind, spec.name, components[spec.kind][spec.name].plugin)
             for spec in staged
@@ -315,16 +304,12 @@ class Registry:
     def _component_register(
         self, kind: ComponentKind, plugin_name: str, staged: list[ComponentSpec]
     ) -> Callable[..., None]:
-        def register(name: str, cls: type, *, description: str = "", config: Mapping[str, Any] | None = None) -> None:
+        def register(name: str, cls: type, *, description: str = "") -> None:
             _validate_name(kind, name)
             config_cls = getattr(cls, "Config", None)
             if config_cls is None or not attrs.has(config_cls):
                 raise InvalidConfigError(f"{kind} {name!r} ({cls!r}) needs a `Config` attribute that is an attrs class")
-            if config is not None:  # an alias: a second name for `cls` with these config fields
-                if not isinstance(config, Mapping):
-                    raise InvalidConfigError(f"{kind} alias {name!r} needs its config as a mapping, got {config!r}")
-                config_from_dict(config_cls, config)  # a bad alias fails when registered, not when used
-            elif getattr(cls, "name", None) != name:
+            if getattr(cls, "name", None) != name:
                 raise InvalidConfigError(
                     f"{kind} {name!r} is registered with class {cls.__name__} whose `name` is "
                     f"{getattr(cls, 'name', None)!r}; they must agree so saved policies rebuild by name"
@@ -332,17 +317,8 @@ class Registry:
             for spec in staged:
                 if spec.kind == kind and spec.name == name:
                     raise DuplicateComponentError(kind, name, self._provider(plugin_name), self._provider(plugin_name))
-            if config is not None and not description:
-                description = f"{cls.name} with {dict(config)}"
             staged.append(
-                ComponentSpec(
-                    kind,
-                    name,
-                    cls,
-                    plugin_name,
-                    description or (cls.__doc__ or "").strip().split("\n")[0],
-                    None if config is None else dict(config),
-                )
+                ComponentSpec(kind, name, cls, plugin_name, description or (cls.__doc__ or "").strip().split("\n")[0])
             )
 
         return register
@@ -391,14 +367,8 @@ class Registry:
     def create(
         self, kind: ComponentKind, name: str, config: Mapping[str, Any] | Any | None = None, **kwargs: Any
     ) -> Any:
-        """Build a component by name; ``config`` is a dict of fields or an instance of its Config.
-
-        An alias (``register(name, cls, config={...})``) builds ``cls`` with its fields, the given
-        ones merged over them; the component is ``cls``'s own, so a policy saved from it names
-        ``cls.name``."""
+        """Build a component by name; ``config`` is a dict of fields or an instance of its Config."""
         spec = self.spec(kind, name)
-        if spec.is_alias and (config is None or isinstance(config, Mapping)):
-            config = {**spec.defaults, **(config or {})}
         if config is None or isinstance(config, Mapping):
             config = config_from_dict(spec.config_cls, config)
         elif not isinstance(config, spec.config_cls):

@@ -9,8 +9,7 @@ chunked prefill included, so a token leaving the recent window competes with the
 at once, as in the paper's greedy algorithm.
 
 Components: extractor ``accumulated_attention`` → scorer ``feature`` (the score is feature 0, the
-accumulated attention itself) → selector ``heavy_recent``. The scorer name ``h2o`` stays registered
-as an alias of that ``feature`` scorer, so policy files that name it load and score the same.
+accumulated attention itself) → selector ``heavy_recent``.
 
 Deviation: with grouped-query attention the paper's per-head score becomes the mean over the
 query heads of a KV-head group (one cache per KV head); the paper's models had none.
@@ -35,7 +34,6 @@ from kvpolicy.types import (
     Schedule,
     Selection,
 )
-from kvpolicy_plugins.basic import FeatureScorer
 
 _KEEP = float("inf")
 
@@ -106,11 +104,6 @@ def kvpolicy_register_extractors(register) -> None:
 
 #: H2O's scorer: the accumulated attention (feature 0) is the score
 H2O_SCORER = {"index": 0, "sign": 1.0}
-
-
-@hookimpl
-def kvpolicy_register_scorers(register) -> None:
-    register("h2o", FeatureScorer, config=H2O_SCORER, description="H2O: score = accumulated attention (feature 0)")
 
 
 @hookimpl

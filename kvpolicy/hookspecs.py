@@ -27,12 +27,10 @@ ENTRY_POINT_GROUP = "kvpolicy"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-#: ``register(name, component_cls, *, description="", config=None)``. ``component_cls`` has a
-#: ``Config`` attribute (a frozen attrs class) and is constructed as ``component_cls(config)``.
-#: With ``config`` (a mapping of its fields), ``name`` is an alias: another name for
-#: ``component_cls`` configured so (how a retired component's name keeps loading).
+#: ``register(name, component_cls, *, description="")``. ``component_cls`` has a ``Config``
+#: attribute (a frozen attrs class) and is constructed as ``component_cls(config)``.
 RegisterComponent = Callable[..., None]
-#: ``register(name, config, *, description="")`` with ``config`` a `kvpolicy.PolicyConfig`.
+#: ``register(name, config, *, description="", weights=None)`` with ``config`` a `kvpolicy.PolicyConfig`.
 RegisterPolicy = Callable[..., None]
 
 
@@ -112,22 +110,6 @@ def kvpolicy_register_presets(register: RegisterPolicy) -> None:
     NAMM ships.
 
     .. versionadded:: 0.1
-       as ``kvpolicy_register_policies``, the deprecated name that still works.
-    """
-
-
-@hookspec(
-    warn_on_impl=DeprecationWarning(
-        "kvpolicy_register_policies is deprecated: rename the hook to kvpolicy_register_presets "
-        "(same arguments); it registers presets"
-    )
-)
-def kvpolicy_register_policies(register: RegisterPolicy) -> None:
-    """Deprecated name of `kvpolicy_register_presets`: it still registers presets, and warns.
-
-    .. versionadded:: 0.1
-    .. deprecated:: 0.1
-       use ``kvpolicy_register_presets``.
     """
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.errors import ShapeError
+from kvpolicy.types.base import ComponentBase
 
 
 class FlatParameters:
@@ -75,11 +76,20 @@ def check_features(owner: str, features: torch.Tensor, expected: int) -> None:
         )
 
 
-class HasFlatParameters:
-    """Mixin giving a component the `kvpolicy.types.Parametric` methods of its ``params``
-    (a `FlatParameters`), so each scorer with weights only declares their shapes."""
+class ParametricComponent(ComponentBase):
+    """A component with learnable weights: it declares their shapes (`parameter_shapes`) and
+    reads them with ``self.params.unpack(batch, device, dtype)``; the `kvpolicy.types.Parametric`
+    methods (``num_params``, ``get_flat``, ``set_flat``) come with it, so every component with
+    weights, a third party's included, treats populations the same way."""
 
     params: FlatParameters
+
+    def setup(self) -> None:
+        self.params = FlatParameters(self.label, self.parameter_shapes())
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every weight tensor, in the order of the flat vector."""
+        raise NotImplementedError(f"{type(self).__name__} must define parameter_shapes()")
 
     @property
     def num_params(self) -> int:

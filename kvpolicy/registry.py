@@ -1,17 +1,14 @@
-"""The plugin registry (tier 2): one pluggy `PluginManager`, a typed facade over its hooks.
+"""The plugin registry (tier 2): one pluggy `PluginManager` and the names its plugins provide.
 
 Built-in components are not special: they live in the ``kvpolicy_plugins`` package and are found
-through entry points in group ``kvpolicy``, exactly as a third party's. Entry points are loaded
-one by one; a plugin that fails to import or register is reported with a warning naming it and
-skipped, so one broken plugin never makes the library unusable. Set ``KVPOLICY_STRICT_PLUGINS=1``
-(CI does) to turn those warnings into `PluginLoadError`.
+through entry points in group ``kvpolicy``, exactly as a third party's. The registry's promise is
+that a broken or clashing plugin never takes down what does not depend on it:
 
-Plugins are told apart by distribution and module, never by entry-point name alone: two
-distributions that use the same entry-point name are both loaded, each as
-``<distribution>:<name>``, with a `PluginClashWarning` naming both. Two plugins that register the
-same component or preset name make that one name unusable (a `DuplicateComponentError` naming
-both, when it is used) while everything else keeps working and ``kvpolicy plugins`` lists the
-conflict; strict mode raises at load time instead.
+- entry points are loaded one by one; one that fails to import or register is skipped with a
+  `PluginLoadWarning` naming it (a `PluginLoadError` with ``KVPOLICY_STRICT_PLUGINS=1``, as in CI);
+- two distributions using one entry-point name are both loaded, as ``<distribution>:<name>``;
+- a name two plugins register is unusable (a `DuplicateComponentError` naming both, when used)
+  while everything else works; in strict mode, or for a plugin registered in code, it raises at once.
 """
 
 from __future__ import annotations
@@ -39,16 +36,9 @@ from kvpolicy.errors import (
 from kvpolicy.types import COMPONENT_KINDS, PROTOCOLS, ComponentKind, ModelAdapter, PolicyConfig, config_from_dict
 
 STRICT_ENV = "KVPOLICY_STRICT_PLUGINS"
-_REGISTER_HOOKS: dict[ComponentKind, str] = {
-    "extractor": "kvpolicy_register_extractors",
-    "scorer": "kvpolicy_register_scorers",
-    "pooler": "kvpolicy_register_poolers",
-    "selector": "kvpolicy_register_selectors",
-    "optimizer": "kvpolicy_register_optimizers",
-}
-
-#: the preset hook, then its deprecated name (still called, with a DeprecationWarning from pluggy)
-_PRESET_HOOKS = ("kvpolicy_register_presets", "kvpolicy_register_policies")
+#: the registration hook of each component kind
+REGISTER_HOOKS: dict[ComponentKind, str] = {kind: f"kvpolicy_register_{kind}s" for kind in COMPONENT_KINDS}
+PRESET = "policy preset"  # the kind under which presets are registered (and named in errors)
 
 
 class PluginLoadWarning(KVPolicyWarning):
@@ -64,30 +54,23 @@ class ComponentSpec:
     cls: type
     plugin: str
     description: str = ""
-    #: for a name registered as an alias of a configured component (``register(name, cls,
-    #: config={...})``): the config fields the name stands for; a given config is merged over them
-    defaults: Mapping[str, Any] | None = attrs.field(default=None, eq=False, hash=False)
 
     @property
     def config_cls(self) -> type:
         return self.cls.Config
 
-    @property
-    def is_alias(self) -> bool:
-        return self.defaults is not None
-
 
 @attrs.frozen
 class PresetSpec:
-    """One registered policy preset."""
+    """One registered policy preset; ``weights``: a saved policy file (`Policy.save`) whose learned
+    parameters and frozen buffers it starts with (e.g. an evolved NAMM shipped as package data)."""
 
     name: str
     config: PolicyConfig
     plugin: str
     description: str = ""
-    #: a saved policy file (`Policy.save`) whose learned parameters and frozen buffers the
-    #: preset starts with, e.g. an evolved NAMM shipped as package data; None: a fresh policy
     weights: str | None = None
+    kind: str = PRESET
 
 
 @attrs.frozen
@@ -112,20 +95,60 @@ class Conflict:
     providers: tuple[str, ...]
 
 
-def _dist_of(ep: Any) -> tuple[str | None, str | None]:
-    """``(distribution name, version)`` an entry point comes from, or ``(None, None)``."""
+@attrs.frozen
+class _Origin:
+    """Where a plugin comes from: its distribution and version, and the module of its entry point."""
+
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+
+
+Spec = ComponentSpec | PresetSpec
+
+
+def _key(spec: Spec) -> tuple[str, str]:
+    return spec.kind, spec.name
+
+
+def _label(spec: Spec) -> str:
+    """``scorer:tova``, ``policy:h2o``: how ``kvpolicy plugins`` lists a name."""
+    return f"{'policy' if spec.kind == PRESET else spec.kind}:{spec.name}"
+
+
+def _origin_of(ep: Any, module: str | None = None) -> _Origin:
     dist = getattr(ep, "dist", None)
-    return (dist.metadata["Name"], dist.version) if dist is not None else (None, None)
+    return _Origin(dist.metadata["Name"], dist.version, module) if dist is not None else _Origin(module=module)
 
 
-def _strict_from_env() -> bool:
-    return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+def _where(ep: Any) -> str:
+    origin = _origin_of(ep)
+    return f"{origin.distribution} {origin.version} ({ep.value})" if origin.distribution else ep.value
 
 
-def _validate_name(kind: str, name: Any) -> str:
+def _valid_name(kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
         raise InvalidConfigError(f"{kind} name {name!r} is not valid: use letters, digits, '-', '_' or '.'")
-    return name
+
+
+def _component_spec(kind: ComponentKind, name: str, cls: type, plugin: str, description: str) -> ComponentSpec:
+    """A checked registration: the class has an attrs ``Config`` and is named ``name`` (saved policies rebuild by name)."""
+    _valid_name(kind, name)
+    if not attrs.has(getattr(cls, "Config", None) or object):
+        raise InvalidConfigError(f"{kind} {name!r} ({cls!r}) needs a `Config` attribute that is an attrs class")
+    if getattr(cls, "name", None) != name:
+        raise InvalidConfigError(
+            f"{kind} {name!r} is registered with class {cls.__name__} whose `name` is "
+            f"{getattr(cls, 'name', None)!r}; they must agree so saved policies rebuild by name"
+        )
+    return ComponentSpec(kind, name, cls, plugin, description or (cls.__doc__ or "").strip().split("\n")[0])
+
+
+def _preset_spec(name: str, config: Any, plugin: str, description: str, weights: Any) -> PresetSpec:
+    _valid_name(PRESET, name)
+    if not isinstance(config, PolicyConfig):
+        raise InvalidConfigError(f"policy preset {name!r} must be a PolicyConfig, got {type(config).__name__}")
+    return PresetSpec(name, config, plugin, description, None if weights is None else os.fspath(weights))
 
 
 class Registry:
@@ -136,18 +159,18 @@ class Registry:
     entry_points:
         Load plugins from entry points in group ``kvpolicy`` (the built-ins included).
     strict:
-        Raise instead of warning when a plugin is broken. Defaults to ``$KVPOLICY_STRICT_PLUGINS``.
+        Raise instead of warning when a plugin is broken or clashes. Defaults to ``$KVPOLICY_STRICT_PLUGINS``.
     """
 
     def __init__(self, *, entry_points: bool = True, strict: bool | None = None) -> None:
-        self.strict = _strict_from_env() if strict is None else strict
+        if strict is None:
+            strict = os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+        self.strict = strict
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self._dists: dict[str, tuple[str | None, str | None]] = {}
-        self._modules: dict[str, str] = {}
-        self._components: dict[ComponentKind, dict[str, ComponentSpec]] = {k: {} for k in COMPONENT_KINDS}
-        self._presets: dict[str, PresetSpec] = {}
-        self._conflicts: dict[tuple[str, str], list[str]] = {}
+        self._origins: dict[str, _Origin] = {}  # plugin name → where it comes from
+        self._provided: dict[str, list[Spec]] = {}  # plugin name → what it registered, in order
+        self._providers: dict[tuple[str, str], list[Spec]] = {}  # (kind, name) → its specs, first first
         if entry_points:
             self.load_entry_points()
 
@@ -156,303 +179,201 @@ class Registry:
     def load_entry_points(self) -> None:
         """Load every entry point of group ``kvpolicy`` one by one (broken ones warn and skip).
 
-        Entry points are grouped by name; a name used by several (distribution, module) pairs
-        loads each of them as ``<distribution>:<name>`` and warns, naming all of them."""
-        groups: dict[str, list[Any]] = {}
+        An entry-point name used by several distributions loads each as ``<distribution>:<name>``
+        and warns, naming all of them."""
+        by_name: dict[str, list[Any]] = {}
         for ep in importlib_metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
-            groups.setdefault(ep.name, []).append(ep)
-        loaded = {(self._dists.get(n, (None, None))[0], module) for n, module in self._modules.items()}
-        for ep_name in sorted(groups):
-            group = sorted(groups[ep_name], key=lambda e: (_dist_of(e)[0] or "", e.value))
-            clash = len(group) > 1
-            if clash:
-                self._warn_name_clash(ep_name, group)
+            by_name.setdefault(ep.name, []).append(ep)
+        for ep_name, group in sorted(by_name.items()):
+            group.sort(key=lambda ep: (_origin_of(ep).distribution or "", ep.value))
+            if len(group) > 1:
+                names = ", ".join(repr(self._qualified(ep)) for ep in group)
+                warnings.warn(
+                    f"kvpolicy entry point name {ep_name!r} is used by {len(group)} plugins: "
+                    f"{' and '.join(map(_where, group))}; all are loaded, as plugins {names}",
+                    PluginClashWarning,
+                    stacklevel=2,
+                )
             for ep in group:
-                dist_info = _dist_of(ep)
-                if (dist_info[0], ep.value) in loaded:  # loaded already (load_entry_points called again)
-                    continue
-                name = f"{dist_info[0] or ep.value}:{ep_name}" if clash else ep_name
-                if self.pm.is_blocked(ep_name) or self.pm.is_blocked(name):
-                    continue
-                if self.pm.has_plugin(name):  # taken by a plugin registered in code: keep both
-                    name = f"{dist_info[0] or ep.value}:{ep_name}"
-                try:
-                    plugin = ep.load()
-                except Exception as exc:  # noqa: BLE001 - any import error of a third party's code
-                    self._broken(name, dist_info[0], f"cannot be imported: {type(exc).__name__}: {exc}", exc)
-                    continue
-                if self.register_plugin(plugin, name=name, _dist=dist_info, _conflicts="record"):
-                    self._modules[name] = ep.value
+                self._load(ep, self._qualified(ep) if len(group) > 1 else ep.name)
 
-    def _warn_name_clash(self, ep_name: str, group: list[Any]) -> None:
-        def where(ep: Any) -> str:
-            dist, version = _dist_of(ep)
-            return f"{dist} {version} ({ep.value})" if dist else ep.value
+    @staticmethod
+    def _qualified(ep: Any) -> str:
+        return f"{_origin_of(ep).distribution or ep.value}:{ep.name}"
 
-        names = [f"{_dist_of(ep)[0] or ep.value}:{ep_name}" for ep in group]
-        warnings.warn(
-            f"kvpolicy entry point name {ep_name!r} is used by {len(group)} plugins: "
-            f"{' and '.join(where(ep) for ep in group)}; all are loaded, as plugins {', '.join(map(repr, names))}",
-            PluginClashWarning,
-            stacklevel=3,
-        )
+    def _load(self, ep: Any, name: str) -> None:
+        origin = _origin_of(ep, ep.value)
+        if origin in self._origins.values() or self.pm.is_blocked(ep.name) or self.pm.is_blocked(name):
+            return  # loaded already (load_entry_points called again), or blocked
+        if self.pm.has_plugin(name):  # taken by a plugin registered in code: keep both
+            name = self._qualified(ep)
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import error of a third party's code
+            self._broken(name, origin, f"cannot be imported: {type(exc).__name__}: {exc}", exc)
+            return
+        self._add(plugin, name, origin, from_entry_point=True)
 
-    def register_plugin(
-        self, plugin: object, name: str | None = None, *, _dist: tuple | None = None, _conflicts: str = "raise"
-    ) -> str | None:
+    def register_plugin(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin object (a module or an instance with hookimpls) from code.
 
         Returns the plugin's name, or None if it was skipped as broken (non-strict mode). A name
-        another plugin registered already raises `DuplicateComponentError` (nothing of this
-        plugin is kept); entry points (``_conflicts="record"``) instead record the conflict.
-        """
+        another plugin registered already raises `DuplicateComponentError` naming both, and
+        nothing of this plugin is kept."""
+        return self._add(plugin, name, _Origin(), from_entry_point=False)
+
+    def _add(self, plugin: object, name: str | None, origin: _Origin, *, from_entry_point: bool) -> str | None:
         try:
             name = self.pm.register(plugin, name=name)
+            assert name is not None
         except (ValueError, pluggy.PluginValidationError) as exc:
-            self._broken(name or repr(plugin), (_dist or (None, None))[0], f"cannot be registered: {exc}", exc)
-            return None
-        assert name is not None
+            return self._broken(name or repr(plugin), origin, f"cannot be registered: {exc}", exc)
         try:
             self.pm.check_pending()  # a misspelt hook (kvpolicy_register_scorer) fails here
-        except pluggy.PluginValidationError as exc:
-            self.pm.unregister(plugin)
-            self._broken(name, (_dist or (None, None))[0], f"has an unknown hook: {exc}", exc)
-            return None
-        self._dists[name] = _dist or (None, None)
-        record = _conflicts == "record" and not self.strict
-        try:
-            clashes = self._collect_from(name, plugin, self._components, self._presets, record=record)
-        except DuplicateComponentError as exc:
-            self.pm.unregister(plugin)
-            dist = self._dists.pop(name, (None, None))[0]
-            if record:  # recording, only a plugin that registers one name twice itself gets here
-                self._broken(name, dist, f"cannot be registered: {exc}", exc)
-                return None
-            raise
+            specs = self._collect(name, plugin)
         except Exception as exc:  # noqa: BLE001 - a third party's registration code failed
             self.pm.unregister(plugin)
-            dist = self._dists.pop(name, (None, None))[0]
-            self._broken(name, dist, f"failed while registering: {type(exc).__name__}: {exc}", exc)
-            return None
-        for kind, component in clashes:
-            providers = " and ".join(self._provider(p) for p in self._conflicts[(kind, component)])
+            why = "has an unknown hook" if isinstance(exc, pluggy.PluginValidationError) else "failed while registering"
+            return self._broken(name, origin, f"{why}: {type(exc).__name__}: {exc}", exc)
+        self._origins[name] = origin
+        clashes = [spec for spec in specs if _key(spec) in self._providers]
+        if clashes and (self.strict or not from_entry_point):
+            self.pm.unregister(plugin)
+            del self._origins[name]
+            first = self._providers[_key(clashes[0])][0].plugin
+            raise DuplicateComponentError(clashes[0].kind, clashes[0].name, self._provider(first), self._provider(name))
+        self._provided[name] = specs
+        self._reindex()
+        for spec in clashes:
+            providers = " and ".join(self._provider(s.plugin) for s in self._providers[_key(spec)])
             warnings.warn(
-                f"{kind} {component!r} is registered by {providers}; that name cannot be used until one of them "
+                f"{spec.kind} {spec.name!r} is registered by {providers}; that name cannot be used until one of them "
                 f"is uninstalled (everything else they provide works). Set {STRICT_ENV}=1 to make this an error.",
                 PluginClashWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         return name
 
-    def unregister_plugin(self, name: str) -> None:
-        plugin = self.pm.get_plugin(name)
-        if plugin is not None:
-            self.pm.unregister(plugin)
-        self._dists.pop(name, None)
-        self._modules.pop(name, None)
-        self._components = {k: {} for k in COMPONENT_KINDS}
-        self._presets = {}
-        self._conflicts = {}
-        for other, obj in self.pm.list_name_plugin():
-            self._collect_from(other, obj, self._components, self._presets, record=True)
+    def _collect(self, plugin_name: str, plugin: object) -> list[Spec]:
+        """Call one plugin's registration hooks; what it registers, checked (a name it registers
+        twice itself is a `DuplicateComponentError`)."""
+        specs: list[Spec] = []
 
-    def _broken(self, name: str, dist: str | None, why: str, exc: BaseException) -> None:
-        where = f" (from distribution {dist})" if dist else ""
+        def add(spec: Spec) -> None:
+            if any(_key(s) == _key(spec) for s in specs):
+                provider = self._provider(plugin_name)
+                raise DuplicateComponentError(spec.kind, spec.name, provider, provider)
+            specs.append(spec)
+
+        def component(kind: ComponentKind) -> Callable[..., None]:
+            def register(name: str, cls: type, *, description: str = "") -> None:
+                add(_component_spec(kind, name, cls, plugin_name, description))
+
+            return register
+
+        def preset(name: str, config: PolicyConfig, *, description: str = "", weights: Any = None) -> None:
+            add(_preset_spec(name, config, plugin_name, description, weights))
+
+        calls = [(hook, component(kind)) for kind, hook in REGISTER_HOOKS.items()]
+        for hook, register in [*calls, ("kvpolicy_register_presets", preset)]:
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=register)
+        return specs
+
+    def unregister_plugin(self, name: str) -> None:
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self._origins.pop(name, None)
+        self._provided.pop(name, None)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Every registered name with the specs of the plugins that provide it, in registration order."""
+        self._providers = {}
+        for specs in self._provided.values():
+            for spec in specs:
+                self._providers.setdefault(_key(spec), []).append(spec)
+
+    def _broken(self, name: str, origin: _Origin, why: str, exc: BaseException) -> None:
+        where = f" (from distribution {origin.distribution})" if origin.distribution else ""
         message = f"kvpolicy plugin {name!r}{where} {why}"
         if self.strict:
             raise PluginLoadError(message) from exc
         warnings.warn(
-            message + f"; skipped it. Set {STRICT_ENV}=1 to make this an error.", PluginLoadWarning, stacklevel=3
+            message + f"; skipped it. Set {STRICT_ENV}=1 to make this an error.", PluginLoadWarning, stacklevel=4
         )
 
-    # ----------------------------------------------------------------- collection
-
-    def _collect_from(
-        self,
-        plugin_name: str,
-        plugin: object,
-        components: dict[ComponentKind, dict[str, ComponentSpec]],
-        presets: dict[str, PresetSpec],
-        *,
-        record: bool = False,
-    ) -> list[tuple[str, str]]:
-        """Call one plugin's registration hooks and commit what it provides.
-
-        A name another plugin registered raises `DuplicateComponentError` before anything is
-        committed; with ``record`` the plugin's other names are committed and the clashing ones
-        become conflicts (returned as ``(kind, name)``), unusable until one provider is removed.
-        """
-        staged: list[ComponentSpec] = []
-        staged_presets: list[PresetSpec] = []
-        for kind, hook_name in _REGISTER_HOOKS.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(register=self._component_register(kind, plugin_name, staged))
-        for hook_name in _PRESET_HOOKS:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(register=self._preset_register(plugin_name, staged_presets))
-        clashes: list[tuple[str, str, str]] = [
-            (spec.kind, spec.name, components[spec.kind][spec.name].plugin)
-            for spec in staged
-            if spec.name in components[spec.kind]
-        ]
-        clashes += [("policy preset", p.name, presets[p.name].plugin) for p in staged_presets if p.name in presets]
-        if clashes and not record:
-            kind, name, first = clashes[0]
-            raise DuplicateComponentError(kind, name, self._provider(first), self._provider(plugin_name))
-        clashing = {(kind, name) for kind, name, _ in clashes}
-        for spec in staged:
-            if (spec.kind, spec.name) not in clashing:
-                components[spec.kind][spec.name] = spec
-        for preset in staged_presets:
-            if ("policy preset", preset.name) not in clashing:
-                presets[preset.name] = preset
-        for kind, name, first in clashes:
-            self._conflicts.setdefault((kind, name), [first]).append(plugin_name)
-        return [(kind, name) for kind, name, _ in clashes]
-
-    def _component_register(
-        self, kind: ComponentKind, plugin_name: str, staged: list[ComponentSpec]
-    ) -> Callable[..., None]:
-        def register(name: str, cls: type, *, description: str = "", config: Mapping[str, Any] | None = None) -> None:
-            _validate_name(kind, name)
-            config_cls = getattr(cls, "Config", None)
-            if config_cls is None or not attrs.has(config_cls):
-                raise InvalidConfigError(f"{kind} {name!r} ({cls!r}) needs a `Config` attribute that is an attrs class")
-            if config is not None:  # an alias: a second name for `cls` with these config fields
-                if not isinstance(config, Mapping):
-                    raise InvalidConfigError(f"{kind} alias {name!r} needs its config as a mapping, got {config!r}")
-                config_from_dict(config_cls, config)  # a bad alias fails when registered, not when used
-            elif getattr(cls, "name", None) != name:
-                raise InvalidConfigError(
-                    f"{kind} {name!r} is registered with class {cls.__name__} whose `name` is "
-                    f"{getattr(cls, 'name', None)!r}; they must agree so saved policies rebuild by name"
-                )
-            for spec in staged:
-                if spec.kind == kind and spec.name == name:
-                    raise DuplicateComponentError(kind, name, self._provider(plugin_name), self._provider(plugin_name))
-            if config is not None and not description:
-                description = f"{cls.name} with {dict(config)}"
-            staged.append(
-                ComponentSpec(
-                    kind,
-                    name,
-                    cls,
-                    plugin_name,
-                    description or (cls.__doc__ or "").strip().split("\n")[0],
-                    None if config is None else dict(config),
-                )
-            )
-
-        return register
-
-    def _preset_register(self, plugin_name: str, staged: list[PresetSpec]) -> Callable[..., None]:
-        def register(
-            name: str, config: PolicyConfig, *, description: str = "", weights: str | os.PathLike[str] | None = None
-        ) -> None:
-            _validate_name("policy preset", name)
-            if not isinstance(config, PolicyConfig):
-                raise InvalidConfigError(f"policy preset {name!r} must be a PolicyConfig, got {type(config).__name__}")
-            staged.append(PresetSpec(name, config, plugin_name, description, None if weights is None else str(weights)))
-
-        return register
-
     def _provider(self, plugin_name: str) -> str:
-        dist, version = self._dists.get(plugin_name, (None, None))
-        return f"plugin {plugin_name!r}" + (f" (distribution {dist} {version})" if dist else "")
+        origin = self._origins.get(plugin_name, _Origin())
+        where = f" (distribution {origin.distribution} {origin.version})" if origin.distribution else ""
+        return f"plugin {plugin_name!r}{where}"
 
     # ----------------------------------------------------------------- queries
 
-    def names(self, kind: ComponentKind) -> list[str]:
-        return sorted(self._components[kind])
+    def _lookup(self, kind: str, name: str, known: Any) -> Any:
+        """The one spec of ``(kind, name)``: an `UnknownComponentError` if none, a
+        `DuplicateComponentError` naming every provider if several plugins registered it."""
+        providers = self._providers.get((kind, name))
+        if not providers:
+            raise UnknownComponentError(kind, name, known)
+        if len(providers) > 1:
+            first, *rest = (self._provider(spec.plugin) for spec in providers)
+            raise DuplicateComponentError(kind, name, first, " and ".join(rest))
+        return providers[0]
+
+    def names(self, kind: ComponentKind | str) -> list[str]:
+        return sorted(name for k, name in self._providers if k == kind)
 
     def conflicts(self) -> list[Conflict]:
         """Names several plugins registered (each unusable until one of its providers is removed)."""
-        return [Conflict(kind, name, tuple(providers)) for (kind, name), providers in sorted(self._conflicts.items())]
-
-    def _refuse_conflict(self, kind: str, name: str) -> None:
-        providers = self._conflicts.get((kind, name))
-        if providers:
-            first, *rest = (self._provider(p) for p in providers)
-            raise DuplicateComponentError(kind, name, first, " and ".join(rest))
+        return [
+            Conflict(kind, name, tuple(spec.plugin for spec in specs))
+            for (kind, name), specs in sorted(self._providers.items())
+            if len(specs) > 1
+        ]
 
     def spec(self, kind: ComponentKind, name: str) -> ComponentSpec:
-        if not isinstance(kind, str) or kind not in self._components:
+        if not isinstance(kind, str) or kind not in COMPONENT_KINDS:
             raise UnknownComponentError("component kind", str(kind), COMPONENT_KINDS)
         if not isinstance(name, str):
             raise InvalidConfigError(f"a {kind} is named by a string, got {name!r}")
-        self._refuse_conflict(kind, name)
-        try:
-            return self._components[kind][name]
-        except KeyError:
-            raise UnknownComponentError(kind, name, self._components[kind]) from None
+        return self._lookup(kind, name, self.names(kind))
 
-    def create(
-        self, kind: ComponentKind, name: str, config: Mapping[str, Any] | Any | None = None, **kwargs: Any
-    ) -> Any:
-        """Build a component by name; ``config`` is a dict of fields or an instance of its Config.
-
-        An alias (``register(name, cls, config={...})``) builds ``cls`` with its fields, the given
-        ones merged over them; the component is ``cls``'s own, so a policy saved from it names
-        ``cls.name``."""
+    def create(self, kind: ComponentKind, name: str, config: Any = None, **kwargs: Any) -> Any:
+        """Build a component by name; ``config`` is None, a mapping of fields or an instance of its Config."""
         spec = self.spec(kind, name)
-        if spec.is_alias and (config is None or isinstance(config, Mapping)):
-            config = {**spec.defaults, **(config or {})}
         if config is None or isinstance(config, Mapping):
             config = config_from_dict(spec.config_cls, config)
         elif not isinstance(config, spec.config_cls):
             raise InvalidConfigError(f"{kind} {name!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}")
         component = spec.cls(config, **kwargs)
-        protocol = PROTOCOLS[kind]
-        if not isinstance(component, protocol):
+        if not isinstance(component, PROTOCOLS[kind]):
             raise InvalidConfigError(
-                f"{kind} {name!r} from {self._provider(spec.plugin)} does not implement {protocol.__name__}"
+                f"{kind} {name!r} from {self._provider(spec.plugin)} does not implement {PROTOCOLS[kind].__name__}"
             )
         return component
 
     def preset_names(self) -> list[str]:
-        return sorted(self._presets)
+        return self.names(PRESET)
 
     def preset(self, name: str) -> PresetSpec:
         if not isinstance(name, str):
             raise InvalidConfigError(f"a policy preset is named by a string, got {name!r}")
-        self._refuse_conflict("policy preset", name)
-        try:
-            return self._presets[name]
-        except KeyError:
-            raise UnknownComponentError("policy preset", name, self._presets) from None
+        return self._lookup(PRESET, name, self.preset_names())
 
     def plugins(self) -> list[PluginInfo]:
-        """Every loaded plugin with its distribution, version and what it provides."""
-        provided: dict[str, list[str]] = {}
-        for kind, table in self._components.items():
-            for spec in table.values():
-                provided.setdefault(spec.plugin, []).append(f"{kind}:{spec.name}")
-        for preset in self._presets.values():
-            provided.setdefault(preset.plugin, []).append(f"policy:{preset.name}")
-        for name in self.pm.hook.kvpolicy_model_adapter.get_hookimpls():
-            plugin_name = self.pm.get_name(name.plugin)
-            if plugin_name:
-                provided.setdefault(plugin_name, []).append("model-adapter")
-        clashing: dict[str, list[str]] = {}
-        for (kind, component), providers in self._conflicts.items():
-            label = f"{'policy' if kind == 'policy preset' else kind}:{component}"
-            for plugin_name in providers:
-                clashing.setdefault(plugin_name, []).append(label)
+        """Every loaded plugin with its distribution, version, what it provides and its conflicts
+        (a conflicting name is listed among the components of the plugin that registered it first)."""
+        adapters = {self.pm.get_name(impl.plugin) for impl in self.pm.hook.kvpolicy_model_adapter.get_hookimpls()}
         infos = []
         for name, _ in self.pm.list_name_plugin():
-            dist, version = self._dists.get(name, (None, None))
-            infos.append(
-                PluginInfo(
-                    name,
-                    dist,
-                    version,
-                    tuple(sorted(provided.get(name, []))),
-                    self._modules.get(name),
-                    tuple(sorted(clashing.get(name, []))),
-                )
-            )
+            specs = self._provided.get(name, [])
+            first = [_label(s) for s in specs if self._providers[_key(s)][0] is s]
+            conflicts = tuple(sorted(_label(s) for s in specs if len(self._providers[_key(s)]) > 1))
+            origin = self._origins.get(name, _Origin())
+            components = tuple(sorted(first + (["model-adapter"] if name in adapters else [])))
+            infos.append(PluginInfo(name, origin.distribution, origin.version, components, origin.module, conflicts))
         return sorted(infos, key=lambda p: p.name)
 
     def model_adapter(self, model: Any) -> ModelAdapter:

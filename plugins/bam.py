@@ -22,15 +22,13 @@ causal one, so the fused causal kernel of ``scaled_dot_product_attention`` does 
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 import torch.nn.functional as F
 
 from kvpolicy import hookimpl
-from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
-from kvpolicy.types import FeatureWidth, LayerView, Requirements, positive
+from kvpolicy.parameters import ParametricComponent, check_features
+from kvpolicy.types import FeatureWidth, LayerView, positive
 
 
 @attrs.frozen
@@ -41,23 +39,15 @@ class BamConfig:
     hidden: int = attrs.field(default=32, validator=positive)
 
 
-class BamScorer(HasFlatParameters):
+class BamScorer(ParametricComponent):
     """NAMM's BAM: counter-causal single-head attention + gated residual + linear score."""
 
-    name: ClassVar[str] = "bam"
+    name = "bam"
     Config = BamConfig
 
-    def __init__(self, config: BamConfig | None = None) -> None:
-        self.config = config or BamConfig()
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         f, h = self.config.features, self.config.hidden
-        self.params = FlatParameters(
-            "bam scorer",
-            {"w_qkv": (f, 3 * h), "b_qkv": (3 * h,), "w_o": (h, 2 * f), "b_o": (2 * f,), "w_s": (f,), "b_s": (1,)},
-        )
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+        return {"w_qkv": (f, 3 * h), "b_qkv": (3 * h,), "w_o": (h, 2 * f), "b_o": (2 * f,), "w_s": (f,), "b_s": (1,)}
 
     @property
     def input_width(self) -> FeatureWidth:
@@ -65,7 +55,7 @@ class BamScorer(HasFlatParameters):
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         f, h = self.config.features, self.config.hidden
-        check_features("bam scorer", features, f)
+        check_features(self.label, features, f)
         x = features.float()
         batch = x.shape[0]
         p = self.params.unpack(batch, x.device, x.dtype)

@@ -8,43 +8,28 @@ keeps the first few tokens — attention sinks — and a window of the newest on
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 
 from kvpolicy import hookimpl
-from kvpolicy.errors import ShapeError
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
-    EmptyConfig,
     FeatureWidth,
     LayerView,
     PolicyConfig,
     Protection,
-    Requirements,
     Schedule,
     non_negative,
 )
 
 
-class PositionExtractor:
+class PositionExtractor(ComponentBase):
     """One feature per token: its absolute position (newer tokens have larger values)."""
 
-    name: ClassVar[str] = "position"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    @property
-    def num_features(self) -> int:
-        return 1
+    name = "position"
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         return view.positions.to(torch.float32).unsqueeze(-1)
@@ -58,29 +43,18 @@ class FeatureScorerConfig:
     sign: float = attrs.field(default=1.0, validator=attrs.validators.in_((1.0, -1.0)))
 
 
-class FeatureScorer:
+class FeatureScorer(ComponentBase):
     """Score = ±one feature; turns any single-feature extractor into a policy."""
 
-    name: ClassVar[str] = "feature"
+    name = "feature"
     Config = FeatureScorerConfig
-
-    def __init__(self, config: FeatureScorerConfig | None = None) -> None:
-        self.config = config or FeatureScorerConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
 
     @property
     def input_width(self) -> FeatureWidth:
         return FeatureWidth.at_least(self.config.index + 1)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
-        if self.config.index >= features.shape[-1]:
-            raise ShapeError(
-                f"feature scorer reads feature {self.config.index}, but features have {features.shape[-1]}"
-            )
-        return self.config.sign * features[..., self.config.index].float()
+        return self.config.sign * self.read_feature(features, self.config.index)
 
 
 @attrs.frozen
@@ -88,23 +62,13 @@ class RandomScorerConfig:
     seed: int = 0
 
 
-class RandomScorer:
+class RandomScorer(ComponentBase):
     """Uniform random scores, reproducible from (seed, layer, tokens seen): a policy that keeps
     random tokens, the floor any real policy must beat."""
 
-    name: ClassVar[str] = "random"
+    name = "random"
     Config = RandomScorerConfig
-
-    def __init__(self, config: RandomScorerConfig | None = None) -> None:
-        self.config = config or RandomScorerConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    @property
-    def input_width(self) -> FeatureWidth:
-        return FeatureWidth.at_least(0)  # reads no feature
+    input_width = FeatureWidth.at_least(0)  # reads no feature
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         # One draw per (head, token), shared by every batch row, so a row's scores do not depend

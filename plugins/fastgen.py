@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 import torch
@@ -49,6 +49,7 @@ from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, ShapeError
 from kvpolicy.selection import rank_protected_first, sorted_selection
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
     FeatureWidth,
     LayerView,
@@ -98,34 +99,28 @@ class TokenClassConfig:
     punctuation_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
 
 
-class TokenClassExtractor:
+class TokenClassExtractor(ComponentBase):
     """Three features per token: is-special, is-punctuation (0/1) and accumulated attention."""
 
-    name: ClassVar[str] = "token_class"
+    name = "token_class"
     Config = TokenClassConfig
+    requirements = Requirements(token_ids=True, accumulated_attention=True)
+    num_features = 3
 
-    def __init__(self, config: TokenClassConfig | None = None) -> None:
-        self.config = config or TokenClassConfig()
+    def setup(self) -> None:
         self._special = torch.tensor(self.config.special_ids, dtype=torch.long)
         self._punctuation = torch.tensor(self.config.punctuation_ids, dtype=torch.long)
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(token_ids=True, accumulated_attention=True)
-
-    @property
-    def num_features(self) -> int:
-        return 3
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Fill both classes from the model's tokenizer unless they were configured explicitly
         (called by `Policy.bind_tokenizer`; `kvpolicy run` and `kvpolicy eval` do)."""
         if not self.config.special_ids and not self.config.punctuation_ids:
-            self.__init__(TokenClassConfig(**token_classes(tokenizer)))
+            self.config = TokenClassConfig(**token_classes(tokenizer))
+            self.setup()
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 3]``: special, punctuation, accumulated attention."""
-        view.require("token_ids", "accumulated_attention", by="extractor 'token_class'")
+        view.require("token_ids", "accumulated_attention", by=self.label)
         ids = view.token_ids
         special = torch.isin(ids, self._special.to(ids.device)).float()
         punctuation = torch.isin(ids, self._punctuation.to(ids.device)).float()
@@ -147,24 +142,14 @@ class FastGenConfig:
     local_ratio: float = attrs.field(default=0.3, validator=_unit)
 
 
-class FastGenScorer:
+class FastGenScorer(ComponentBase):
     """Profiles each head on its first update, then scores members of the head's structure by
     priority (special 4, punctuation 3, frequent 2, local 1, other 0, + accumulated attention
     share / 2) and everything else −1."""
 
-    name: ClassVar[str] = "fastgen"
+    name = "fastgen"
     Config = FastGenConfig
-
-    def __init__(self, config: FastGenConfig | None = None) -> None:
-        self.config = config or FastGenConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    @property
-    def input_width(self) -> FeatureWidth:
-        return FeatureWidth.at_least(3)
+    input_width = FeatureWidth.at_least(3)
 
     def structure_masks(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
         """``[5, batch, kv_heads, tokens]`` bool: the tokens each structure (`STRUCTURES`) keeps."""
@@ -225,20 +210,13 @@ class HeadThresholdConfig:
     threshold: float = 0.0
 
 
-class HeadThresholdSelector:
+class HeadThresholdSelector(ComponentBase):
     """Each head keeps its own tokens scoring ≥ ``threshold`` (plus protected ones), capped by
     the budget per head; heads keep different counts, padded with ``valid`` marking real slots."""
 
-    name: ClassVar[str] = "head_threshold"
+    name = "head_threshold"
     Config = HeadThresholdConfig
-    needs_budget: ClassVar[bool] = True
-
-    def __init__(self, config: HeadThresholdConfig | None = None) -> None:
-        self.config = config or HeadThresholdConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+    needs_budget = True
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         tokens = scores.shape[-1]

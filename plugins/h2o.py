@@ -9,16 +9,13 @@ chunked prefill included, so a token leaving the recent window competes with the
 at once, as in the paper's greedy algorithm.
 
 Components: extractor ``accumulated_attention`` → scorer ``feature`` (the score is feature 0, the
-accumulated attention itself) → selector ``heavy_recent``. The scorer name ``h2o`` stays registered
-as an alias of that ``feature`` scorer, so policy files that name it load and score the same.
+accumulated attention itself) → selector ``heavy_recent``.
 
 Deviation: with grouped-query attention the paper's per-head score becomes the mean over the
 query heads of a KV-head group (one cache per KV head); the paper's models had none.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import attrs
 import torch
@@ -28,8 +25,8 @@ from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 from kvpolicy.selection import finite_scores, sorted_selection
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
-    EmptyConfig,
     LayerView,
     PolicyConfig,
     Protection,
@@ -37,31 +34,20 @@ from kvpolicy.types import (
     Schedule,
     Selection,
 )
-from kvpolicy_plugins.basic import FeatureScorer
 
 _KEEP = float("inf")
 
 
-class AccumulatedAttentionExtractor:
+class AccumulatedAttentionExtractor(ComponentBase):
     """One feature per token: the attention it received summed over all queries so far."""
 
-    name: ClassVar[str] = "accumulated_attention"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(accumulated_attention=True)
-
-    @property
-    def num_features(self) -> int:
-        return 1
+    name = "accumulated_attention"
+    requirements = Requirements(accumulated_attention=True)
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` accumulated attention."""
-        view.require("accumulated_attention", by="extractor 'accumulated_attention'")
+        view.require("accumulated_attention", by=self.label)
         return view.accumulated_attention.float().unsqueeze(-1)
 
 
@@ -78,22 +64,15 @@ class HeavyRecentConfig:
             raise InvalidConfigError(f"HeavyRecentConfig.recent_ratio must be in [0, 1], got {value}")
 
 
-class HeavyRecentSelector:
+class HeavyRecentSelector(ComponentBase):
     """Keep the ``round(capacity × recent_ratio)`` newest cached tokens and fill the rest of the
     budget with the highest-scored older ones (H2O's heavy + recent split); protected tokens
     always survive and count within the budget (the window gives way to them first)."""
 
-    name: ClassVar[str] = "heavy_recent"
+    name = "heavy_recent"
     Config = HeavyRecentConfig
-    needs_budget: ClassVar[bool] = True
-    keeps_highest_scores: ClassVar[bool] = False  # the recent window is kept whatever it scores
-
-    def __init__(self, config: HeavyRecentConfig | None = None) -> None:
-        self.config = config or HeavyRecentConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+    needs_budget = True
+    keeps_highest_scores = False  # the recent window is kept whatever it scores
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         tokens = scores.shape[-1]
@@ -125,11 +104,6 @@ def kvpolicy_register_extractors(register) -> None:
 
 #: H2O's scorer: the accumulated attention (feature 0) is the score
 H2O_SCORER = {"index": 0, "sign": 1.0}
-
-
-@hookimpl
-def kvpolicy_register_scorers(register) -> None:
-    register("h2o", FeatureScorer, config=H2O_SCORER, description="H2O: score = accumulated attention (feature 0)")
 
 
 @hookimpl

@@ -6,8 +6,7 @@ cached (post-RoPE) keys have the lowest norm. Needs only the keys: no attention 
 it works with any attention kernel and costs a norm and a top-k per update.
 
 Components: extractor ``key_norm`` → scorer ``feature`` with sign −1 (score = −norm) → selector
-``top_k``. The scorer name ``l2`` stays registered as an alias of that ``feature`` scorer, so
-policy files that name it load and score the same.
+``top_k``.
 
 The paper leaves the first layers uncompressed, where key norm and attention correlate poorly;
 the authors' released code (``l2compress``) shows ``skip_layers=[0, 1]`` in its README usage
@@ -21,47 +20,34 @@ cache run up to 64 tokens over budget between evictions, so the gather is not pa
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
-    EmptyConfig,
     LayerView,
     PolicyConfig,
     Protection,
     Requirements,
     Schedule,
 )
-from kvpolicy_plugins.basic import FeatureScorer
 
 #: Layers the paper's code never compresses.
 PAPER_SKIP_LAYERS: tuple[int, ...] = (0, 1)
 
 
-class KeyNormExtractor:
+class KeyNormExtractor(ComponentBase):
     """One feature per token: the L2 norm of its cached key, per KV head."""
 
-    name: ClassVar[str] = "key_norm"
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None) -> None:
-        self.config = config or EmptyConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(keys=True)
-
-    @property
-    def num_features(self) -> int:
-        return 1
+    name = "key_norm"
+    requirements = Requirements(keys=True)
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` key norms (float32)."""
-        view.require("keys", by="extractor 'key_norm'")
+        view.require("keys", by=self.label)
         return torch.linalg.vector_norm(view.keys.float(), dim=-1).unsqueeze(-1)
 
 
@@ -72,11 +58,6 @@ def kvpolicy_register_extractors(register) -> None:
 
 #: L2's scorer: minus the key norm (feature 0), so the lowest-norm keys score highest
 L2_SCORER = {"index": 0, "sign": -1.0}
-
-
-@hookimpl
-def kvpolicy_register_scorers(register) -> None:
-    register("l2", FeatureScorer, config=L2_SCORER, description="L2 norm: score = −(key norm) (feature 0)")
 
 
 @hookimpl

@@ -9,15 +9,13 @@ row *i* (a CMA-ES generation evaluated as one batch).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.parameters import FlatParameters, HasFlatParameters, check_features
-from kvpolicy.types import FeatureWidth, LayerView, Requirements, non_negative, positive
+from kvpolicy.parameters import ParametricComponent, check_features
+from kvpolicy.types import FeatureWidth, LayerView, non_negative, positive
 
 
 @attrs.frozen
@@ -39,40 +37,35 @@ class MlpConfig:
 _ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
 
 
-class MlpScorer(HasFlatParameters):
+class MlpScorer(ParametricComponent):
     """Score = MLP(features of one token); zero parameters ⇒ every score is 0 (nothing evicted
     by ``threshold``). `Parametric`, with population support (see `FlatParameters`)."""
 
-    name: ClassVar[str] = "mlp"
+    name = "mlp"
     Config = MlpConfig
 
-    def __init__(self, config: MlpConfig | None = None) -> None:
-        self.config = config or MlpConfig()
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         cfg = self.config
         widths = [cfg.features] + [cfg.hidden] * cfg.depth + [1]
         shapes: dict[str, tuple[int, ...]] = {}
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             shapes[f"w{i}"] = (fan_in, fan_out)
             shapes[f"b{i}"] = (fan_out,)
-        self.params = FlatParameters("mlp scorer", shapes)
-        self._layers = len(widths) - 1
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+        return shapes
 
     @property
     def input_width(self) -> FeatureWidth:
         return FeatureWidth.exactly(self.config.features)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
-        check_features("mlp scorer", features, self.config.features)
+        check_features(self.label, features, self.config.features)
         x = features.float()
         p = self.params.unpack(x.shape[0], x.device, x.dtype)
         act = _ACTIVATIONS[self.config.activation]
-        for i in range(self._layers):
+        layers = self.config.depth + 1
+        for i in range(layers):
             x = torch.einsum("bhti,bio->bhto", x, p[f"w{i}"].expand(x.shape[0], -1, -1)) + p[f"b{i}"][:, None, None]
-            if i < self._layers - 1:
+            if i < layers - 1:
                 x = act(x)
         return x.squeeze(-1)
 

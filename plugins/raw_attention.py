@@ -12,14 +12,14 @@ Reductions over the newest ``window`` queries since the last update:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import attrs
 import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.types import LayerView, Requirements, positive
+from kvpolicy.types import ComponentBase, LayerView, Requirements, positive
 
 Reduction = Literal["rows", "mean", "sum", "max"]
 REDUCTIONS: tuple[str, ...] = ("rows", "mean", "sum", "max")
@@ -42,14 +42,11 @@ class RawAttentionConfig:
         return self.window if self.reduce == "rows" else 1
 
 
-class RawAttentionExtractor:
+class RawAttentionExtractor(ComponentBase):
     """Attention of the newest queries, raw (``rows``) or reduced to one value per token."""
 
-    name: ClassVar[str] = "raw_attention"
+    name = "raw_attention"
     Config = RawAttentionConfig
-
-    def __init__(self, config: RawAttentionConfig | None = None) -> None:
-        self.config = config or RawAttentionConfig()
 
     @property
     def requirements(self) -> Requirements:

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidBudgetError
 from kvpolicy.selection import rank_protected_first, sorted_selection
-from kvpolicy.types import Budget, LayerView, Requirements, Selection, non_negative
+from kvpolicy.types import Budget, ComponentBase, LayerView, Selection, non_negative
 
 _KEEP = float("inf")
 
@@ -26,19 +24,12 @@ class TopKConfig:
     min_per_head: int = attrs.field(default=0, validator=non_negative)
 
 
-class TopKSelector:
+class TopKSelector(ComponentBase):
     """Keep the highest-scored tokens within the budget; protected tokens always."""
 
-    name: ClassVar[str] = "top_k"
+    name = "top_k"
     Config = TopKConfig
-    needs_budget: ClassVar[bool] = True
-
-    def __init__(self, config: TopKConfig | None = None) -> None:
-        self.config = config or TopKConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+    needs_budget = True
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         batch, heads, tokens = scores.shape
@@ -86,22 +77,15 @@ class ThresholdConfig:
     threshold: float = 0.0
 
 
-class ThresholdSelector:
+class ThresholdSelector(ComponentBase):
     """NAMM's selection (Cetin et al. 2024): a token whose score is below the threshold is
     evicted, the newest is always kept, and every head of a layer keeps the same count — the
     largest any head wants, filled with each head's best-scored tokens — so a layer's cache stays
     rectangular and its size is emergent rather than budgeted."""
 
-    name: ClassVar[str] = "threshold"
+    name = "threshold"
     Config = ThresholdConfig
-    needs_budget: ClassVar[bool] = False
-
-    def __init__(self, config: ThresholdConfig | None = None) -> None:
-        self.config = config or ThresholdConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
+    needs_budget = False
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         wanted = (scores >= self.config.threshold) | protected

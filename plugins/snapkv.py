@@ -16,16 +16,17 @@ Components: extractor ``window_votes`` → scorer ``snapkv`` → selector ``top_
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import attrs
 import torch
 import torch.nn.functional as F
 
 from kvpolicy import hookimpl
-from kvpolicy.errors import InvalidConfigError, ShapeError
+from kvpolicy.errors import InvalidConfigError
 from kvpolicy.types import (
     Budget,
+    ComponentBase,
     ComponentRef,
     FeatureWidth,
     LayerView,
@@ -48,26 +49,20 @@ class WindowVotesConfig:
     window_size: int = attrs.field(default=WINDOW_SIZE, validator=positive)
 
 
-class WindowVotesExtractor:
+class WindowVotesExtractor(ComponentBase):
     """One feature per token: attention summed over the observation window's queries."""
 
-    name: ClassVar[str] = "window_votes"
+    name = "window_votes"
     Config = WindowVotesConfig
-
-    def __init__(self, config: WindowVotesConfig | None = None) -> None:
-        self.config = config or WindowVotesConfig()
+    num_features = 1
 
     @property
     def requirements(self) -> Requirements:
         return Requirements(attention_window=self.config.window_size)
 
-    @property
-    def num_features(self) -> int:
-        return 1
-
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` votes of the newest ``window_size`` queries."""
-        view.require("attention", by="extractor 'window_votes'")
+        view.require("attention", by=self.label)
         window = view.attention[:, :, -self.config.window_size :, :]
         return window.float().sum(dim=2).unsqueeze(-1)
 
@@ -92,27 +87,15 @@ class SnapKVConfig:
             raise InvalidConfigError(f"SnapKVConfig.pooling must be 'avg' or 'max', got {value!r}")
 
 
-class SnapKVScorer:
+class SnapKVScorer(ComponentBase):
     """Pooled observation-window votes for the prefix; the window scores above all of them (always kept)."""
 
-    name: ClassVar[str] = "snapkv"
+    name = "snapkv"
     Config = SnapKVConfig
-
-    def __init__(self, config: SnapKVConfig | None = None) -> None:
-        self.config = config or SnapKVConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()
-
-    @property
-    def input_width(self) -> FeatureWidth:
-        return FeatureWidth.at_least(1)
+    input_width = FeatureWidth.at_least(1)
 
     def score(self, features: torch.Tensor, view: LayerView) -> torch.Tensor:
-        if features.shape[-1] < 1:
-            raise ShapeError("scorer 'snapkv' reads feature 0 (window votes) but got no features")
-        votes = features[..., 0].float()
+        votes = self.read_feature(features, 0, "window votes")
         batch, kv_heads, tokens = votes.shape
         in_window = view.positions >= view.seen - self.config.window_size
         prefix = tokens - int(in_window.sum(-1).min())  # the window is the newest tokens of every head

@@ -15,7 +15,7 @@ Components: pooler ``span``.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import attrs
 import torch
@@ -23,7 +23,7 @@ import torch
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.selection import padding_mask, pool_neighbours
-from kvpolicy.types import LayerView, Requirements
+from kvpolicy.types import ComponentBase, LayerView
 
 SpanMode = Literal["max", "avg"]
 
@@ -53,18 +53,12 @@ class SpanPoolerConfig:
         return f"{self.mode}{self.kernel}"
 
 
-class SpanPooler:
-    """Max- or average-pools scores over ``kernel`` neighbouring cached tokens of the same head."""
+class SpanPooler(ComponentBase):
+    """Max- or average-pools scores over ``kernel`` neighbouring cached tokens of the same head
+    (it reads scores and positions only: no requirements)."""
 
-    name: ClassVar[str] = "span"
+    name = "span"
     Config = SpanPoolerConfig
-
-    def __init__(self, config: SpanPoolerConfig | None = None) -> None:
-        self.config = config or SpanPoolerConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements()  # scores and positions only
 
     def pool(self, scores: torch.Tensor, view: LayerView) -> torch.Tensor:
         """``scores [batch, kv_heads, tokens]`` pooled; padded slots (position < 0) stay -inf."""

@@ -15,10 +15,12 @@ optional)::
 and an Optimizer searches the flat parameter vector of any `Parametric` component.
 
 Split by job: `configs` (JSON round trips and validators), `policy_config` (a policy as data),
-`views` (what components see and return at run time) and `components` (the protocols and the
-capabilities a component declares). Every name is importable from ``kvpolicy.types``.
+`views` (what components see and return at run time), `components` (the protocols and the
+capabilities a component declares) and `base` (the base class a component subclasses so it is
+only its own code). Every name is importable from ``kvpolicy.types``.
 """
 
+from kvpolicy.types.base import BufferedComponent, ComponentBase
 from kvpolicy.types.components import (
     COMPONENT_KINDS,
     PROTOCOLS,
@@ -71,11 +73,13 @@ from kvpolicy.types.views import (
 
 __all__ = [
     "Budget",
+    "BufferedComponent",
     "COMPONENT_KINDS",
     "CacheReport",
     "Calibrated",
     "Capabilities",
     "Component",
+    "ComponentBase",
     "ComponentKind",
     "ComponentRef",
     "DeclaresFeatures",

@@ -150,12 +150,11 @@ SPAN_POOLER = "span"
 
 
 def span_pooler_ref(value: int | Mapping[str, Any]) -> ComponentRef | None:
-    """The ``span`` shorthand as a reference to the built-in ``span`` pooler: ``15`` → max over 15
-    cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields. Absent fields take the
-    defaults the ``span`` setting always had (kernel 1, mode max), so policy files written before
-    poolers were components mean what they meant — and a kernel of 1, which always meant "off"
-    (every such file says ``"span": {"kernel": 1, ...}``), is no pooler at all. Other values are
-    checked by the pooler's own config when the policy is built, so its errors name the problem."""
+    """The ``span=`` shorthand of `kvpolicy.build` as a reference to the built-in ``span`` pooler:
+    ``15`` → max over 15 cached neighbours, ``{"kernel": 15, "mode": "avg"}`` → those fields
+    (absent ones: kernel 1, mode max). A kernel of 1 pools nothing, so it is no pooler at all.
+    Other values are checked by the pooler's own config when the policy is built, so its errors
+    name the problem."""
     if isinstance(value, Mapping):
         config = {"kernel": 1, "mode": "max", **value}
     elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -199,9 +198,7 @@ class PolicyConfig:
     protects and its budget.
 
     ``skip_layers`` lists layers the policy never evicts (e.g. L2-norm leaves the first layers
-    uncompressed). Round-trips through JSON (`to_json` / `from_json`); `from_dict` also reads the
-    older ``"span"`` key (a kernel size or ``{"kernel", "mode"}``) as the ``span`` pooler, so
-    policy files saved before poolers were components keep loading.
+    uncompressed). Round-trips through JSON (`to_json` / `from_json`).
     """
 
     extractor: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
@@ -249,14 +246,6 @@ class PolicyConfig:
                     + f", got {ref!r}"
                 )
             data[key] = ComponentRef(ref) if isinstance(ref, str) else config_from_dict(ComponentRef, ref)
-        if "span" in data:  # the policy-level option poolers replaced: read as the built-in span pooler
-            legacy = data.pop("span")
-            if data.get("pooler") is not None and legacy is not None:
-                raise InvalidConfigError(
-                    f'policy config has both "pooler" and the older "span" ({legacy!r}); keep only "pooler"'
-                )
-            if legacy is not None and (ref := span_pooler_ref(legacy)) is not None:
-                data["pooler"] = ref
         return config_from_dict(cls, data)
 
     @classmethod

@@ -1,58 +1,14 @@
-"""Component contracts declared, not probed: feature widths checked when a policy is built,
-capabilities read from one place, and the retired ``h2o`` / ``l2`` scorer names still loading."""
+"""Component contracts declared, not probed: feature widths checked when a policy is built and
+capabilities read from one place."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import kvpolicy
 from kvpolicy import FeatureWidthError, Policy
-from kvpolicy.checkpoint import CHECKSUM_KEY, FORMAT, PARAMS_KEY, tensor_checksum
-from kvpolicy.testing.strategies import CacheShape, make_view
 from kvpolicy.types import Capabilities, ComponentRef, EmptyConfig, FeatureWidth, Requirements, capabilities
-
-SHAPE = CacheShape(batch=2, kv_heads=2, groups=2, tokens=40, head_dim=8, seen=64, fresh=8, dtype=torch.float32)
-
-
-def _old_file(tmp_path, config: dict) -> str:
-    """A policy file as written before the scorer was the ``feature`` scorer (no parameters)."""
-    tensors = {PARAMS_KEY: torch.zeros(0)}
-    metadata = {
-        "format": FORMAT,
-        "policy": json.dumps(config, sort_keys=True),
-        "num_params": "0",
-        CHECKSUM_KEY: tensor_checksum(tensors),
-    }
-    path = tmp_path / "old.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    ("preset", "old_scorer", "sign"),
-    [("h2o", "h2o", 1.0), ("l2", "l2", -1.0)],
-)
-def test_a_file_naming_the_retired_scorer_loads_and_plans_identically(tmp_path, preset, old_scorer, sign):
-    current = kvpolicy.build(preset, budget=16)
-    old = json.loads(current.to_json())
-    old["scorer"] = {"name": old_scorer, "config": {}}  # how the file was written before
-    loaded = Policy.load(_old_file(tmp_path, old))
-    assert loaded.config == current.config
-    assert loaded.scorer.config.index == 0 and loaded.scorer.config.sign == sign
-    for layer in (2, 3):
-        view = make_view(SHAPE, seed=layer, requirements=current.requirements, layer=layer, num_layers=4)
-        features = current.extract(view)
-        torch.testing.assert_close(loaded.scorer.score(features, view), sign * features[..., 0], rtol=0, atol=0)
-        again = make_view(SHAPE, seed=layer, requirements=current.requirements, layer=layer, num_layers=4)
-        a, b = current.plan(view), loaded.plan(again)
-        assert torch.equal(a.indices, b.indices)
-    # and a JSON config or a component given by the old name builds the same policy
-    assert Policy.from_json(json.dumps(old)).config == current.config
-    assert kvpolicy.build(preset, budget=16, scorer=old_scorer).config == current.config
 
 
 def test_a_scorer_that_cannot_take_the_extractors_width_is_refused_when_built():

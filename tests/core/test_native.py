@@ -1,7 +1,7 @@
 """kvpolicy's native CPU kernels equal their torch references, and fall back cleanly.
 
 `kvpolicy.native.attend` against `in_pass.attend` run inside `native.disabled()` (the torch path),
-and `kvpolicy.native.folded_hann_spectrogram` against `kvpolicy_plugins.stft.folded_hann_spectrogram`,
+and `kvpolicy.native.folded_hann_spectrogram` against `kvpolicy_plugins.spectrogram.folded_hann_spectrogram`,
 over shapes that exercise every branch: GQA groups, batch rows, rows of part of the queries, a
 window wider than the call, padded cached slots, soft-capping, one-query decode steps, chunks
 that do not divide the queries, head blocks of the spectrogram and tiles that do not divide the
@@ -19,7 +19,7 @@ import torch
 from kvpolicy import native
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.integrations.hf import in_pass
-from kvpolicy_plugins.stft import _half_frame_dft, folded_hann_spectrogram
+from kvpolicy_plugins.spectrogram import folded_hann_spectrogram, half_frame_dft
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels did not build here")
 
@@ -112,7 +112,7 @@ def test_spectrogram_equals_torch_path(length, head, frames, tokens, hop, tile):
     series = torch.rand(2, 3, length, tokens, generator=generator)
     before = torch.rand(2, 3, tokens, head, generator=generator) if head else None
     weights = torch.rand(2, 3, frames, tokens, generator=generator)
-    want = folded_hann_spectrogram(series, weights, _half_frame_dft(2 * hop, torch.device("cpu")), 128, before)
+    want = folded_hann_spectrogram(series, weights, half_frame_dft(2 * hop, torch.device("cpu")), 128, before)
     got = native.folded_hann_spectrogram(series, weights, before, hop, tile)
     assert got.shape == want.shape == (2, 3, tokens, hop + 1)
     torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=1e-5)

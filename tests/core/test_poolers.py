@@ -163,9 +163,6 @@ def test_padded_slots_stay_last_whatever_a_pooler_returns():
 def test_pooler_and_span_together_are_refused():
     with pytest.raises(InvalidConfigError, match="give either pooler .* or span .*, not both"):
         kvpolicy.Policy("position", "feature", "top_k", budget=8, pooler="span", span=5)
-    data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
-    with pytest.raises(InvalidConfigError, match='both "pooler" and the older "span"'):
-        PolicyConfig.from_dict({**data, "pooler": "span", "span": 5})
 
 
 def test_span_shorthand_and_pooler_build_the_same_policy():
@@ -179,22 +176,19 @@ def test_span_shorthand_and_pooler_build_the_same_policy():
     assert "span=avg7" in repr(a)
 
 
-def test_older_span_key_reads_as_the_span_pooler():
+def test_a_span_of_one_is_no_pooler_and_a_policy_config_has_no_span_key():
+    off = kvpolicy.build("h2o", span=1)  # a kernel of 1 pools nothing: no pooler, none to run or print
+    assert off.pooler is None and "span" not in repr(off)
     data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
-    assert PolicyConfig.from_dict({**data, "span": 31}).pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
-    off = PolicyConfig.from_dict({**data, "span": {"kernel": 1, "mode": "max"}})  # saved with span off
-    assert off.pooler is None  # kernel 1 always meant "no pooling": no pooler, none to run or print
-    assert kvpolicy.Policy.from_config(off).pooler is None and "span" not in repr(kvpolicy.Policy.from_config(off))
-    assert kvpolicy.build("h2o", span=1).pooler is None
-    assert PolicyConfig.from_dict({**data, "span": None}).pooler is None
+    with pytest.raises(InvalidConfigError, match="PolicyConfig has no field.*span.*pooler"):
+        PolicyConfig.from_dict({**data, "span": 31})  # a policy file names its pooler
 
 
-def test_a_policy_file_written_before_poolers_keeps_loading_with_its_span():
-    """A NAMM saved when span pooling was a policy-level option (the shipped NAMM's earlier
-    parameters: the votes alone, spans of 31) loads as the same pipeline with the span pooler."""
+def test_the_namm_examples_start_file_loads_with_its_span_pooler():
+    """The shipped NAMM's earlier parameters (the votes alone, spans of 31), the start of its search."""
     path = Path(__file__).parents[2] / "examples" / "namm-smollm2" / "start.safetensors"
     stored = json.loads(read_policy_file(str(path))[0]["policy"])
-    assert stored["span"] == {"kernel": 31, "mode": "max"} and "pooler" not in stored  # written before poolers
+    assert stored["pooler"] == {"name": "span", "config": {"kernel": 31, "mode": "max"}}
     loaded = kvpolicy.Policy.load(str(path))
     assert loaded.config.pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
     assert repr(loaded).endswith("span=max31)")

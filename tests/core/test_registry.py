@@ -206,3 +206,24 @@ def test_model_without_adapter_gets_clear_error():
     registry = Registry(entry_points=False)
     with pytest.raises(UnsupportedModelError, match="no loaded plugin can attach a policy to object"):
         registry.model_adapter(object())
+
+
+def test_a_plugin_registering_one_name_twice_is_broken_not_a_clash():
+    class Twice:
+        @kvpolicy.hookimpl
+        def kvpolicy_register_scorers(self, register):
+            register("const", _ConstScorer)
+            register("const", _ConstScorer)
+
+    registry = Registry(entry_points=False, strict=False)
+    with pytest.warns(PluginLoadWarning, match=r"'twice' failed while registering.*'const' is registered twice"):
+        assert registry.register_plugin(Twice(), name="twice") is None
+    assert registry.names("scorer") == [] and registry.conflicts() == []
+    with pytest.raises(PluginLoadError, match="twice"):
+        Registry(entry_points=False, strict=True).register_plugin(Twice(), name="twice")
+
+
+def test_loading_the_entry_points_again_adds_nothing(registry):
+    before = registry.plugins()
+    registry.load_entry_points()
+    assert registry.plugins() == before and registry.conflicts() == []

@@ -23,7 +23,7 @@ CHUNK = 96
 
 def _namm(schedule: str = "every_n") -> kvpolicy.Policy:
     if schedule == "every_n":
-        return kvpolicy.build("namm-bam", every=CHUNK, extractor={"window": CHUNK})
+        return kvpolicy.build("namm-bam", every=CHUNK, extractor={"period": CHUNK})
     return kvpolicy.build("namm-bam-smollm2", budget="25%")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 TINY_HF = {
     "model": "tiny:llama",
     # NAMM (stft → bam → threshold) running an eviction pass every 128 tokens so a short prompt sees several
-    "policy": {"preset": "namm-bam", "every": 128, "extractor": {"window": 128}},
+    "policy": {"preset": "namm-bam", "every": 128, "extractor": {"period": 128}},
     "optimizer": {"name": "cma_es", "config": {"popsize": 4, "diagonal": True}},
     "stages": [{"tasks": ["needle"], "generations": 2, "items": 1, "length": 256}],
     "eval_items": 1,

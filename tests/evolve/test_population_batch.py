@@ -42,7 +42,7 @@ def item():
 
 
 def namm() -> object:
-    return build("namm-bam", every=EVERY, extractor={"window": EVERY})
+    return build("namm-bam", every=EVERY, extractor={"period": EVERY})
 
 
 def population(policy, seed: int, members: int = 4, sigma: float = 0.065) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_start_from_a_saved_policy(tmp_path):
 TINY_SHARED = {
     "model": "tiny:llama",
     "policy": {
-        "extractor": {"name": "stft_votes", "config": {"window": 128}},
+        "extractor": {"name": "stft_votes", "config": {"period": 128}},
         "scorer": {"name": "bam", "config": {"features": 26}},
         "selector": "top_k",
         "budget": {"ratio": 0.25},

@@ -109,7 +109,7 @@ def test_namm_features_equal_the_reference_path_while_evicting(family):
     model = tiny_model(family)
 
     def make():
-        recording = Recording(StftExtractor(StftConfig(window=16)))
+        recording = Recording(StftExtractor(StftConfig(period=16)))
         policy = kvpolicy.build("namm-bam", extractor=recording, every=16)
         policy.set_flat(torch.randn(policy.num_params, generator=torch.Generator().manual_seed(3)) * 0.3)
         return policy, recording

@@ -15,7 +15,7 @@ TOKENS, EVERY = 160, 32
 
 def namm_population(members: int, seed: int) -> tuple[kvpolicy.Policy, torch.Tensor]:
     """NAMM-BAM updating every 32 tokens, with a population wide enough that rows keep different counts."""
-    policy = kvpolicy.build("namm-bam", every=EVERY, extractor={"window": EVERY})
+    policy = kvpolicy.build("namm-bam", every=EVERY, extractor={"period": EVERY})
     population = torch.randn(members, policy.num_params, generator=torch.Generator().manual_seed(seed)) * 0.3
     return policy, population
 

@@ -14,10 +14,10 @@ from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy.types import Schedule
 
 
-def namm_top_k(window: int = 64) -> kvpolicy.Policy:
+def namm_top_k(period: int = 64) -> kvpolicy.Policy:
     """stft_votes → BAM → top_k 25% once after the prompt, with a span: evicts in every row."""
     return kvpolicy.Policy(
-        ("stft_votes", {"window": window}),
+        ("stft_votes", {"period": period}),
         ("bam", {"features": 26}),
         "top_k",
         budget="25%",

@@ -16,7 +16,7 @@ from kvpolicy.types import LayerView, Schedule
 def votes_policy(kernels: tuple[int, ...], one_hot: int, span: int) -> kvpolicy.Policy:
     features = 26 + len(kernels)
     policy = kvpolicy.Policy(
-        ("stft_votes", {"window": 64, "votes_kernels": list(kernels)}),
+        ("stft_votes", {"period": 64, "votes_kernels": list(kernels)}),
         ("bam", {"features": features}),
         "top_k",
         budget="25%",

@@ -9,16 +9,15 @@ import torch
 
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.types import LayerView
-from kvpolicy_plugins.stft import (
-    CLOCK_KEY,
-    CONTEXT_KEY,
-    EMA_KEY,
-    StftConfig,
-    StftExtractor,
-    _half_frame_dft,
+from kvpolicy_plugins import spectrogram
+from kvpolicy_plugins.spectrogram import (
     folded_hann_spectrogram,
     folded_spectrogram,
+    frame_count,
+    half_frame_dft,
+    windowed_dft_basis,
 )
+from kvpolicy_plugins.stft import CLOCK_KEY, CONTEXT_KEY, EMA_KEY, StftConfig, StftExtractor
 
 GAMMA = 0.99
 
@@ -88,26 +87,14 @@ def _torch_stft_magnitudes(signals: torch.Tensor, n_fft: int, hop: int) -> torch
     return torch.stft(signals, n_fft=n_fft, hop_length=hop, window=window, center=False, return_complex=True).abs()
 
 
-def test_spectrogram_equals_torch_stft_for_any_hop():
-    for n_fft, hop in ((32, 16), (16, 6)):
-        extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
-        series = torch.rand(2, 3, 70, 5)
-        frames = extractor.frame_count(70)
-        usable = n_fft + (frames - 1) * hop
-        ref = _torch_stft_magnitudes(series[..., 70 - usable :, :].permute(0, 1, 3, 2).reshape(-1, usable), n_fft, hop)
-        ref = ref.view(2, 3, 5, n_fft // 2 + 1, frames).permute(0, 1, 4, 3, 2)
-        torch.testing.assert_close(extractor.spectrogram(series), ref, atol=2e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize(("n_fft", "hop", "tile"), [(32, 16, 32), (32, 16, 7), (16, 6, 4)])
 def test_folded_spectrogram_equals_the_weighted_sum_of_torch_stft_frames(n_fft, hop, tile):
     """The tile-wise operation (strided frames, one matmul, magnitudes folded over frames) equals
     torch.stft's magnitudes weighted and summed frame by frame, for tiles that do not divide the
     tokens and a series whose oldest values fall outside every frame."""
-    extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
     generator = torch.Generator().manual_seed(9)
     series = torch.rand(2, 3, 75, 23, generator=generator)
-    frames = extractor.frame_count(75)
+    frames = frame_count(75, n_fft, hop)
     weights = torch.rand(2, 3, frames, 23, generator=generator)
     usable = n_fft + (frames - 1) * hop
     magnitudes = torch.stft(
@@ -120,7 +107,7 @@ def test_folded_spectrogram_equals_the_weighted_sum_of_torch_stft_frames(n_fft, 
     ).abs()  # [batch * heads * tokens, bins, frames]
     magnitudes = magnitudes.view(2, 3, 23, n_fft // 2 + 1, frames)
     expected = (magnitudes * weights.permute(0, 1, 3, 2).unsqueeze(3)).sum(-1)
-    folded = folded_spectrogram(series, weights, extractor._basis(series.device), hop, tile)
+    folded = folded_spectrogram(series, weights, windowed_dft_basis(n_fft, series.device), hop, tile)
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -132,14 +119,13 @@ def test_hann_spectrogram_in_the_frequency_domain_equals_the_windowed_basis(n_ff
     basis's folded magnitudes (and torch.stft's), with the frames reaching into a token-major
     head or not, for tiles that do not divide the tokens."""
     hop = n_fft // 2
-    extractor = StftExtractor(StftConfig(n_fft=n_fft, hop=hop, window=64))
     generator = torch.Generator().manual_seed(10)
     series = torch.softmax(torch.randn(2, 3, 4 * hop, 23, generator=generator) * 2, dim=-1)
     head = torch.rand(2, 3, 23, head_values, generator=generator) * 0.1 if head_values else None
-    frames = extractor.frame_count(4 * hop + head_values)
+    frames = frame_count(4 * hop + head_values, n_fft, hop)
     weights = torch.rand(2, 3, frames, 23, generator=generator)
-    expected = folded_spectrogram(series, weights, extractor._basis(series.device), hop, tile, head)
-    folded = folded_hann_spectrogram(series, weights, _half_frame_dft(n_fft, series.device), tile, head)
+    expected = folded_spectrogram(series, weights, windowed_dft_basis(n_fft, series.device), hop, tile, head)
+    folded = folded_hann_spectrogram(series, weights, half_frame_dft(n_fft, series.device), tile, head)
     torch.testing.assert_close(folded, expected, atol=1e-6, rtol=1e-5)
     whole = series if head is None else torch.cat([head.transpose(2, 3), series], dim=2)
     magnitudes = _torch_stft_magnitudes(whole.permute(0, 1, 3, 2).reshape(-1, whole.shape[2]), n_fft, hop)
@@ -148,26 +134,27 @@ def test_hann_spectrogram_in_the_frequency_domain_equals_the_windowed_basis(n_ff
     torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_extractor_folds_half_hops_in_the_frequency_domain(monkeypatch):
+def test_half_hops_are_folded_in_the_frequency_domain(monkeypatch):
     """NAMM's n_fft 32 / hop 16 goes through `folded_hann_spectrogram` (its native kernel for
     float32 CPU tensors where that built, else torch's); other hops do not."""
-    import kvpolicy_plugins.stft as stft
     from kvpolicy import native
 
     calls = []
-    original, original_native = stft.folded_hann_spectrogram, native.folded_hann_spectrogram
-    monkeypatch.setattr(stft, "folded_hann_spectrogram", lambda *a, **k: calls.append("torch") or original(*a, **k))
+    original, original_native = spectrogram.folded_hann_spectrogram, native.folded_hann_spectrogram
+    monkeypatch.setattr(
+        spectrogram, "folded_hann_spectrogram", lambda *a, **k: calls.append("torch") or original(*a, **k)
+    )
     monkeypatch.setattr(
         native, "folded_hann_spectrogram", lambda *a, **k: calls.append("native") or original_native(*a, **k)
     )
     series, weights = torch.rand(1, 2, 64, 5), torch.rand(1, 2, 3, 5)
     with native.disabled():
-        StftExtractor(StftConfig(window=64))._fold(series, weights)
+        spectrogram.folded(series, weights, 32, 16)
     assert calls == ["torch"]
-    StftExtractor(StftConfig(window=64))._fold(series, weights)
+    spectrogram.folded(series, weights, 32, 16)
     assert calls == ["torch", "native" if native.available() else "torch"]
     calls.clear()
-    StftExtractor(StftConfig(n_fft=32, hop=8, window=64))._fold(series, torch.rand(1, 2, 5, 5))
+    spectrogram.folded(series, torch.rand(1, 2, 5, 5), 32, 8)
     assert calls == []
 
 
@@ -205,7 +192,7 @@ def run_updates(extractor: StftExtractor, attention: torch.Tensor, splits: list[
 
 def test_two_updates_carry_state_exactly_like_one_update_over_the_joined_series():
     torch.manual_seed(1)
-    extractor = StftExtractor(StftConfig(normalize=False, window=128))
+    extractor = StftExtractor(StftConfig(normalize=False, period=128))
     attention = causal_attention(1, 2, torch.arange(128), 128, seed=1)
     once = run_updates(extractor, attention, [128])
     twice = run_updates(extractor, attention, [64, 64])
@@ -220,7 +207,7 @@ def test_two_updates_carry_state_exactly_like_one_update_over_the_joined_series(
 def test_state_follows_tokens_through_eviction():
     """Evicting between updates (gathering every state entry) leaves the survivors' features as
     if nothing had been evicted — the hand-made attention does not renormalise here."""
-    extractor = StftExtractor(StftConfig(normalize=False, window=96))
+    extractor = StftExtractor(StftConfig(normalize=False, period=96))
     attention = causal_attention(1, 2, torch.arange(96), 96, seed=2)
     full = run_updates(extractor, attention, [48, 48])
     kept_positions = None
@@ -240,7 +227,7 @@ def test_state_follows_tokens_through_eviction():
 def test_previous_average_decays_by_gamma_to_the_elapsed_queries():
     """A token that gets no attention in the second update keeps γ^queries of its average; a gap
     between updates (queries the window did not keep) decays it as well and drops the stale context."""
-    extractor = StftExtractor(StftConfig(normalize=False, recency_dims=0, window=64))
+    extractor = StftExtractor(StftConfig(normalize=False, recency_dims=0, period=64))
     attention = causal_attention(1, 1, torch.arange(32), 32, seed=3)
     view = view_of(attention, torch.arange(32), torch.arange(32).view(1, 1, 32))
     first = extractor.extract(view).clone()
@@ -307,7 +294,7 @@ def test_requirements_and_bad_input():
 def test_frames_that_end_before_a_token_existed_do_not_count():
     """The contract gives 0 attention before a token exists; even if an integration left noise
     there, frames ending before the token's position are ignored (only straddling frames see it)."""
-    extractor = StftExtractor(StftConfig(normalize=False, window=64))
+    extractor = StftExtractor(StftConfig(normalize=False, period=64))
     query_positions = torch.arange(64)
     attention = causal_attention(1, 1, query_positions, 64, seed=5)
     positions = torch.arange(64).view(1, 1, 64)

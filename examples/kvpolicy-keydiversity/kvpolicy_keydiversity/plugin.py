@@ -7,13 +7,11 @@ a published method.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 import torch
 
 import kvpolicy
-from kvpolicy.types import ComponentRef, LayerView, PolicyConfig, Protection, Requirements, Schedule
+from kvpolicy.types import ComponentBase, ComponentRef, LayerView, PolicyConfig, Protection, Requirements, Schedule
 
 
 @attrs.frozen
@@ -23,18 +21,13 @@ class KeyDiversityConfig:
     eps: float = attrs.field(default=1e-6, validator=attrs.validators.gt(0))
 
 
-class KeyDiversityExtractor:
+class KeyDiversityExtractor(ComponentBase):
     """One feature per token: ``1 − cos(key, mean key of its head)``, in [0, 2]."""
 
-    name: ClassVar[str] = "key_diversity"
+    name = "key_diversity"
     Config = KeyDiversityConfig
-
-    def __init__(self, config: KeyDiversityConfig | None = None) -> None:
-        self.config = config or KeyDiversityConfig()
-
-    @property
-    def requirements(self) -> Requirements:
-        return Requirements(keys=True)
+    requirements = Requirements(keys=True)
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         keys = view.keys.float()  # [batch, kv_heads, tokens, head_dim]

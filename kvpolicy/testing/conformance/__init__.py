@@ -228,7 +228,7 @@ def parametrize_with_checks(
     select: Callable[[Target], bool] | None = None,
 ):
     """A ``pytest.mark.parametrize("target, check", ...)`` over every registered component and
-    preset, so a suite grows with the registry. Ids read ``scorer:h2o-batch_permutation``.
+    preset, so a suite grows with the registry. Ids read ``scorer:tova-batch_permutation``.
 
     ``expected_failures`` maps a target id to ``{check name: reason}``; those become strict
     xfails (an unexpected pass is reported, so a fixed component is noticed). ``select`` keeps

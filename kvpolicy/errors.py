@@ -91,6 +91,11 @@ class ModelUnavailableError(KVPolicyError):
     """A shipped model whose PyPI package is not installed or whose file is damaged."""
 
 
+class NativeBuildError(KVPolicyError, RuntimeError):
+    """kvpolicy's native kernels could not be built or loaded where they were required
+    (``KVPOLICY_NATIVE=require``), or another process's build held the cache's lock too long."""
+
+
 class KVPolicyWarning(UserWarning):
     """Base class of every warning kvpolicy issues on purpose."""
 

@@ -107,3 +107,8 @@ class BudgetOverriddenWarning(KVPolicyWarning):
 
 class PluginClashWarning(KVPolicyWarning):
     """Two plugins share an entry-point name or register the same component name."""
+
+
+class ModelTransferWarning(KVPolicyWarning):
+    """A policy made for one model (its file records which) is attached to another without
+    choosing zero-shot transfer (``policy.transfer = True``)."""

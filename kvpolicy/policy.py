@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from kvpolicy.checkpoint import PolicyFile, open_policy_file, write_policy_file
+from kvpolicy.checkpoint import ModelRecord, PolicyFile, open_policy_file, write_policy_file
 from kvpolicy.errors import (
     CheckpointError,
     FeatureWidthError,
@@ -131,6 +131,11 @@ class Policy:
         self.skip_layers = layer_indices(skip_layers)
         self._check_feature_width()
         self._check_budget()
+        #: the model this policy's weights were made for (from its policy file), or None
+        self.made_for: ModelRecord | None = None
+        #: attach to a model other than `made_for` as a zero-shot transfer, chosen: no warning
+        #: (the attachment's report still records the transfer)
+        self.transfer = False
 
     # ----------------------------------------------------------------- construction & JSON
 
@@ -420,20 +425,30 @@ class Policy:
 
     # ----------------------------------------------------------------- persistence
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write config, parameters and buffers to one safetensors file, atomically."""
+    def save(self, path: str | os.PathLike[str], *, made_for: ModelRecord | None = None) -> None:
+        """Write config, parameters and buffers to one signed safetensors file, atomically, with
+        the model they were made for (``made_for``, else `made_for` as loaded)."""
         params = self.get_flat()
         if params.dim() != 1:
             raise CheckpointError(
                 f"the policy holds a population of {params.shape[0]} parameter sets; save one member: "
                 "policy.set_flat(population[i]) first"
             )
-        write_policy_file(path, self.to_json(), params, self.buffers())
+        write_policy_file(path, self.to_json(), params, self.buffers(), made_for or self.made_for)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], registry: Registry | None = None) -> Policy:
-        """The policy saved at ``path`` (`save`), with its parameters and buffers."""
-        saved = open_policy_file(path)
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        registry: Registry | None = None,
+        *,
+        allow_unsigned: bool = False,
+        transfer: bool = False,
+    ) -> Policy:
+        """The policy saved at ``path`` (`save`), with its parameters and buffers. A file without
+        a checksum loads only with ``allow_unsigned``; ``transfer`` chooses zero-shot transfer
+        (`transfer`)."""
+        saved = open_policy_file(path, allow_unsigned=allow_unsigned)
         try:
             policy = cls.from_config(saved.config, registry)
         except CheckpointError:
@@ -441,6 +456,7 @@ class Policy:
         except KVPolicyError as exc:
             raise CheckpointError(f"{path} holds a policy that cannot be rebuilt here: {exc}") from exc
         policy.load_weights(saved)
+        policy.transfer = transfer
         return policy
 
     def load_weights(self, saved: PolicyFile | str | os.PathLike[str]) -> None:
@@ -456,6 +472,7 @@ class Policy:
         if self.num_params:
             self.set_flat(saved.params)
         self.load_buffers(saved.buffers, saved.source)
+        self.made_for = saved.model
 
     def load_buffers(self, buffers: Mapping[str, torch.Tensor], source: str) -> None:
         """Give each component its frozen buffers, keyed ``role.name`` (the layout of `buffers`):

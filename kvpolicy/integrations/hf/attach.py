@@ -44,6 +44,7 @@ from kvpolicy.integrations.hf.attention import (
 )
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_types
 from kvpolicy.integrations.hf.report import budget_override_note, build_report
+from kvpolicy.integrations.hf.transfer import transfer_note
 from kvpolicy.types import CacheReport
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -132,6 +133,8 @@ class Attachment(AbstractContextManager):
             notes.append(f"layers {sorted(skip)} are skipped by the policy and keep every token")
         if self.policy.schedule.kind == "never":
             notes.append("schedule 'never': every token is kept")
+        if (transfer := transfer_note(self.policy, self.model)) is not None:
+            notes.append(transfer)
         return tuple(notes)
 
     @property

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import kvpolicy
 from kvpolicy import FeatureWidthError, Policy
-from kvpolicy.checkpoint import CHECKSUM_KEY, FORMAT, PARAMS_KEY, tensor_checksum
+from kvpolicy.checkpoint import write_policy_file
 from kvpolicy.testing.strategies import CacheShape, make_view
 from kvpolicy.types import Capabilities, ComponentRef, EmptyConfig, FeatureWidth, Requirements, capabilities
 
@@ -20,15 +19,8 @@ SHAPE = CacheShape(batch=2, kv_heads=2, groups=2, tokens=40, head_dim=8, seen=64
 
 def _old_file(tmp_path, config: dict) -> str:
     """A policy file as written before the scorer was the ``feature`` scorer (no parameters)."""
-    tensors = {PARAMS_KEY: torch.zeros(0)}
-    metadata = {
-        "format": FORMAT,
-        "policy": json.dumps(config, sort_keys=True),
-        "num_params": "0",
-        CHECKSUM_KEY: tensor_checksum(tensors),
-    }
     path = tmp_path / "old.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
+    write_policy_file(path, json.dumps(config, sort_keys=True), torch.zeros(0), {})
     return str(path)
 
 

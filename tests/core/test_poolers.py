@@ -105,7 +105,7 @@ def test_unknown_pooler_names_are_unknown_component_errors():
         kvpolicy.build("h2o", budget=64, pooler="spam")
     with pytest.raises(UnknownComponentError, match="pooler"):
         kvpolicy.Policy.from_config(
-            PolicyConfig.from_dict({"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8,
+            PolicyConfig.from_dict({"extractor": "position", "scorer": "feature", "selector": "top_k", "schedule": {"kind": "every_step"}, "protect": {"sinks": 0, "recent": 0}, "budget": 8,
                                     "pooler": {"name": "no_such_pooler"}})
         )  # fmt: skip
 
@@ -163,7 +163,14 @@ def test_padded_slots_stay_last_whatever_a_pooler_returns():
 def test_pooler_and_span_together_are_refused():
     with pytest.raises(InvalidConfigError, match="give either pooler .* or span .*, not both"):
         kvpolicy.Policy("position", "feature", "top_k", budget=8, pooler="span", span=5)
-    data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
+    data = {
+        "extractor": "position",
+        "scorer": "feature",
+        "selector": "top_k",
+        "schedule": {"kind": "every_step"},
+        "protect": {"sinks": 0, "recent": 0},
+        "budget": 8,
+    }
     with pytest.raises(InvalidConfigError, match='both "pooler" and the older "span"'):
         PolicyConfig.from_dict({**data, "pooler": "span", "span": 5})
 
@@ -180,7 +187,14 @@ def test_span_shorthand_and_pooler_build_the_same_policy():
 
 
 def test_older_span_key_reads_as_the_span_pooler():
-    data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
+    data = {
+        "extractor": "position",
+        "scorer": "feature",
+        "selector": "top_k",
+        "schedule": {"kind": "every_step"},
+        "protect": {"sinks": 0, "recent": 0},
+        "budget": 8,
+    }
     assert PolicyConfig.from_dict({**data, "span": 31}).pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
     off = PolicyConfig.from_dict({**data, "span": {"kernel": 1, "mode": "max"}})  # saved with span off
     assert off.pooler is None  # kernel 1 always meant "no pooling": no pooler, none to run or print
@@ -189,12 +203,11 @@ def test_older_span_key_reads_as_the_span_pooler():
     assert PolicyConfig.from_dict({**data, "span": None}).pooler is None
 
 
-def test_a_policy_file_written_before_poolers_keeps_loading_with_its_span():
-    """A NAMM saved when span pooling was a policy-level option (the shipped NAMM's earlier
-    parameters: the votes alone, spans of 31) loads as the same pipeline with the span pooler."""
+def test_the_evolution_start_file_is_the_votes_with_the_span_pooler():
+    """The shipped NAMM's earlier parameters (the votes alone, spans of 31) as a policy file."""
     path = Path(__file__).parents[2] / "examples" / "namm-smollm2" / "start.safetensors"
     stored = json.loads(read_policy_file(str(path))[0]["policy"])
-    assert stored["span"] == {"kernel": 31, "mode": "max"} and "pooler" not in stored  # written before poolers
+    assert stored["pooler"] == {"name": "span", "config": {"kernel": 31, "mode": "max"}}
     loaded = kvpolicy.Policy.load(str(path))
     assert loaded.config.pooler == ComponentRef("span", {"kernel": 31, "mode": "max"})
     assert repr(loaded).endswith("span=max31)")

@@ -195,6 +195,7 @@ class ComponentRef:
 #: fields a policy config given as data must state: each has a default that changes what it does
 REQUIRED_FIELDS = ("extractor", "scorer", "selector", "schedule", "protect", "budget")
 
+
 @attrs.frozen
 class PolicyConfig:
     """A whole policy as data: three components, an optional ``pooler`` run between scorer and

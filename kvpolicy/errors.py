@@ -58,6 +58,11 @@ class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 
 
+class InvalidInputError(KVPolicyError, ValueError):
+    """Input a model cannot take: token ids outside its vocabulary, embeddings in a dtype it does
+    not run in."""
+
+
 class ContractError(KVPolicyError, ValueError):
     """A component's output breaks its contract at run time (checked cheaply on every update,
     because a silently wrong cache is worse than a loud failure)."""

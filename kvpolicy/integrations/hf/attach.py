@@ -43,6 +43,7 @@ from kvpolicy.integrations.hf.attention import (
     make_mask_function,
 )
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer, layer_types
+from kvpolicy.integrations.hf.inputs import check_chunk_size, check_forward_inputs, check_row, check_rows_have_tokens
 from kvpolicy.integrations.hf.report import budget_override_note, build_report
 from kvpolicy.integrations.hf.transfer import transfer_note
 from kvpolicy.types import CacheReport
@@ -258,6 +259,7 @@ class Attachment(AbstractContextManager):
         if inputs is None:
             raise ShapeError("the model was called with neither input_ids nor inputs_embeds")
         batch, new = inputs.shape[:2]
+        check_forward_inputs(self.model, input_ids, embeds, whole_prompt=new > 1 or not cache.seen)
         valid = self._new_tokens_valid(kwargs.get("attention_mask"), cache, batch, new)
         kwargs["attention_mask"] = None  # the cache masks padded slots itself (the 2-D mask stops lining up)
         if self.requirements.token_ids and input_ids is None:
@@ -339,6 +341,7 @@ class Attachment(AbstractContextManager):
             inputs = kwargs["inputs_embeds"]
         if inputs is None:
             raise ShapeError("model.generate needs input_ids (or inputs_embeds) with a policy attached")
+        check_rows_have_tokens(kwargs.get("attention_mask"))
         cache.prompt_end = inputs.shape[1]
         kwargs[cache_keyword(self.model)] = cache
         self.cache = cache
@@ -378,6 +381,7 @@ class Handle:
         and in use again after the block."""
         attachment = self._attachment
         saved = self.cache
+        check_row(saved, row)
         attachment.cache = saved.row_copy(row)
         try:
             yield self
@@ -424,6 +428,8 @@ class Handle:
             if mask.shape != ids.shape:
                 raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}; input_ids have {tuple(ids.shape)}")
             mask = mask.to(ids.device)
+            if not self.cache.seen:  # a prompt: every row needs a token of its own
+                check_rows_have_tokens(mask)
         return self._forward_chunks(
             "input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed", mask=mask, align_end=align_end
         )
@@ -463,8 +469,7 @@ class Handle:
         attachment = self._attachment
         if not attachment._entered or _ATTACHED.get(attachment.model) is not attachment:
             raise AttachError(f"handle.{what} works only inside its `with policy.attach(model)` block")
-        if chunk_size is not None and chunk_size < 1:
-            raise InvalidConfigError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        check_chunk_size(chunk_size)
         cache = self.cache
         if cache.seen and cache.layers and isinstance(cache.layers[0], EvictingLayer):
             batch = cache.layers[0].keys.shape[0] if cache.layers[0].keys is not None else inputs.shape[0]

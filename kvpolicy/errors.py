@@ -58,6 +58,11 @@ class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 
 
+class InvalidInputError(KVPolicyError, ValueError):
+    """Input a model cannot take: token ids outside its vocabulary, embeddings in a dtype it does
+    not run in."""
+
+
 class ContractError(KVPolicyError, ValueError):
     """A component's output breaks its contract at run time (checked cheaply on every eviction pass,
     because a silently wrong cache is worse than a loud failure)."""
@@ -91,6 +96,11 @@ class ModelUnavailableError(KVPolicyError):
     """A shipped model whose PyPI package is not installed or whose file is damaged."""
 
 
+class NativeBuildError(KVPolicyError, RuntimeError):
+    """kvpolicy's native kernels could not be built or loaded where they were required
+    (``KVPOLICY_NATIVE=require``), or another process's build held the cache's lock too long."""
+
+
 class KVPolicyWarning(UserWarning):
     """Base class of every warning kvpolicy issues on purpose."""
 
@@ -102,3 +112,8 @@ class BudgetOverriddenWarning(KVPolicyWarning):
 
 class PluginClashWarning(KVPolicyWarning):
     """Two plugins share an entry-point name or register the same component name."""
+
+
+class ModelTransferWarning(KVPolicyWarning):
+    """A policy made for one model (its file records which) is attached to another without
+    choosing zero-shot transfer (``policy.transfer = True``)."""

@@ -46,6 +46,11 @@ def sorted_selection(indices: torch.Tensor, valid: torch.Tensor | None = None) -
     return Selection(torch.where(valid, key, torch.zeros_like(key)), valid)
 
 
+#: the widest pooling kernel a config may ask for: twice the longest context any supported model
+#: takes (2**20 tokens), minus one; `pool_neighbours` pools no wider than its tokens need anyway
+MAX_KERNEL = 2**21 - 1
+
+
 def pool_neighbours(scores: torch.Tensor, kernel: int, mode: str, padded: torch.Tensor | None = None) -> torch.Tensor:
     """``scores [batch, kv_heads, tokens]`` pooled over ``kernel`` (odd) neighbouring cached tokens.
 
@@ -64,6 +69,9 @@ def pool_neighbours(scores: torch.Tensor, kernel: int, mode: str, padded: torch.
     if kernel <= 1:
         return scores
     batch, heads, tokens = scores.shape
+    # a window of 2·tokens − 1 already covers every token from any centre: a wider one pools the
+    # same values, and would only allocate its padding
+    kernel = min(kernel, max(2 * tokens - 1, 1))
     rows = batch * heads
     x = finite_scores(scores).reshape(rows, tokens)
     if mode == "max":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.selection import MAX_KERNEL
 from kvpolicy.types import (
     Budget,
     ComponentBase,
@@ -80,6 +81,8 @@ class SnapKVConfig:
     def _odd(self, attribute: attrs.Attribute, value: int) -> None:
         if value % 2 == 0:
             raise InvalidConfigError(f"SnapKVConfig.kernel_size must be odd (1, 3, 5, 7, ...), got {value}")
+        if value > MAX_KERNEL:
+            raise InvalidConfigError(f"SnapKVConfig.kernel_size must be at most {MAX_KERNEL} tokens, got {value}")
 
     @pooling.validator
     def _pooling(self, attribute: attrs.Attribute, value: str) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.selection import padding_mask, pool_neighbours
+from kvpolicy.selection import MAX_KERNEL, padding_mask, pool_neighbours
 from kvpolicy.types import ComponentBase, LayerView
 
 SpanMode = Literal["max", "avg"]
@@ -42,6 +42,11 @@ class SpanPoolerConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
             raise InvalidConfigError(
                 f"SpanPoolerConfig.kernel must be an odd whole number (1, 3, 5, ...), got {value!r}"
+            )
+        if value > MAX_KERNEL:
+            raise InvalidConfigError(
+                f"SpanPoolerConfig.kernel {value} is wider than any cache kvpolicy drives (at most {MAX_KERNEL} "
+                "tokens); a kernel of 2·tokens − 1 already pools over every cached token"
             )
 
     @mode.validator

@@ -32,13 +32,19 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidConfigError, ShapeError
-from kvpolicy.selection import padding_mask, pool_neighbours
+from kvpolicy.selection import MAX_KERNEL, padding_mask, pool_neighbours
 from kvpolicy.types import BufferedComponent, LayerView, Requirements, extend_tokens, positive
 from kvpolicy_plugins import spectrogram
 
 EMA_KEY = "stft.ema"
 CONTEXT_KEY = "stft.context"
 CLOCK_KEY = "stft.clock"
+
+
+#: sizes past which a config cannot be meant (an n_fft of 2**16 needs a 2**32-element DFT basis)
+MAX_N_FFT = 4096
+MAX_PERIOD = 2**20
+MAX_RECENCY_DIMS = 1024
 
 
 @attrs.frozen
@@ -67,6 +73,9 @@ class StftConfig:
             raise InvalidConfigError(f"StftConfig.gamma must be in (0, 1], got {self.gamma}")
         if self.recency_dims < 0 or self.recency_dims % 2:
             raise InvalidConfigError(f"StftConfig.recency_dims must be even and >= 0, got {self.recency_dims}")
+        for name, limit in (("n_fft", MAX_N_FFT), ("period", MAX_PERIOD), ("recency_dims", MAX_RECENCY_DIMS)):
+            if getattr(self, name) > limit:  # the DFT basis is n_fft², the features recency_dims wide per token
+                raise InvalidConfigError(f"StftConfig.{name} must be at most {limit}, got {getattr(self, name)}")
         if self.period < self.n_fft - self.hop:
             raise InvalidConfigError(
                 f"StftConfig.period ({self.period}) must cover at least n_fft - hop = {self.n_fft - self.hop} queries"
@@ -256,6 +265,8 @@ class StftVotesConfig(StftConfig):
                 raise ValueError(
                     f"votes_kernels must be odd integers >= 3 (span widths in cached tokens); got {value!r}"
                 )
+            if kernel > MAX_KERNEL:
+                raise ValueError(f"votes_kernels must be at most {MAX_KERNEL} tokens wide; got {value!r}")
 
     @property
     def num_features(self) -> int:

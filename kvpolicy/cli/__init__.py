@@ -35,6 +35,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_native_mode() -> None:
+    """A wrong ``KVPOLICY_NATIVE``, or kernels that ``require`` cannot build, fail before any model loads."""
+    from kvpolicy import native
+
+    if native.mode() == "require":
+        native.available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_native_mode()
         return int(args._run(args) or 0)
     except KVPolicyError as exc:
         print(f"kvpolicy: error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvpolicy.atomic import atomic_write_text
 from kvpolicy.cli.eval import add_suite_arguments, run_from_args, suite_items
-from kvpolicy.errors import InvalidBudgetError
+from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def paired_table(labels: list[str], kept: dict[str, float], results: dict, references: dict, against: str) -> str:
     """Markdown: each run's chance-corrected skill kept (% of the full cache's skill above chance)
     and ``against − run`` with its paired bootstrap 95% interval, in points."""
-    from kvpolicy.errors import InvalidConfigError
     from kvpolicy.eval.paired import paired_difference
 
     if against not in results:
@@ -131,9 +130,13 @@ def run(args: argparse.Namespace) -> int:
 
     grid = _grid(args.policy, args.budget)
     items = suite_items(args)
+    labels = [label_for_spec(spec, budget) for spec, budget, _ in grid]
+    if args.paired_against and args.paired_against not in labels:  # before any run, not after all of them
+        raise InvalidConfigError(
+            f"--paired-against {args.paired_against!r} is not one of the runs: {', '.join(labels)}"
+        )
     model, tokenizer = load_model(args.model)
     out = Path(args.out)
-    labels = [label_for_spec(spec, budget) for spec, budget, _ in grid]
     if args.shared_prefill:
         from kvpolicy.eval.many_policies import evaluate_many
 

@@ -60,7 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def suite_items(args: argparse.Namespace) -> list:
-    """The items ``args`` select."""
+    """The items ``args`` select, every suite argument checked first (before any model loads)."""
+    from kvpolicy.errors import UnknownComponentError
+    from kvpolicy.eval.harness import check_run_arguments
+    from kvpolicy.models import MODELS
+
+    check_run_arguments(args.metric, args.chunk_size)
+    if args.model not in MODELS:
+        raise UnknownComponentError("shipped model", args.model, MODELS)
     profile = get_profile(args.profile)
     lengths = None
     if args.lengths:

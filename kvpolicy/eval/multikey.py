@@ -16,16 +16,30 @@ them. Metric: token F1 against the list of values.
 from __future__ import annotations
 
 import random
+from typing import Any
 
-from hard_needle.entities import POOL_SETS
-
+from kvpolicy.errors import ModelUnavailableError
 from kvpolicy.eval.items import Item, Split
 from kvpolicy.eval.needle import KEYS
 from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, tokens_to_chars
 
 POOLS: dict[Split, str] = {"train": "default", "test": "unseen"}
+HARD_NEEDLE_PACKAGE = "hard-needle==0.1.2"
 KEYS_PER_ITEM = 4
 VALUES_PER_KEY = 3
+
+
+def _pool_sets() -> dict[str, Any]:
+    """hard-needle's pools, imported when a multi-value item is made (a data package, not a
+    dependency: nothing else needs it installed)."""
+    try:
+        from hard_needle.entities import POOL_SETS
+    except ImportError as exc:
+        raise ModelUnavailableError(
+            f"the multivalue task needs the package {HARD_NEEDLE_PACKAGE}; install with "
+            f"`pip install --no-deps {HARD_NEEDLE_PACKAGE}`"
+        ) from exc
+    return POOL_SETS
 
 
 def _distinct(rng: random.Random, pool: tuple[str, ...] | list[str], count: int) -> list[str]:
@@ -68,7 +82,7 @@ def make_multikey(split: Split, seed: int, length: int) -> Item:
 
 def make_multivalue(split: Split, seed: int, length: int) -> Item:
     rng = rng_for("multivalue", split, seed, length)
-    pool = POOL_SETS[POOLS[split]]
+    pool = _pool_sets()[POOLS[split]]
     entities = _distinct(rng, pool["entities"], 2)
     values = _distinct(rng, pool["project_code"], 2 * VALUES_PER_KEY)
     mine, other = values[:VALUES_PER_KEY], values[VALUES_PER_KEY:]

@@ -4,8 +4,10 @@ Every finished item is appended to ``results.jsonl`` as one line, written in a s
 ``O_APPEND`` write under an exclusive lock and fsynced. Appending (rather than rewriting the file)
 keeps each save O(1) over a 600-item run and lets several processes share one store, e.g. the
 full-cache reference cache while two halves of a suite run in parallel: none overwrites the
-other's results. A run killed mid-write leaves at most a torn last line, which the next open
-drops (that item is recomputed); a corrupt line anywhere else is an error naming it.
+other's results. A run killed mid-write leaves a torn line (cut anywhere, inside a multi-byte
+character too), which the next open drops with a warning (that item is recomputed); a line that
+is whole JSON but not a valid record (a field of the wrong type, a NaN score, a kept fraction
+outside [0, 1]) is an error naming its line, since no run writes one.
 ``results.csv`` is the same table for spreadsheets.
 """
 
@@ -15,6 +17,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from kvpolicy.errors import CheckpointError
+from kvpolicy.errors import CheckpointError, InvalidConfigError
 
 try:  # POSIX; elsewhere appends rely on O_APPEND alone
     import fcntl
@@ -71,7 +74,47 @@ class ItemResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ItemResult:
+        """A result from its `to_dict`, every field checked (`InvalidConfigError` naming it)."""
+        if not isinstance(data, dict):
+            raise InvalidConfigError(f"a result record is a JSON object, got {type(data).__name__}")
+        names = {f.name for f in attrs.fields(cls)}
+        required = {f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING}
+        if unknown := sorted(set(data) - names):
+            raise InvalidConfigError(f"unknown fields {unknown}")
+        if missing := sorted(required - set(data)):
+            raise InvalidConfigError(f"missing fields {missing}")
+        for name, value in data.items():
+            _check_field(name, value)
         return cls(**data)
+
+
+_TEXT = ("uid", "fingerprint", "task", "split", "policy", "metric", "prediction", "chunks")
+_COUNTS = ("length", "seed", "prompt_tokens", "tokens_seen", "kv_bytes", "full_kv_bytes")
+_FRACTION = ("kept_fraction",)
+_SECONDS = ("policy_seconds", "seconds")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Raise `InvalidConfigError` when ``value`` is not what a run writes for field ``name``."""
+    ok = True
+    if name in _TEXT:
+        ok = isinstance(value, str)
+    elif name in _COUNTS:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 or name == "seed")
+    elif name in _FRACTION:
+        ok = _is_number(value) and 0.0 <= value <= 1.0
+    elif name == "per_layer_fraction":
+        ok = isinstance(value, list | tuple) and all(_is_number(v) and 0.0 <= v <= 1.0 for v in value)
+    elif name in _SECONDS or name == "score":
+        ok = _is_number(value) and value >= 0
+    elif name == "answer_logprob":
+        ok = value is None or (_is_number(value) and value <= 0)
+    if not ok:
+        raise InvalidConfigError(f"field {name!r} has the invalid value {value!r}")
 
 
 CSV_FIELDS = [f.name for f in attrs.fields(ItemResult) if f.name != "per_layer_fraction"]
@@ -109,31 +152,35 @@ class ResultStore:
     def _load(self) -> None:
         # under the lock, so a line another process is writing is never mistaken for a torn one
         with self._locked() as fd:
-            text = self.path.read_text(encoding="utf-8")
-            lines = text.split("\n")
-            torn = lines.pop()  # "" when the file ends with a newline, as every complete write does
+            lines = self.path.read_bytes().split(b"\n")
+            torn = lines.pop()  # b"" when the file ends with a newline, as every complete write does
             for number, line in enumerate(lines, start=1):
                 if line.strip():
-                    self._remember(self._parse(line, number))
+                    self._remember_line(line, number, last=False)
             if torn.strip():
                 self._repair_tail(fd, torn, len(lines) + 1)
 
-    def _repair_tail(self, fd: int, torn: str, number: int) -> None:
+    def _remember_line(self, line: bytes, number: int, *, last: bool) -> bool:
+        """Remember the record on ``line``; False (with a warning) when the line is torn."""
+        try:
+            data = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            where = "last line" if last else f"line {number}"
+            warnings.warn(
+                f"{self.path}: dropped a torn {where} (a run stopped while writing it); that item will be recomputed",
+                stacklevel=5,
+            )
+            return False
+        self._remember(self._parse(data, number))
+        return True
+
+    def _repair_tail(self, fd: int, torn: bytes, number: int) -> None:
         """End the file on a newline so the next append starts a line of its own: in place, under
         the lock the caller holds (a rename could swallow another process's append)."""
-        try:
-            self._remember(self._parse(torn, number))
-            complete = True  # a whole record that only lacks its newline
-        except CheckpointError:
-            complete = False
-            warnings.warn(
-                f"{self.path}: dropped a torn last line (a run stopped while writing it); that item will be recomputed",
-                stacklevel=4,
-            )
-        if complete:
+        if self._remember_line(torn, number, last=True):  # a whole record that only lacks its newline
             os.write(fd, b"\n")
         else:
-            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - len(torn.encode("utf-8")))
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - len(torn))
         os.fsync(fd)
 
     @contextlib.contextmanager
@@ -148,12 +195,12 @@ class ResultStore:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _parse(self, line: str, number: int) -> ItemResult:
+    def _parse(self, data: Any, number: int) -> ItemResult:
         try:
-            return ItemResult.from_dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError) as exc:
+            return ItemResult.from_dict(data)
+        except (InvalidConfigError, TypeError) as exc:
             raise CheckpointError(
-                f"{self.path}:{number} is not a result record ({exc}); delete the file to start over"
+                f"{self.path}:{number} is not a valid result record ({exc}); delete that line or the file to start over"
             ) from exc
 
     def _remember(self, result: ItemResult) -> None:
@@ -172,7 +219,12 @@ class ResultStore:
         return self.get(item.uid) if self.done(item.uid, item.fingerprint) else None
 
     def add(self, result: ItemResult) -> None:
-        """Record one result: one locked, fsynced append of one line."""
+        """Record one result: one locked, fsynced append of one line (checked first, so a file
+        never holds a record its reader refuses)."""
+        try:
+            ItemResult.from_dict(result.to_dict() | {"per_layer_fraction": list(result.per_layer_fraction)})
+        except InvalidConfigError as exc:
+            raise InvalidConfigError(f"the result of item {result.uid!r} cannot be stored: {exc}") from exc
         self._remember(result)
         line = (json.dumps(result.to_dict(), sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
         with self._locked() as fd:

@@ -37,6 +37,7 @@ from kvpolicy.evolve.jobs import Job, JobResult, item_split
 from kvpolicy.evolve.models import load_model_and_tokenizer
 from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.integrations.hf.shared_prefill import Prefill, prefill
+from kvpolicy.integrations.hf.transfer import model_record
 from kvpolicy.policy import Policy, build
 
 
@@ -153,4 +154,4 @@ class HfWorkload:
         """Write the policy with these parameters and buffers as a policy file (`Policy.save`)."""
         self.policy.load_buffers(buffers, "the calibration of this run")
         self.policy.set_flat(self.space.full_params(params))
-        self.policy.save(str(path))
+        self.policy.save(str(path), made_for=model_record(self._ensure_model()[0]))

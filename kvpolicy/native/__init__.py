@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.errors import InvalidConfigError
+from kvpolicy.errors import InvalidConfigError, NativeBuildError, ShapeError
+from kvpolicy.native.cache import load_cached
 
 ENV = "KVPOLICY_NATIVE"
 CACHE_ENV = "KVPOLICY_NATIVE_CACHE"
@@ -81,24 +82,26 @@ def _build() -> None:
     here = Path(__file__).parent
     sources = [here / name for name in SOURCES]
     flags = _flags()
-    built_for = f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {' '.join(flags)}"
+    built_for = f"manifest-v1 {torch.__version__} {sys.version_info[:2]} {platform.machine()} {' '.join(flags)}"
     digest = hashlib.sha256(built_for.encode())
     for source in sources:
         digest.update(source.read_bytes())
     name = f"kvpolicy_native_{digest.hexdigest()[:16]}"
     directory = cache_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / f"{name}.so").exists():
+
+    def build() -> None:
         print(f"kvpolicy: compiling native CPU kernels into {directory} (once, ~20 s)", file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name,
-        [str(source) for source in sources],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+        cpp_extension.load(
+            name,
+            [str(source) for source in sources],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+
+    load_cached(directory / f"{name}.so", build, lambda library: torch.ops.load_library(str(library)))
 
 
 def available() -> bool:
@@ -118,7 +121,7 @@ def available() -> bool:
                     _loaded, _failure = False, f"{type(error).__name__}: ...{message[-600:]}"
     if not _loaded:
         if mode() == "require":
-            raise RuntimeError(f"{ENV}=require, but kvpolicy's native kernels did not build: {_failure}")
+            raise NativeBuildError(f"{ENV}=require, but kvpolicy's native kernels did not build: {_failure}")
         if not _warned:
             _warned = True
             warnings.warn(
@@ -164,10 +167,37 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`kvpolicy.integrations.hf.in_pass.attend` for float32 CPU tensors whose new tokens are all
     valid (``valid`` masks cached slots only)."""
+    _check_tensors("attend", query=query, key=key, value=value)
+    batch, heads, queries, width = query.shape
+    kv_heads, tokens = key.shape[1], key.shape[2]
+    if key.shape != (batch, kv_heads, tokens, width) or value.shape != key.shape:
+        raise ShapeError(
+            f"attend: key {tuple(key.shape)} and value {tuple(value.shape)} must both be "
+            f"[{batch}, kv_heads, tokens, {width}] for query {tuple(query.shape)}"
+        )
+    if kv_heads == 0 or heads % kv_heads or tokens < queries:
+        raise ShapeError(
+            f"attend: {heads} query heads over {kv_heads} KV heads, {queries} queries over {tokens} tokens"
+        )
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (batch, kv_heads, tokens)):
+        raise ShapeError(
+            f"attend: valid must be bool [{batch}, {kv_heads}, {tokens}], got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if int(step) < 1 or int(rows) < 0:
+        raise ShapeError(f"attend: step must be >= 1 and rows >= 0, got step {step}, rows {rows}")
     output, row_out, col_out = torch.ops.kvpolicy_native.attend(
         query, key, value, valid, float(scaling), float(softcap or 0.0), int(rows), bool(columns), int(step)
     )
     return output, (row_out if rows else None), (col_out if columns else None)
+
+
+def _check_tensors(kernel: str, **tensors: torch.Tensor) -> None:
+    """The kernels read raw memory: anything but 4-d float32 CPU tensors would be read wrongly."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            raise ShapeError(f"{kernel}: {name} must be a 4-d tensor, got {getattr(tensor, 'shape', type(tensor))}")
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ShapeError(f"{kernel}: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
 
 
 def folded_hann_spectrogram(
@@ -176,5 +206,21 @@ def folded_hann_spectrogram(
     """`kvpolicy_plugins.stft.folded_hann_spectrogram` (n_fft = 2·hop, ``hop`` even) for float32
     CPU tensors: ``[batch, kv_heads, tokens, hop + 1]``."""
     if head is None:
+        _check_tensors("folded_hann_spectrogram", series=series, weights=weights)
         head = series.new_zeros((*series.shape[:2], series.shape[3], 0))
+    _check_tensors("folded_hann_spectrogram", series=series, weights=weights, head=head)
+    batch, kv_heads, length, tokens = series.shape
+    frames, carried = weights.shape[2], head.shape[3]
+    if weights.shape != (batch, kv_heads, frames, tokens) or head.shape[:3] != (batch, kv_heads, tokens):
+        raise ShapeError(
+            f"folded_hann_spectrogram: series {tuple(series.shape)} needs weights [{batch}, {kv_heads}, frames, "
+            f"{tokens}] and head [{batch}, {kv_heads}, {tokens}, values], got {tuple(weights.shape)} and {tuple(head.shape)}"
+        )
+    if int(hop) < 2 or int(hop) % 2 or int(tile) < 1:
+        raise ShapeError(f"folded_hann_spectrogram: hop must be even and >= 2 and tile >= 1, got {hop}, {tile}")
+    if length % hop or carried % hop or (frames and (frames + 1) * hop > length + carried):
+        raise ShapeError(
+            f"folded_hann_spectrogram: series ({length}) and head ({carried}) must hold whole blocks of {hop}, "
+            f"and {frames} frames need {(frames + 1) * hop} values"
+        )
     return torch.ops.kvpolicy_native.folded_hann(series, weights, head, int(hop), int(tile))

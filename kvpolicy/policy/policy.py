@@ -9,7 +9,6 @@ module never imports transformers (the HF integration is itself a plugin). What 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -17,10 +16,11 @@ from typing import Any
 import attrs
 import torch
 
-from kvpolicy.checkpoint import PolicyFile, open_policy_file, write_policy_file
-from kvpolicy.errors import CheckpointError, InvalidConfigError, InvalidScoresError, KVPolicyError, ShapeError
+from kvpolicy.checkpoint import ModelRecord
+from kvpolicy.errors import InvalidConfigError, InvalidScoresError, ShapeError
 from kvpolicy.policy.checks import check_budget, check_feature_width, check_no_nan, check_selection, check_shape
 from kvpolicy.policy.components import ComponentLike, as_component, as_pooler, expect
+from kvpolicy.policy.files import PolicyFiles
 from kvpolicy.registry import Registry, default_registry
 from kvpolicy.selection import padding_mask
 from kvpolicy.types import (
@@ -41,7 +41,7 @@ from kvpolicy.types import (
 )
 
 
-class Policy:
+class Policy(PolicyFiles):
     """A KV-cache eviction policy assembled from three components and an optional pooler.
 
     Parameters
@@ -100,6 +100,11 @@ class Policy:
         self.skip_layers = layer_indices(skip_layers)
         check_feature_width(self.extractor, self.scorer)
         check_budget(self.selector, self.budget, self.protect, self.schedule.kind != "never")
+        #: the model this policy's weights were made for (from its policy file), or None
+        self.made_for: ModelRecord | None = None
+        #: attach to a model other than `made_for` as a zero-shot transfer, chosen: no warning
+        #: (the attachment's report still records the transfer)
+        self.transfer = False
 
     @property
     def needs_budget(self) -> bool:
@@ -332,62 +337,6 @@ class Policy:
         for component in self.components().values():
             if isinstance(component, TokenizerAware):
                 component.bind_tokenizer(tokenizer)
-
-    # ----------------------------------------------------------------- persistence
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write config, parameters and buffers to one safetensors file, atomically."""
-        params = self.get_flat()
-        if params.dim() != 1:
-            raise CheckpointError(
-                f"the policy holds a population of {params.shape[0]} parameter sets; save one member: "
-                "policy.set_flat(population[i]) first"
-            )
-        write_policy_file(path, self.to_json(), params, self.buffers())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], registry: Registry | None = None) -> Policy:
-        """The policy saved at ``path`` (`save`), with its parameters and buffers."""
-        saved = open_policy_file(path)
-        try:
-            policy = cls.from_config(saved.config, registry)
-        except CheckpointError:
-            raise
-        except KVPolicyError as exc:
-            raise CheckpointError(f"{path} holds a policy that cannot be rebuilt here: {exc}") from exc
-        policy.load_weights(saved)
-        return policy
-
-    def load_weights(self, saved: PolicyFile | str | os.PathLike[str]) -> None:
-        """Take the parameters and buffers of a policy file (or its path), keeping this policy's
-        own config (budget, pooler, …): how a preset starts with its shipped weights."""
-        if not isinstance(saved, PolicyFile):
-            saved = open_policy_file(saved)
-        if saved.params.numel() != self.num_params:
-            raise CheckpointError(
-                f"{saved.source} holds {saved.params.numel()} parameters but its policy "
-                f"({self.scorer.name} scorer) has {self.num_params}; the file does not match its config"
-            )
-        if self.num_params:
-            self.set_flat(saved.params)
-        self.load_buffers(saved.buffers, saved.source)
-
-    def load_buffers(self, buffers: Mapping[str, torch.Tensor], source: str) -> None:
-        """Give each component its frozen buffers, keyed ``role.name`` (the layout of `buffers`):
-        a policy file's, or the calibration an evolution run ships to its workers. ``source``
-        names where they come from in errors."""
-        for role, component in self.components().items():
-            own = {k.split(".", 1)[1]: v for k, v in buffers.items() if k.startswith(role + ".")}
-            if not own:
-                continue
-            if not isinstance(component, Stateful):
-                raise CheckpointError(f"{source} has buffers for the {role} {component.name!r}, which keeps none")
-            try:
-                component.load_state_dict(own)
-            except (KeyError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"{source}: buffers of the {role} {component.name!r} do not match: {exc}"
-                ) from exc
 
     # ----------------------------------------------------------------- models
 

@@ -16,10 +16,19 @@ from kvpolicy.testing.conformance import (
     targets,
 )
 from kvpolicy.testing.invariants import InvariantViolation, keeps_highest_scores, selection_violations
-from kvpolicy.testing.profiles import CI_PROFILE, DEV_PROFILE, load_profile, register_profiles
+from kvpolicy.testing.profiles import (
+    CI_PROFILE,
+    DEEP_PROFILE,
+    DEV_PROFILE,
+    examples,
+    load_profile,
+    machine_examples,
+    register_profiles,
+)
 
 __all__ = [
     "CI_PROFILE",
+    "DEEP_PROFILE",
     "DEV_PROFILE",
     "Check",
     "ConformanceError",
@@ -27,8 +36,10 @@ __all__ = [
     "Target",
     "all_checks",
     "check_component",
+    "examples",
     "keeps_highest_scores",
     "load_profile",
+    "machine_examples",
     "parametrize_with_checks",
     "register_profiles",
     "selection_violations",

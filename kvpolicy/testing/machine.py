@@ -44,6 +44,7 @@ from kvpolicy.policy import Policy, build
 from kvpolicy.registry import Registry
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.invariants import keeps_highest_scores, raise_if, selection_violations
+from kvpolicy.testing.profiles import machine_examples
 
 #: tokens one example may feed before the machine only resets
 MAX_TOKENS = 40
@@ -318,14 +319,13 @@ def cache_machine(
     return Machine
 
 
-def machine_settings(max_examples: int = 6, steps: int = 6) -> settings:
-    """The loaded profile's settings, bounded for a machine (each step runs the model); under a
-    derandomised (CI) profile a failure is reported unshrunk, since shrinking reruns the model."""
+def machine_settings(steps: int = 6) -> settings:
+    """The loaded profile's settings with its count of machine examples (`machine_examples`: each
+    step runs the model); under a derandomised (CI) profile a failure is reported unshrunk, since
+    shrinking reruns the model."""
     current = settings()
     phases = tuple(p for p in current.phases if p != Phase.shrink) if current.derandomize else current.phases
-    return settings(
-        current, max_examples=min(current.max_examples, max_examples), stateful_step_count=steps, phases=phases
-    )
+    return settings(current, max_examples=machine_examples(), stateful_step_count=steps, phases=phases)
 
 
 def run_cache_machine(

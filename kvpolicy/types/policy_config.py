@@ -191,6 +191,10 @@ class ComponentRef:
         return hash((self.name, json.dumps(self.config, sort_keys=True, default=str)))
 
 
+#: fields a policy config given as data must state: each has a default that changes what it does
+REQUIRED_FIELDS = ("extractor", "scorer", "selector", "schedule", "protect", "budget")
+
+
 @attrs.frozen
 class PolicyConfig:
     """A whole policy as data: three components, an optional ``pooler`` run between scorer and
@@ -198,7 +202,8 @@ class PolicyConfig:
     protects and its budget.
 
     ``skip_layers`` lists layers the policy never evicts (e.g. L2-norm leaves the first layers
-    uncompressed). Round-trips through JSON (`to_json` / `from_json`).
+    uncompressed). Round-trips through JSON (`to_json` / `from_json`). A policy given as data must
+    state `REQUIRED_FIELDS` (a missing schedule is an error, not a silent every-512-tokens).
     """
 
     extractor: ComponentRef = attrs.field(validator=_instance_of(ComponentRef, "a ComponentRef"))
@@ -232,9 +237,13 @@ class PolicyConfig:
         if not isinstance(data, Mapping):
             raise InvalidConfigError(f"a policy config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
-        missing = [k for k in ("extractor", "scorer", "selector") if k not in data]
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
         if missing:
-            raise InvalidConfigError(f"policy config lacks {', '.join(missing)}")
+            raise InvalidConfigError(
+                f"policy config lacks {', '.join(missing)}: a policy given as data states every field whose default "
+                'would change what it does (e.g. "schedule": {"kind": "every_n", "every": 512}, '
+                '"protect": {"sinks": 0, "recent": 0}, "budget": null)'
+            )
         for key in ("extractor", "scorer", "selector", "pooler"):
             ref = data.get(key)
             if key == "pooler" and ref is None:

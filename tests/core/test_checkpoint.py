@@ -112,13 +112,14 @@ def test_parameter_count_mismatch_is_detected(tmp_path, registry):
     policy.save(path)
     # Rewrite the file with a config that expects fewer parameters.
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from kvpolicy.checkpoint import write_policy_file
 
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    meta["policy"] = meta["policy"].replace('"features": 3', '"features": 1')
-    save_file(tensors, str(path), metadata=meta)
+    edited = meta["policy"].replace('"features": 3', '"features": 1')
+    write_policy_file(path, edited, tensors["params"], {})  # signed again: only the count is wrong
     with pytest.raises(CheckpointError, match="holds 4 parameters but its policy .* has 2"):
         Policy.load(path, registry=registry)
 

@@ -4,7 +4,7 @@ nested ones and component configs included) and ``kvpolicy run`` arguments.
 Every input ends in a working policy or a `KVPolicyError` (argparse's `SystemExit` for command
 lines it cannot parse) — never another exception type; inputs built to be invalid never succeed.
 ``KVPOLICY_FUZZ_EXAMPLES`` raises the number of examples (the figure in docs/testing.md was
-measured with 2000, ``-s`` prints the tally).
+measured with 2000; ``--hypothesis-show-statistics`` prints how the inputs ended, from `event`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import contextlib
 import copy
 import io
 import json
-import math
 import os
-from collections import Counter
 from typing import Any
 
 import attrs
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import kvpolicy
@@ -29,12 +27,12 @@ from kvpolicy.cli import _build_parser, main
 from kvpolicy.cli.run import prepare
 from kvpolicy.errors import KVPolicyError
 from kvpolicy.registry import default_registry
+from kvpolicy.testing import examples
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.strategies import CacheShape, make_view
 
-EXAMPLES = int(os.environ.get("KVPOLICY_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("KVPOLICY_FUZZ_EXAMPLES") or examples(150))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-TALLY: Counter[tuple[str, str]] = Counter()
 
 PRESETS = ["streaming_llm", "h2o", "snapkv", "l2", "tova", "fastgen", "namm-bam", "namm-mlp", "random", "full"]
 
@@ -203,14 +201,14 @@ def _build(data: Any) -> str:
 def test_bad_policy_json_is_always_a_named_error(case):
     field, data = case
     outcome = _build(data)
-    TALLY[("policy json, built to be invalid", outcome)] += 1
+    event("policy json, built to be invalid", outcome)
     assert outcome == "named error", f"{field}={data.get(field) if isinstance(data, dict) else data!r} was accepted"
 
 
 @FUZZ
 @given(any_policy_json())
 def test_any_policy_json_builds_a_working_policy_or_a_named_error(data):
-    TALLY[("policy json, any value", _build(data))] += 1
+    event("policy json, any value", _build(data))
 
 
 # --------------------------------------------------------------------------- kvpolicy run arguments
@@ -292,7 +290,7 @@ def test_bad_run_arguments_end_in_a_named_error_or_argparse(files, data):
     broken = data.draw(st.sampled_from(sorted(BAD_OPTION_VALUES)))
     options[broken] = data.draw(st.sampled_from(BAD_OPTION_VALUES[broken]))
     outcome = _run_cli(_argv(options, files))
-    TALLY[("run arguments, built to be invalid", outcome)] += 1
+    event("run arguments, built to be invalid", outcome)
     assert outcome != "ok", f"{broken} {options[broken]!r} was accepted"
 
 
@@ -301,12 +299,4 @@ def test_bad_run_arguments_end_in_a_named_error_or_argparse(files, data):
 def test_any_run_arguments_give_a_policy_a_named_error_or_argparse(files, data):
     options = {o: data.draw(v) for o, v in OPTION_VALUES.items() if data.draw(st.booleans())}
     argv = _argv(options, files) + (["--compare-full"] if data.draw(st.booleans()) else [])
-    TALLY[("run arguments, any value", _run_cli(argv))] += 1
-
-
-def test_zz_tally():
-    """Print the figure of this run (``pytest -s``): inputs tried per suite and how they ended."""
-    for suite in sorted({suite for suite, _ in TALLY}):
-        outcomes = {outcome: n for (s, outcome), n in TALLY.items() if s == suite}
-        print(f"{suite}: {sum(outcomes.values())} tried, " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))
-    assert math.isfinite(sum(TALLY.values()))
+    event("run arguments, any value", _run_cli(argv))

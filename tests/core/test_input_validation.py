@@ -14,7 +14,14 @@ from kvpolicy.cli.run import add_arguments, prepare
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError, KVPolicyError
 from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
 
-BASE = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 64}
+BASE = {
+    "extractor": "position",
+    "scorer": "feature",
+    "selector": "top_k",
+    "budget": 64,
+    "schedule": {"kind": "every_step"},
+    "protect": {"sinks": 0, "recent": 0},
+}
 
 
 @pytest.mark.parametrize(

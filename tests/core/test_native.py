@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kvpolicy import native
-from kvpolicy.errors import InvalidConfigError
+from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf import in_pass
 from kvpolicy_plugins.spectrogram import folded_hann_spectrogram, half_frame_dft
 
@@ -121,7 +121,7 @@ def test_spectrogram_equals_torch_path(length, head, frames, tokens, hop, tile):
 
 
 def test_spectrogram_rejects_too_short_series():
-    with pytest.raises(RuntimeError, match="frames need"):
+    with pytest.raises(ShapeError, match="frames need"):
         native.folded_hann_spectrogram(torch.rand(1, 1, 32, 4), torch.rand(1, 1, 5, 4), None, 16)
 
 

@@ -89,16 +89,59 @@ def test_budget_and_selector_must_agree(registry):
     [
         ({"extractor": "position", "scorer": "feature"}, "lacks selector"),
         (
-            {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": {"tokns": 3}},
+            {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8, "protect": {}},
+            "lacks schedule",
+        ),
+        (
+            {
+                "extractor": "position",
+                "scorer": "feature",
+                "selector": "top_k",
+                "schedule": {"kind": "never"},
+                "budget": 8,
+            },
+            "lacks protect",
+        ),
+        (
+            {
+                "extractor": "position",
+                "scorer": "feature",
+                "selector": "top_k",
+                "schedule": {"kind": "never"},
+                "protect": {},
+            },
+            "lacks budget",
+        ),
+        (
+            {
+                "extractor": "position",
+                "scorer": "feature",
+                "selector": "top_k",
+                "schedule": {"kind": "every_step"},
+                "protect": {"sinks": 0, "recent": 0},
+                "budget": {"tokns": 3},
+            },
             "no field.*tokns",
         ),
-        ({"extractor": "position", "scorer": "feature", "selector": "top_k", "schedule": {"kind": "often"}}, "often"),
+        (
+            {
+                "extractor": "position",
+                "scorer": "feature",
+                "selector": "top_k",
+                "budget": 8,
+                "protect": {},
+                "schedule": {"kind": "often"},
+            },
+            "often",
+        ),
         (
             {
                 "extractor": "position",
                 "scorer": {"name": "feature", "config": {"sign": 3}},
                 "selector": "top_k",
                 "budget": {"tokens": 9},
+                "schedule": {"kind": "every_step"},
+                "protect": {},
             },
             "sign",
         ),

@@ -179,7 +179,14 @@ def test_span_shorthand_and_pooler_build_the_same_policy():
 def test_a_span_of_one_is_no_pooler_and_a_policy_config_has_no_span_key():
     off = kvpolicy.build("h2o", span=1)  # a kernel of 1 pools nothing: no pooler, none to run or print
     assert off.pooler is None and "span" not in repr(off)
-    data = {"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8}
+    data = {
+        "extractor": "position",
+        "scorer": "feature",
+        "selector": "top_k",
+        "schedule": {"kind": "every_step"},
+        "protect": {"sinks": 0, "recent": 0},
+        "budget": 8,
+    }
     with pytest.raises(InvalidConfigError, match="PolicyConfig has no field.*span.*pooler"):
         PolicyConfig.from_dict({**data, "span": 31})  # a policy file names its pooler
 

@@ -121,7 +121,10 @@ def test_other_commands_fail_only_on_the_clashing_name(extra_site, capsys):
     _write_distribution(extra_site, "kvp-one", "kvp_clash_one", "one", ("shared_scorer",))
     _write_distribution(extra_site, "kvp-two", "kvp_clash_two", "two", ("shared_scorer",))
     policy_file = extra_site / "clash.json"
-    policy_file.write_text('{"extractor": "position", "scorer": "shared_scorer", "selector": "top_k", "budget": 8}')
+    policy_file.write_text(
+        '{"extractor": "position", "scorer": "shared_scorer", "selector": "top_k", "budget": 8, '
+        '"schedule": {"kind": "every_step"}, "protect": {}}'
+    )
     from kvpolicy.cli.run import prepare
 
     with pytest.warns(PluginClashWarning):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.selection import pool_neighbours
+from kvpolicy.testing import examples
 from kvpolicy.types import ComponentRef, LayerView, PolicyConfig, span_pooler_ref
 
 
@@ -42,7 +43,7 @@ def test_pinned_scores_stay_finite_and_nan_free():
         assert not torch.isnan(pooled).any()
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     tokens=st.integers(1, 40),
     kernel=st.sampled_from([1, 3, 5, 15]),

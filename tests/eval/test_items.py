@@ -10,6 +10,7 @@ from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.profiles import PROFILES, get_profile
 from kvpolicy.eval.tasks import TASKS, build_suite, make_item
+from kvpolicy.testing import examples
 
 tasks = st.sampled_from(sorted(TASKS))
 seeds = st.integers(min_value=0, max_value=10_000)
@@ -45,7 +46,7 @@ def test_key_facts_are_in_the_context(task: str) -> None:
 
 
 @given(task=tasks, train_seed=seeds, test_seed=seeds, length=lengths)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 def test_train_and_test_never_share_material(task: str, train_seed: int, test_seed: int, length: int) -> None:
     train, test = make_item(task, "train", train_seed, length), make_item(task, "test", test_seed, length)
     assert not set(train.sources) & set(test.sources)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import kvpolicy
 from kvpolicy import CheckpointError, Policy
+from kvpolicy.checkpoint import write_policy_file
 from kvpolicy.types import LayerView
 from kvpolicy_plugins.stft import StftConfig, StftExtractor
 
@@ -74,9 +74,7 @@ def test_a_truncated_file_is_a_checkpoint_error(tmp_path):
 def test_parameters_that_do_not_match_the_config_are_a_checkpoint_error(tmp_path):
     policy = trained_namm()
     path = tmp_path / "namm.safetensors"
-    save_file(
-        {"params": torch.zeros(100)}, str(path), metadata={"format": "kvpolicy.policy/1", "policy": policy.to_json()}
-    )
+    write_policy_file(path, policy.to_json(), torch.zeros(100), {})
     with pytest.raises(CheckpointError, match="100 parameters"):
         Policy.load(path)
 
@@ -88,8 +86,7 @@ def test_statistics_for_another_stft_are_a_checkpoint_error(tmp_path):
     other = StftExtractor(StftConfig(n_fft=64, hop=32))
     other._accumulate(torch.rand(10, other.config.bins, dtype=torch.float64))
     path = tmp_path / "namm.safetensors"
-    tensors = {"params": policy.get_flat()}
-    tensors.update({f"buffer.extractor.{k}": v for k, v in other.state_dict().items()})
-    save_file(tensors, str(path), metadata={"format": "kvpolicy.policy/1", "policy": policy.to_json()})
+    buffers = {f"extractor.{k}": v for k, v in other.state_dict().items()}
+    write_policy_file(path, policy.to_json(), policy.get_flat(), buffers)
     with pytest.raises(CheckpointError, match="buffers of the extractor 'stft' do not match"):
         Policy.load(path)

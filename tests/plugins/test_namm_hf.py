@@ -46,6 +46,8 @@ def test_random_namm_evicts_and_stays_exact_wrt_the_kept_cache_tiny(tiny, preset
     assert report.kept_fraction < 1.0 and report.eviction_passes == 7
     logits = torch.cat([prompt_logits, step_logits], dim=1)
     torch.testing.assert_close(logits, masked_recompute(tiny, ids, records + steps), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # eviction changed the outcome: the comparison is not vacuous
+        assert (tiny(ids).logits - logits).abs().max() > 1e-3
 
 
 def test_calibrate_collects_statistics_with_the_zero_policy_and_restores_parameters(tiny):
@@ -102,3 +104,24 @@ def test_random_namm_on_smollm2_evicts_exactly_and_reports_each_layer(smollm2):
     assert len(set(round(f, 3) for f in fractions)) > 1  # retention is emergent, per layer
     # every query saw exactly the tokens its layer and head still held: equal to a masked full forward
     torch.testing.assert_close(logits, masked_recompute(model, ids, records + steps), atol=5e-4, rtol=1e-4)
+
+
+def test_namm_masks_match_the_cache_after_evictions_past_4k_tokens(tiny):
+    """A published reproduction of NAMM's code reports attention collapsing to uniform after
+    ~2.3k tokens because a mask was sliced to the wrong length. Here every query of a 4.1k-token
+    run (prefill in 512-token chunks, NAMM evicting every 512, then decoding) sees exactly what
+    its layer and head kept: logits equal a full recompute with that mask (any mask that does not
+    match the cache's length would change them), and the cache really is shorter than the run."""
+    policy = kvpolicy.build("namm-bam", every=512)
+    policy.set_flat(random_member(policy, seed=5, scale=0.3))
+    ids = random_ids(1, 4104, seed=6)
+    with policy.attach(tiny) as handle:
+        prompt_logits, records = feed_recorded(handle, ids[:, :4096], chunk_size=512)
+        step_logits, steps = feed_recorded(handle, ids[:, 4096:], chunk_size=1)
+        report = handle.report()
+    assert report.updates >= 8 and report.kept_fraction < 0.9
+    assert all(max(heads) < 4104 for heads in (report.kept[i] for i in report.evicting_layers))
+    logits = torch.cat([prompt_logits, step_logits], dim=1)
+    torch.testing.assert_close(logits, masked_recompute(tiny, ids, records + steps), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # eviction changed the outcome: the comparison is not vacuous
+        assert (tiny(ids).logits - logits).abs().max() > 1e-3

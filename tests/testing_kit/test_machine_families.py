@@ -13,4 +13,4 @@ from kvpolicy.testing.machine import cache_machine, machine_settings
 def test_machine_across_families(family):
     drawn = kst.policies(presets=["h2o", "streaming_llm", "full"])
     machine = cache_machine(drawn, families=(family,), options={"score_order": False})
-    run_state_machine_as_test(machine, settings=machine_settings(max_examples=4))
+    run_state_machine_as_test(machine, settings=machine_settings())

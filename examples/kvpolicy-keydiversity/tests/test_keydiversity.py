@@ -32,7 +32,7 @@ def test_conformance(target, check):
 def test_preset_under_the_cache_machine_on_two_families():
     drawn = kst.policies(presets=["key-diversity"])
     machine = cache_machine(drawn, families=("llama", "qwen2"))
-    run_state_machine_as_test(machine, settings=machine_settings(max_examples=4))
+    run_state_machine_as_test(machine, settings=machine_settings())
 
 
 @given(kst.layer_views(kvpolicy.Requirements(keys=True), dtypes=(torch.float32,)))

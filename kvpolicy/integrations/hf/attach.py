@@ -36,7 +36,9 @@ from kvpolicy.integrations.hf.attention import (
 from kvpolicy.integrations.hf.cache import EvictingCache, layer_types
 from kvpolicy.integrations.hf.generate import GenerationResult, cache_keyword, generate_on_cache, given_cache
 from kvpolicy.integrations.hf.handle import Handle, chunk_sizes
+from kvpolicy.integrations.hf.inputs import check_forward_inputs
 from kvpolicy.integrations.hf.report import budget_override_note
+from kvpolicy.integrations.hf.transfer import transfer_note
 
 __all__ = ["Attachment", "GenerationResult", "Handle", "cache_keyword", "chunk_sizes"]
 
@@ -102,6 +104,8 @@ class Attachment(AbstractContextManager):
             notes.append(f"layers {sorted(skip)} are skipped by the policy and keep every token")
         if self.policy.schedule.kind == "never":
             notes.append("schedule 'never': every token is kept")
+        if (transfer := transfer_note(self.policy, self.model)) is not None:
+            notes.append(transfer)
         return tuple(notes)
 
     @property
@@ -223,6 +227,7 @@ class Attachment(AbstractContextManager):
         if inputs is None:
             raise ShapeError("the model was called with neither input_ids nor inputs_embeds")
         batch, new = inputs.shape[:2]
+        check_forward_inputs(self.model, input_ids, embeds, whole_prompt=new > 1 or not cache.seen)
         valid = self._new_tokens_valid(kwargs.get("attention_mask"), cache, batch, new)
         kwargs["attention_mask"] = None  # the cache masks padded slots itself (the 2-D mask stops lining up)
         if self.requirements.token_ids and input_ids is None:

@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from kvpolicy.errors import AttachError, BudgetOverriddenWarning, ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf.inputs import check_rows_have_tokens
 from kvpolicy.integrations.hf.report import budget_override_note
 from kvpolicy.types import CacheReport
 
@@ -91,6 +92,7 @@ def generate_on_cache(attachment: Any, original_generate: Any, *args: Any, **kwa
         inputs = kwargs["inputs_embeds"]
     if inputs is None:
         raise ShapeError("model.generate needs input_ids (or inputs_embeds) with a policy attached")
+    check_rows_have_tokens(kwargs.get("attention_mask"))
     cache.prompt_end = inputs.shape[1]
     kwargs[cache_keyword(attachment.model)] = cache
     attachment.cache = cache

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from kvpolicy.errors import AttachError, InvalidConfigError, ShapeError
+from kvpolicy.errors import AttachError, ShapeError
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
 from kvpolicy.integrations.hf.generate import cache_keyword
+from kvpolicy.integrations.hf.inputs import check_chunk_size, check_row, check_rows_have_tokens
 from kvpolicy.integrations.hf.report import build_report
 from kvpolicy.types import CacheReport
 
@@ -55,6 +56,7 @@ class Handle:
         and in use again after the block."""
         attachment = self._attachment
         saved = self.cache
+        check_row(saved, row)
         attachment.cache = saved.row_copy(row)
         try:
             yield self
@@ -101,6 +103,8 @@ class Handle:
             if mask.shape != ids.shape:
                 raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}; input_ids have {tuple(ids.shape)}")
             mask = mask.to(ids.device)
+            if not self.cache.seen:  # a prompt: every row needs a token of its own
+                check_rows_have_tokens(mask)
         return self._forward_chunks(
             "input_ids", ids, chunk_size, evict=evict, last_only=last_only, what="feed", mask=mask, align_end=align_end
         )
@@ -140,8 +144,7 @@ class Handle:
         attachment = self._attachment
         if not attachment.active:
             raise AttachError(f"handle.{what} works only inside its `with policy.attach(model)` block")
-        if chunk_size is not None and chunk_size < 1:
-            raise InvalidConfigError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        check_chunk_size(chunk_size)
         cache = self.cache
         if cache.seen and cache.layers and isinstance(cache.layers[0], EvictingLayer):
             batch = cache.layers[0].keys.shape[0] if cache.layers[0].keys is not None else inputs.shape[0]

@@ -21,7 +21,7 @@ heads fall back to frequent + local or full until the ids are given.
 Where the per-head profile lives: in the layer's per-token ``state`` under ``"fastgen.profile"``,
 as ``[batch, kv_heads, tokens]`` int8 holding the head's structure index repeated along tokens.
 It therefore obeys the state contract (tokens on dim 2), survives every gather unchanged and
-starts afresh with each new cache; the scorer rewrites it at the current length on each update.
+starts afresh with each new cache; the scorer rewrites it at the current length on each eviction pass.
 
 Deviations, stated: (1) recovery is measured as the share of the accumulated attention (summed
 over every prompt query) that the structure keeps, i.e. the mean over queries of the recovered
@@ -29,8 +29,8 @@ attention mass; the paper compares attention maps, whose L1 gap after renormalis
 the missing mass, so the criterion is the same per query but averaged over queries. (2) The
 local window is measured against the newest position, as the cache generation will actually
 see. (3) The paper sweeps T; the defaults here (T = 0.85, frequent 0.3, local 0.3) are those of
-the cold-compress reimplementation of FastGen. (4) The preset updates every 16 tokens, so a
-local window or heavy-hitter set can run up to 16 tokens over between updates. (5) A budget, if
+the cold-compress reimplementation of FastGen. (4) The preset runs an eviction pass every 16 tokens, so a
+local window or heavy-hitter set can run up to 16 tokens over between eviction passes. (5) A budget, if
 smaller than the sequence, caps each head (priority: special, punctuation, frequent, local,
 then the rest by accumulated attention); the preset's ``Budget(ratio=1.0)`` means no cap.
 """
@@ -143,7 +143,7 @@ class FastGenConfig:
 
 
 class FastGenScorer(ComponentBase):
-    """Profiles each head on its first update, then scores members of the head's structure by
+    """Profiles each head on its first eviction pass, then scores members of the head's structure by
     priority (special 4, punctuation 3, frequent 2, local 1, other 0, + accumulated attention
     share / 2) and everything else −1."""
 

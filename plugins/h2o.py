@@ -4,7 +4,7 @@ Inference of Large Language Models", NeurIPS 2023).
 A cached token's importance is the attention it has received, summed over every query so far
 (post-softmax, per KV head: the integration averages each GQA group). The cache keeps the
 ``heavy`` best-scoring tokens plus the ``recent`` newest ones, split 50/50 by default, and evicts
-greedily as tokens arrive: the preset updates at every forward call (``every_step``, no slack),
+greedily as tokens arrive: the preset runs an eviction pass after every forward call (``every_step``, no slack),
 chunked prefill included, so a token leaving the recent window competes with the heavy hitters
 at once, as in the paper's greedy algorithm.
 

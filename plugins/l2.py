@@ -3,7 +3,7 @@ Compression", EMNLP 2024).
 
 Keys with a LOW L2 norm tend to receive high attention, so the cache keeps the tokens whose
 cached (post-RoPE) keys have the lowest norm. Needs only the keys: no attention statistics, so
-it works with any attention kernel and costs a norm and a top-k per update.
+it works with any attention kernel and costs a norm and a top-k per eviction pass.
 
 Components: extractor ``key_norm`` → scorer ``feature`` with sign −1 (score = −norm) → selector
 ``top_k``.

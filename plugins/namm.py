@@ -3,7 +3,7 @@ Memory", arXiv 2410.13166), assembled from the ``stft`` extractor, a learned sco
 ``threshold`` selector:
 
 - ``namm-bam``: spectrogram features → BAM (counter-causal attention, 4,172 parameters) →
-  evict every token scoring below 0; every layer updates each 512 tokens; no budget.
+  evict every token scoring below 0; every layer runs an eviction pass each 512 tokens; no budget.
 - ``namm-mlp``: the same with the per-token MLP scorer (the paper's ablation).
 
 Both start with zero parameters (nothing is evicted); `kvpolicy.calibrate` collects the
@@ -24,7 +24,7 @@ from pathlib import Path
 from kvpolicy import hookimpl
 from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
 
-UPDATE_EVERY = 512
+PASS_EVERY = 512
 #: weights of the shipped NAMM for SmolLM2 (package data: the best validation mean of its CMA-ES run)
 EVOLVED_SMOLLM2 = Path(__file__).parent / "data" / "namm-bam-smollm2.safetensors"
 
@@ -35,7 +35,7 @@ def namm_config(scorer: str) -> PolicyConfig:
         extractor=ComponentRef("stft"),
         scorer=ComponentRef(scorer),
         selector=ComponentRef("threshold"),
-        schedule=Schedule("every_n", every=UPDATE_EVERY),
+        schedule=Schedule("every_n", every=PASS_EVERY),
     )
 
 

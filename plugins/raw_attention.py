@@ -2,7 +2,7 @@
 queries, as features — for scorers that want the values themselves, and as the plain baseline
 the spectrogram features of NAMM (Cetin et al., arXiv 2410.13166) are measured against.
 
-Reductions over the newest ``window`` queries since the last update:
+Reductions over the newest ``window`` queries since the last eviction pass:
 
 - ``rows``: the last ``window`` attention values of every token, oldest first, zero-padded on the
   left when fewer queries came in → ``window`` features;

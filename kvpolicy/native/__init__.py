@@ -2,7 +2,7 @@
 
 On CPU, a policy that reads attention pays for it twice over in plain torch: the in-pass
 statistics (`kvpolicy.integrations.hf.in_pass`) run as a chain of small operations that two
-threads split badly, and NAMM's spectrogram (`kvpolicy_plugins.stft`) spends most of its time
+threads split badly, and NAMM's spectrogram (`kvpolicy_plugins.spectrogram`) spends most of its time
 in a matmul of 16 values per block. The kernels here (``attend.cpp``, ``spectrogram.cpp``) do
 the same computations with one coarse task per thread, the way a fused attention kernel does,
 and the spectrogram with half the multiplications; each is tested equal to its torch
@@ -203,7 +203,7 @@ def _check_tensors(kernel: str, **tensors: torch.Tensor) -> None:
 def folded_hann_spectrogram(
     series: torch.Tensor, weights: torch.Tensor, head: torch.Tensor | None, hop: int, tile: int = 64
 ) -> torch.Tensor:
-    """`kvpolicy_plugins.stft.folded_hann_spectrogram` (n_fft = 2·hop, ``hop`` even) for float32
+    """`kvpolicy_plugins.spectrogram.folded_hann_spectrogram` (n_fft = 2·hop, ``hop`` even) for float32
     CPU tensors: ``[batch, kv_heads, tokens, hop + 1]``."""
     if head is None:
         _check_tensors("folded_hann_spectrogram", series=series, weights=weights)

@@ -60,7 +60,7 @@ def _ids(batch: int, tokens: int, seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-class _UpdateRecorder:
+class _PassRecorder:
     """Wraps one policy's ``selector.select`` (on the instance only) to record every eviction pass."""
 
     def __init__(self, policy: Policy) -> None:
@@ -99,7 +99,7 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         self.policy, self.family, self.batch, self.seed = policy, family, batch, seed
         #: left padding of each row in the first call after a reset (0: none)
         self.padding = tuple(padding[:batch]) + (0,) * max(0, batch - len(padding))
-        self.recorder = _UpdateRecorder(policy)
+        self.recorder = _PassRecorder(policy)
         self.model = _model(family)
         self.attachment = policy.attach(self.model)
         self.handle = self.attachment.__enter__()

@@ -21,7 +21,7 @@ from kvpolicy.selection import MAX_KERNEL, pool_neighbours
         ({"pooler": ("span", {"kernel": 10**8 + 1})}, "SpanPoolerConfig.kernel 100000001 is wider"),
         ({"pooler": ("span", {"kernel": MAX_KERNEL + 2})}, "wider than any cache"),
         ({"extractor": ("stft", {"n_fft": 2**16, "hop": 2**15})}, "n_fft must be at most 4096"),
-        ({"extractor": ("stft", {"window": 2**30})}, "window must be at most"),
+        ({"extractor": ("stft", {"period": 2**30})}, "period must be at most"),
     ],
 )
 def test_sizes_past_what_can_fit_are_named_errors(overrides, message):

@@ -106,6 +106,7 @@ def test_unknown_pooler_names_are_unknown_component_errors():
     with pytest.raises(UnknownComponentError, match="pooler"):
         kvpolicy.Policy.from_config(
             PolicyConfig.from_dict({"extractor": "position", "scorer": "feature", "selector": "top_k", "budget": 8,
+                                    "schedule": {"kind": "every_step"}, "protect": {"sinks": 0, "recent": 0},
                                     "pooler": {"name": "no_such_pooler"}})
         )  # fmt: skip
 

@@ -24,7 +24,9 @@ CHUNK = 96
 def _namm(schedule: str = "every_n") -> kvpolicy.Policy:
     if schedule == "every_n":
         return kvpolicy.build("namm-bam", every=CHUNK, extractor={"period": CHUNK})
-    return kvpolicy.build("namm-bam-smollm2", budget="25%")
+    policy = kvpolicy.build("namm-bam-smollm2", budget="25%")
+    policy.transfer = True  # its weights were evolved on SmolLM2; the tiny model is a chosen transfer
+    return policy
 
 
 def _population(policy: kvpolicy.Policy, members: int = 3) -> torch.Tensor:

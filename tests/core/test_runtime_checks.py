@@ -1,4 +1,4 @@
-"""`Policy.choose` checks what a scorer and a selector return on every update: NaN scores on real
+"""`Policy.choose` checks what a scorer and a selector return on every eviction pass: NaN scores on real
 tokens and malformed selections (protected tokens dropped, duplicates, unsorted, out of range)
 are named errors naming the component and the layer; ±inf scores and padded slots stay legal."""
 

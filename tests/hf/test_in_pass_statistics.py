@@ -1,6 +1,6 @@
 """Statistics computed inside the attention pass equal the reference path (the model's kernel for
 the output, a second pass over the scores for the statistics) — in runs that really evict, with
-chunk sizes that do not divide the update period, so windows span several forward calls."""
+chunk sizes that do not divide the eviction period, so windows span several forward calls."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def evicting(name: str, budget: int = 8) -> kvpolicy.Policy:
     if spec.schedule.kind == "every_step":
         overrides["schedule"] = Schedule("every_step", slack=2)
     if spec.schedule.kind == "every_n":
-        overrides["every"] = 6  # NAMM with a small update period: several passes per row
+        overrides["every"] = 6  # NAMM with a small eviction period: several passes per row
     if spec.protect.recent > 4:
         overrides["recent"] = 2
     if name == "fastgen":

@@ -40,7 +40,7 @@ def test_random_namm_evicts_and_stays_exact_wrt_the_kept_cache_tiny(tiny, preset
     ids = random_ids(1, 460, seed=4)
     with policy.attach(tiny) as handle:
         prompt_logits, records = feed_recorded(handle, ids[:, :400], chunk_size=64)
-        # decoding one token at a time; the 7th update falls due on the way, after token 448
+        # decoding one token at a time; the 7th eviction pass falls due on the way, after token 448
         step_logits, steps = feed_recorded(handle, ids[:, 400:], chunk_size=1)
         report = handle.report()
     assert report.kept_fraction < 1.0 and report.eviction_passes == 7

@@ -43,7 +43,7 @@ def view_of(attention: torch.Tensor, query_positions: torch.Tensor, positions: t
 
 
 def expected_features(attention: torch.Tensor, query_positions: torch.Tensor, cfg: StftConfig) -> torch.Tensor:
-    """One update from an empty state, computed token by token with torch.stft and the recurrence
+    """One eviction pass from an empty state, computed token by token with torch.stft and the recurrence
     ema_f = a · ema_(f-1) + (1 - a) · exists_f · |STFT|_f, a = γ^hop."""
     batch, heads, queries, tokens = attention.shape
     a = cfg.gamma**cfg.hop
@@ -159,7 +159,7 @@ def test_half_hops_are_folded_in_the_frequency_domain(monkeypatch):
 
 
 def run_updates(extractor: StftExtractor, attention: torch.Tensor, splits: list[int], keep=None) -> LayerView:
-    """Feed the queries of ``attention`` in consecutive updates, as the integration would."""
+    """Feed the queries of ``attention`` in consecutive eviction passes, as the integration would."""
     tokens_total = attention.shape[-1]
     state: dict[str, torch.Tensor] = {}
     start = 0
@@ -205,7 +205,7 @@ def test_two_updates_carry_state_exactly_like_one_update_over_the_joined_series(
 
 
 def test_state_follows_tokens_through_eviction():
-    """Evicting between updates (gathering every state entry) leaves the survivors' features as
+    """Evicting between eviction passes (gathering every state entry) leaves the survivors' features as
     if nothing had been evicted — the hand-made attention does not renormalise here."""
     extractor = StftExtractor(StftConfig(normalize=False, period=96))
     attention = causal_attention(1, 2, torch.arange(96), 96, seed=2)
@@ -225,15 +225,15 @@ def test_state_follows_tokens_through_eviction():
 
 
 def test_previous_average_decays_by_gamma_to_the_elapsed_queries():
-    """A token that gets no attention in the second update keeps γ^queries of its average; a gap
-    between updates (queries the window did not keep) decays it as well and drops the stale context."""
+    """A token that gets no attention in the second eviction pass keeps γ^queries of its average; a gap
+    between eviction passes (queries the window did not keep) decays it as well and drops the stale context."""
     extractor = StftExtractor(StftConfig(normalize=False, recency_dims=0, period=64))
     attention = causal_attention(1, 1, torch.arange(32), 32, seed=3)
     view = view_of(attention, torch.arange(32), torch.arange(32).view(1, 1, 32))
     first = extractor.extract(view).clone()
     quiet = torch.zeros(1, 1, 48, 80)
     quiet[..., 32:] = causal_attention(1, 1, torch.arange(32, 80), 80, seed=4)[..., 32:]
-    gap_positions = torch.arange(100, 148)  # 68 queries passed since the last update, 48 kept
+    gap_positions = torch.arange(100, 148)  # 68 queries passed since the last eviction pass, 48 kept
     later = view_of(quiet, gap_positions, torch.arange(80).view(1, 1, 80), dict(view.state))
     second = extractor.extract(later)
     # tokens 0..31 received no attention and their (stale) context is dropped: pure decay by γ^(147 - 31)
@@ -257,7 +257,7 @@ def test_calibration_collects_per_bin_statistics_then_freezes():
     torch.testing.assert_close(state["var"], values.var(0, unbiased=False))
     assert state["count"].item() == values.shape[0]
 
-    # frozen: more updates do not move the statistics, and features are z-scored with them
+    # frozen: more eviction passes do not move the normalisation moments, and features are z-scored with them
     attention = causal_attention(1, 3, torch.arange(48), 48, seed=9)
     view = view_of(attention, torch.arange(48), torch.arange(48).expand(1, 3, 48))
     features = extractor.extract(view)

@@ -88,7 +88,7 @@ def test_fastgen_profile_survives_generation(tiny_model) -> None:
         cache = handle.cache
         for index in cache.managed:
             profile = cache.layers[index].state["fastgen.profile"]
-            # state covers the tokens up to the last update; newer ones are appended by the next one
+            # state covers the tokens up to the last eviction pass; newer ones are appended by the next one
             assert profile.shape[:2] == (1, 2) and 0 < profile.shape[2] <= cache.layers[index].tokens
             assert bool((profile == profile[..., :1]).all())
             assert cache.layers[index].eviction_passes >= 3

@@ -84,16 +84,12 @@ def evaluate(
             found[item.uid] = [stored]
         else:
             pending += plan.rows(item, encode(item, tokenizer), name)
-    computed: dict[int, ItemResult] = {}
     for batch in _progress(plan.batches(pending), progress):
-        for row, result in zip(
-            batch, _run_batch(policy, model, tokenizer, plan, batch, metric, chunk_size, eos), strict=True
-        ):
-            computed[id(row)] = result
+        results = _run_batch(policy, model, tokenizer, plan, batch, metric, chunk_size, eos)
+        for result in results:  # a plan keeps an item's rows in one batch, in order
+            found.setdefault(result.uid, []).append(result)
             if on_result is not None:
                 on_result(result)
-    for row in pending:
-        found.setdefault(row.item.uid, []).append(computed[id(row)])
     return [result for item in items for result in found[item.uid]]
 
 

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             reference_dir=args.reference_dir,
             progress=not args.no_progress,
+            protocol=args.protocol,
         )
     summaries = []
     for label, (_, _, policy) in zip(labels, grid, strict=True):
@@ -162,13 +163,11 @@ def run(args: argparse.Namespace) -> int:
 
         uids = {item.uid for item in items}
         results = {
-            label: [r for r in ResultStore(out / "runs" / label / "results.jsonl") if r.uid in uids] for label in labels
+            label: [r for r in ResultStore(out / "runs" / label / "results.jsonl", args.protocol) if r.uid in uids]
+            for label in labels
         }
-        references = {
-            r.uid: r
-            for r in ResultStore(reference_path(args.model, args.metric, args.chunk_size, args.reference_dir))
-            if r.uid in uids
-        }
+        path = reference_path(args.model, args.metric, args.chunk_size, args.reference_dir, args.protocol)
+        references = {r.uid: r for r in ResultStore(path, args.protocol) if r.uid in uids}
         kept = {s.label: s.overall.kept_fraction for s in summaries}
         table += (
             "\nSkill kept: per task (score − chance) ÷ (full − chance), mean over tasks; paired bootstrap over "
@@ -178,10 +177,20 @@ def run(args: argparse.Namespace) -> int:
     by_length = length_comparison_table(summaries)
     if by_length:
         table += "\nMean normalised score (%) by context length, with the cache kept in brackets:\n\n" + by_length
+    context_first = args.protocol == "context-first"
+    if args.shared_prefill and context_first:
+        prefill = (
+            "one shared prefill of each context, forked for every policy whose first eviction pass comes at the "
+            "context's end; policies evicting as the context streams in prefill it themselves"
+        )
+    elif args.shared_prefill:
+        prefill = "one shared prefill per item, every policy's first eviction pass after the whole prompt"
+    else:
+        prefill = f"prompt in chunks of {args.chunk_size} with eviction between them"
     protocol = (
-        "one shared prefill per item, every policy's first eviction pass after the whole prompt"
-        if args.shared_prefill
-        else f"prompt in chunks of {args.chunk_size} with eviction between them"
+        f"{args.protocol}: "
+        + ("the context compressed before the question is appended, " if context_first else "")
+        + prefill
     )
     header = (
         f"Scores in % of the full cache on the same items ({args.profile} profile, {args.split} split"

@@ -10,6 +10,7 @@ from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from kvpolicy.eval.report import markdown_table
 from kvpolicy.eval.rows import CHUNK_ALIGNMENTS
 
@@ -36,6 +37,13 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--metric", default="task", choices=METRIC_MODES, help="task metric, loglik, or both")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk; eviction in between")
+    parser.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=PROTOCOLS,
+        help="question-aware: one prompt, eviction passes may see the question (default); context-first: the "
+        "context is compressed before the question is appended (no pass sees it)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -112,6 +120,7 @@ def run_from_args(
         progress=not args.no_progress,
         batch_size=args.batch_size,
         chunk_align=args.chunk_align,
+        protocol=args.protocol,
         settings={
             "profile": args.profile,
             "split": args.split,

@@ -11,6 +11,9 @@ scores each row with its item's metric and returns one `ItemResult` per row.
 - ``"loglik"``: teacher forcing only, ``score = exp(mean log p(gold answer))``: smooth and cheap;
 - ``"both"``: the task score, with the answer log-likelihood measured too (on copies of the rows,
   so decoding starts from the same prefilled cache).
+
+``protocol`` (`kvpolicy.eval.protocols`): ``question-aware`` prefills the whole prompt,
+``context-first`` compresses the context before the question arrives; every result records it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kvpolicy.eval.items import Item
 from kvpolicy.eval.labels import label_for_policy
 from kvpolicy.eval.metrics import likelihood_score, score_text
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
 from kvpolicy.eval.results import ItemResult
 from kvpolicy.eval.rows import ItemRows, Row, RowPlan
 from kvpolicy.types import CacheReport
@@ -62,6 +66,7 @@ def evaluate(
     on_result: Callable[[ItemResult], None] | None = None,
     progress: bool | str = False,
     label: str | None = None,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> list[ItemResult]:
     """Run ``policy`` over ``items``; one `ItemResult` per row, items in order (a population plan
     gives each item one row per member, labelled ``<label>[i]``).
@@ -72,6 +77,7 @@ def evaluate(
     bar (a string is its label); ``label`` names the policy in the results.
     """
     check_run_arguments(metric, chunk_size)
+    check_protocol(protocol)
     plan = rows if rows is not None else ItemRows()
     name = label or label_for_policy(policy)
     policy.bind_tokenizer(tokenizer)
@@ -85,7 +91,7 @@ def evaluate(
         else:
             pending += plan.rows(item, encode(item, tokenizer), name)
     for batch in _progress(plan.batches(pending), progress):
-        results = _run_batch(policy, model, tokenizer, plan, batch, metric, chunk_size, eos)
+        results = _run_batch(policy, model, tokenizer, plan, batch, metric, chunk_size, eos, protocol)
         for result in results:  # a plan keeps an item's rows in one batch, in order
             found.setdefault(result.uid, []).append(result)
             if on_result is not None:
@@ -102,13 +108,14 @@ def _run_batch(
     metric: str,
     chunk_size: int,
     eos: frozenset[int],
+    protocol: EvalProtocol,
 ) -> list[ItemResult]:
     """Prefill ``batch`` as the plan says, continue every row, score it."""
     start = time.perf_counter()
     likely = [by_likelihood(row.item, metric) for row in batch]
     forced = {r: row.encoded.answer_ids for r, row in enumerate(batch) if likely[r] or metric == "both"}
     limits = {r: row.item.max_new_tokens for r, row in enumerate(batch) if not likely[r]}
-    with plan.prefill(policy, model, batch, chunk_size) as prefilled:
+    with plan.prefill(policy, model, batch, chunk_size, protocol) as prefilled:
         logprobs = teacher_force(prefilled.handle, prefilled.last, forced, keep_cache=bool(limits)) if forced else {}
         answers = greedy(prefilled.handle, prefilled.last, limits, eos)
     seconds = (time.perf_counter() - start) / len(batch) + prefilled.seconds  # the batch's time, shared evenly
@@ -122,7 +129,7 @@ def _run_batch(
         score = likelihood_score(logprob) if likely[r] else score_text(row.item.metric, prediction, row.item.answers)
         results.append(
             item_result(row, report, plan.chunks, likely=likely[r], score=score, prediction=prediction,
-                        logprob=logprob, seconds=seconds)
+                        logprob=logprob, seconds=seconds, protocol=protocol)
         )  # fmt: skip
     return results
 
@@ -137,6 +144,7 @@ def item_result(
     prediction: str,
     logprob: float | None,
     seconds: float,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> ItemResult:
     """One `ItemResult`: the item's identity, the score, and the cache figures of ``report``."""
     item = row.item
@@ -161,6 +169,7 @@ def item_result(
         policy_seconds=report.policy_seconds,
         seconds=seconds,
         chunks=chunks,
+        protocol=protocol,
     )
 
 
@@ -173,9 +182,12 @@ def run_item(
     metric: Metric = "task",
     chunk_size: int = DEFAULT_CHUNK,
     label: str | None = None,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> ItemResult:
     """`evaluate` on one item, one row."""
-    return evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, label=label)[0]
+    return evaluate(
+        policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, label=label, protocol=protocol
+    )[0]
 
 
 def _progress(batches: Sequence[Any], progress: bool | str) -> Iterable[Any]:

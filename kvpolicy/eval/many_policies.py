@@ -14,6 +14,12 @@ StreamingLLM, FastGen with the harness's chunked prefill) keep the whole prompt 
 their scores here are for compression *after* prefill, not for a bounded prefill peak. Results
 land in the same per-run stores as the ordinary harness (so tables, plots and resuming work the
 same); their summaries record ``"prefill": "shared"``.
+
+Under ``context-first`` (`kvpolicy.eval.protocols`) the recording covers the context alone and
+each fork seals its cache before the question is fed. A policy that evicts while the context
+streams in (every chunk, every step) cannot be forked from a recording that skipped those passes,
+so it runs its own chunked prefill of the context (`ItemRows`): the table measures each policy
+with its own schedule.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from kvpolicy import build
 from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import check_run_arguments, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.prompting import encode
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ItemResult, ResultStore
-from kvpolicy.eval.rows import ForkedRows
+from kvpolicy.eval.rows import ForkedRows, ItemRows, Row, shared_prompt
 from kvpolicy.integrations.hf.shared_prefill import Prefill, due_layers, prepare, record_prompt
 from kvpolicy.types import Requirements
 
@@ -49,39 +57,57 @@ def evaluate_many(
     chunk_size: int,
     reference_dir: str | Path | None = None,
     progress: bool = True,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> int:
     """Compute every missing result of ``runs`` (``(label, policy, out folder)``) and of the
     full-cache reference, item by item from one recorded prompt each; returns the prompts run."""
     check_run_arguments(metric, chunk_size)
+    check_protocol(protocol)
     if metric == "both":
         raise InvalidConfigError("--shared-prefill scores with 'task' or 'loglik', not 'both'")
-    references = ResultStore(reference_path(model_name, metric, chunk_size, reference_dir))
-    evicting = [(label, policy, ResultStore(Path(out) / "results.jsonl")) for label, policy, out in runs
-                if policy.schedule.kind != "never"]  # fmt: skip
+    references = ResultStore(reference_path(model_name, metric, chunk_size, reference_dir, protocol), protocol)
+    stores = [(label, policy, ResultStore(Path(out) / "results.jsonl", protocol)) for label, policy, out in runs
+              if policy.schedule.kind != "never"]  # fmt: skip
+    streaming = protocol == "context-first"  # policies evicting as the context streams in run their own prefill
+    evicting = [run for run in stores if not (streaming and run[1].schedule.kind != "after_prefill")]
+    own_prefill = [run for run in stores if run not in evicting]
     union = Requirements()
     for _, policy, _ in evicting:
         policy.bind_tokenizer(tokenizer)
         union = union | policy.requirements
     recorded = 0
     for item in tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True, disable=not progress):
+        for label, policy, store in own_prefill:
+            if not store.done(item.uid, item.fingerprint):
+                store.add(_own(policy, item, label, model, tokenizer, metric, chunk_size, protocol))
         pending = [run for run in evicting if not run[2].done(item.uid, item.fingerprint)]
         need_reference = not references.done(item.uid, item.fingerprint)
-        if not pending and not need_reference:
+        if not pending and not (need_reference and evicting):
+            if need_reference:
+                references.add(_own(build("full"), item, "full", model, tokenizer, metric, chunk_size, protocol))
             continue
         start = time.perf_counter()
-        cache, last = record_prompt(model, encode(item, tokenizer).prompt_ids, union, chunk_size)
+        prompt = shared_prompt(Row(item, encode(item, tokenizer), ""), protocol)
+        cache, last = record_prompt(model, prompt, union, chunk_size)
         prompt_seconds = time.perf_counter() - start
         recorded += 1
-        if need_reference and evicting:  # any policy's view of the recording, nothing evicted
+        forked = {
+            "model": model,
+            "tokenizer": tokenizer,
+            "metric": metric,
+            "chunk_size": chunk_size,
+            "protocol": protocol,
+        }
+        if need_reference:  # any policy's view of the recording, nothing evicted
             policy = evicting[0][1]
             shared = prepare(policy, model, cache, last, prompt_seconds)
-            references.add(_forked(policy, item, shared, "full", model, tokenizer, metric, chunk_size, evict=False))
+            references.add(_forked(policy, item, shared, "full", evict=False, **forked))
         prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
         for label, policy, store in pending:
             key = _feature_key(policy) + str(due_layers(policy, model, cache))
             if key not in prepared:
                 prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-            store.add(_forked(policy, item, prepared[key], label, model, tokenizer, metric, chunk_size))
+            store.add(_forked(policy, item, prepared[key], label, **forked))
     return recorded
 
 
@@ -98,13 +124,34 @@ def _forked(
     item: Item,
     shared: Prefill,
     label: str,
+    *,
     model: Any,
     tokenizer: Any,
     metric: Any,
     chunk_size: int,
-    *,
+    protocol: EvalProtocol,
     evict: bool = True,
 ) -> ItemResult:
     """``policy``'s result on ``item``, forked from its view of the recorded prompt."""
     plan = ForkedRows(lambda row: shared, evict=evict)
-    return evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=plan, label=label)[0]
+    return evaluate(
+        policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=plan, label=label,
+        protocol=protocol,
+    )[0]  # fmt: skip
+
+
+def _own(
+    policy: Any,
+    item: Item,
+    label: str,
+    model: Any,
+    tokenizer: Any,
+    metric: Any,
+    chunk_size: int,
+    protocol: EvalProtocol,
+) -> ItemResult:
+    """``policy``'s result on ``item`` with its own chunked prefill (its passes between chunks)."""
+    return evaluate(
+        policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=ItemRows(), label=label,
+        protocol=protocol,
+    )[0]  # fmt: skip

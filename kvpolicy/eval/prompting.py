@@ -17,10 +17,13 @@ from kvpolicy.eval.items import Item
 
 @attrs.frozen(eq=False)
 class EncodedItem:
-    """``prompt_ids [1, tokens]`` and ``answer_ids [1, answer_tokens]`` of the first gold answer."""
+    """``prompt_ids [1, tokens]`` and ``answer_ids [1, answer_tokens]`` of the first gold answer;
+    the first ``context_tokens`` prompt tokens are the context (the chat template's opening and
+    the item's context), the rest the question and the answer prompt."""
 
     prompt_ids: torch.Tensor
     answer_ids: torch.Tensor
+    context_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -40,6 +43,21 @@ def prompt_text(item: Item, tokenizer: Any) -> str:
     return text + item.answer_prefix
 
 
+def context_tokens(text: str, context: str, prompt_ids: torch.Tensor, tokenizer: Any) -> int:
+    """How many of ``prompt_ids`` (the tokens of ``text``) belong to the context: the tokens of the
+    text up to the context's end, as far as they agree with the prompt's own tokenization (a
+    token spanning the boundary goes with the question, so no question character is compressed
+    with the context). The prompt's tokens are the same under both protocols."""
+    end = text.find(context) + len(context) if context else 0
+    if end <= 0:
+        return 0
+    head = tokenizer(text[:end], add_special_tokens=False, return_tensors="pt").input_ids[0]
+    prompt = prompt_ids[0]
+    shared = min(head.shape[0], prompt.shape[0])
+    differ = (head[:shared] != prompt[:shared]).nonzero()
+    return int(differ[0]) if differ.numel() else shared
+
+
 def encode(item: Item, tokenizer: Any) -> EncodedItem:
     """Token ids of the prompt and of the first gold answer (a space joins them when needed)."""
     text = prompt_text(item, tokenizer)
@@ -48,4 +66,6 @@ def encode(item: Item, tokenizer: Any) -> EncodedItem:
         answer = " " + answer
     prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     target = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-    return EncodedItem(prompt_ids=prompt, answer_ids=target)
+    return EncodedItem(
+        prompt_ids=prompt, answer_ids=target, context_tokens=context_tokens(text, item.context, prompt, tokenizer)
+    )

@@ -18,6 +18,7 @@ from typing import Any
 import kvpolicy
 from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol
 from kvpolicy.eval.results import ItemResult, ResultStore
 
 
@@ -26,9 +27,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVPOLICY_EVAL_CACHE") or Path.home() / ".cache" / "kvpolicy" / "eval")
 
 
-def reference_path(model_name: str, metric: Metric, chunk_size: int, directory: str | Path | None = None) -> Path:
+def reference_path(
+    model_name: str,
+    metric: Metric,
+    chunk_size: int,
+    directory: str | Path | None = None,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
+) -> Path:
+    """One file per (model, metric mode, chunk size, protocol): a full cache fed context first
+    differs from one fed as one prompt only by the rounding of other forward calls, but results of
+    the two protocols never share a file."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
-    return Path(directory or cache_dir()) / f"reference-{safe}-{metric}-chunk{chunk_size}.jsonl"
+    suffix = "" if protocol == DEFAULT_PROTOCOL else f"-{protocol}"
+    return Path(directory or cache_dir()) / f"reference-{safe}-{metric}-chunk{chunk_size}{suffix}.jsonl"
 
 
 def reference_results(
@@ -41,9 +52,10 @@ def reference_results(
     chunk_size: int = DEFAULT_CHUNK,
     directory: str | Path | None = None,
     progress: bool | str = False,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> dict[str, ItemResult]:
     """Full-cache results for ``items`` by uid, computing only those not cached yet."""
-    store = ResultStore(reference_path(model_name, metric, chunk_size, directory))
+    store = ResultStore(reference_path(model_name, metric, chunk_size, directory, protocol), protocol)
     results = evaluate(
         kvpolicy.build("full"),
         items,
@@ -55,5 +67,6 @@ def reference_results(
         on_result=store.add,
         progress="full cache" if progress is True else progress,
         label="full",
+        protocol=protocol,
     )
     return {r.uid: r for r in results}

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from kvpolicy.errors import CheckpointError, InvalidConfigError
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
 try:  # POSIX; elsewhere appends rely on O_APPEND alone
     import fcntl
@@ -44,7 +45,8 @@ class ItemResult:
     `CacheReport`: ``kept_fraction`` is the mean over layers and KV heads of kept ÷ seen at the
     end of the item, ``per_layer_fraction`` the same per layer. ``chunks`` says how the
     prompt was chunked (``start``; ``end`` in a left-padded batch), since eviction between chunks
-    depends on it: a resumed run recomputes a result chunked otherwise.
+    depends on it: a resumed run recomputes a result chunked otherwise. ``protocol`` says whether
+    eviction passes could see the question (`kvpolicy.eval.protocols`).
     """
 
     uid: str
@@ -68,6 +70,9 @@ class ItemResult:
     seconds: float
     #: where the prompt's prefill chunks were aligned (`kvpolicy.eval.harness.CHUNK_ALIGNMENTS`)
     chunks: str = "start"
+    #: when the question reached the cache (`kvpolicy.eval.protocols`); records made before
+    #: protocols existed were all ``question-aware``
+    protocol: str = DEFAULT_PROTOCOL
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -111,6 +116,8 @@ def _check_field(name: str, value: Any) -> None:
         ok = isinstance(value, list | tuple) and all(_is_number(v) and 0.0 <= v <= 1.0 for v in value)
     elif name in _SECONDS or name == "score":
         ok = _is_number(value) and value >= 0
+    elif name == "protocol":
+        ok = value in PROTOCOLS
     elif name == "answer_logprob":
         ok = value is None or (_is_number(value) and value <= 0)
     if not ok:
@@ -141,10 +148,13 @@ class ResultStore:
 
     A result whose fingerprint differs from the item now generated under the same uid (the
     generator changed) is not counted as done, so stale results are recomputed, never reused.
+    Given a ``protocol``, the store holds results of that protocol only: a record of the other
+    (on disk, or added) is an error, so a resumed run never mixes the two.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, protocol: str | None = None) -> None:
         self.path = Path(path)
+        self.protocol = protocol
         self._results: dict[str, ItemResult] = {}
         if self.path.exists():
             self._load()
@@ -204,6 +214,11 @@ class ResultStore:
             ) from exc
 
     def _remember(self, result: ItemResult) -> None:
+        if self.protocol is not None and result.protocol != self.protocol:
+            raise InvalidConfigError(
+                f"{self.path} holds {result.protocol} results (item {result.uid}); this run is {self.protocol}. "
+                "Results of the two protocols never share a file: write this run to another folder"
+            )
         self._results[result.uid] = result
 
     def done(self, uid: str, fingerprint: str) -> bool:

@@ -17,6 +17,9 @@ a batch of rows is prefilled:
 
 Each plan's `prefill` yields a `Prefilled`: the attached handle and the logits of every row's last
 prompt token ``[rows, vocab]``. Results equal row-by-row runs up to the rounding of batched kernels.
+Under the ``context-first`` protocol (`kvpolicy.eval.protocols`) every plan prefills and
+compresses the context alone, seals the cache and then feeds the question and the answer prompt
+(`kvpolicy.integrations.hf.context_first`); a forked plan forks the prefill of the context.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.prompting import EncodedItem
+from kvpolicy.eval.protocols import EvalProtocol
 from kvpolicy.integrations.hf.batching import left_pad
+from kvpolicy.integrations.hf.context_first import prefill_context_first
 from kvpolicy.integrations.hf.shared_prefill import Prefill, fork
 
 ChunkAlign = Literal["start", "end"]
@@ -70,8 +75,22 @@ class RowPlan(Protocol):
     def batches(self, rows: Sequence[Row]) -> list[list[Row]]: ...
 
     def prefill(
-        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int, protocol: EvalProtocol
     ) -> contextlib.AbstractContextManager[Prefilled]: ...
+
+
+def context_first(row: Row, protocol: EvalProtocol) -> bool:
+    """Whether ``row`` is prefilled context first. An item without a context (a closed-book run)
+    or without anything after it (a continuation scored by likelihood) is one prompt under both
+    protocols: there is no question to keep from the passes."""
+    return protocol == "context-first" and 0 < row.encoded.context_tokens < row.encoded.prompt_tokens
+
+
+def shared_prompt(row: Row, protocol: EvalProtocol) -> torch.Tensor:
+    """The tokens a prefill shared by many policies covers: the whole prompt, or under
+    ``context-first`` the context alone (the question is fed after each fork's eviction pass)."""
+    ids = row.encoded.prompt_ids
+    return ids[:, : row.encoded.context_tokens] if context_first(row, protocol) else ids
 
 
 @attrs.frozen
@@ -106,7 +125,9 @@ class ItemRows:
         return [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
 
     @contextlib.contextmanager
-    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
+    def prefill(
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int, protocol: EvalProtocol
+    ) -> Iterator[Prefilled]:
         with torch.inference_mode(), policy.attach(model) as handle:
             handle.reset()
             if len(batch) == 1:
@@ -114,10 +135,13 @@ class ItemRows:
             else:
                 ids, mask = left_pad([row.encoded.prompt_ids[0] for row in batch], pad_id=0)
                 mask = mask.to(model.device)
-            logits = handle.feed(
-                ids.to(model.device), chunk_size, attention_mask=mask, last_only=True, align_end=self.align == "end"
-            )
-            yield Prefilled(handle, logits[:, -1])
+            ids, align_end = ids.to(model.device), self.align == "end"
+            if all(context_first(row, protocol) for row in batch):
+                ends = [row.encoded.context_tokens for row in batch]
+                last = prefill_context_first(handle, ids, ends, chunk_size, attention_mask=mask, align_end=align_end)
+            else:
+                last = handle.feed(ids, chunk_size, attention_mask=mask, last_only=True, align_end=align_end)[:, -1]
+            yield Prefilled(handle, last)
 
 
 def check_population(policy: Any, population: torch.Tensor) -> torch.Tensor:
@@ -181,12 +205,18 @@ class PopulationRows:
         return _per_item(rows)
 
     @contextlib.contextmanager
-    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
+    def prefill(
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int, protocol: EvalProtocol
+    ) -> Iterator[Prefilled]:
         population = check_population(policy, self.population)
         prompt = batch[0].encoded.prompt_ids.expand(population.shape[0], -1).to(model.device)
         with _population_loaded(policy, population), torch.inference_mode(), policy.attach(model) as handle:
             handle.reset()
-            yield Prefilled(handle, handle.feed(prompt, chunk_size, last_only=True)[:, -1])
+            if context_first(batch[0], protocol):
+                last = prefill_context_first(handle, prompt, batch[0].encoded.context_tokens, chunk_size)
+            else:
+                last = handle.feed(prompt, chunk_size, last_only=True)[:, -1]
+            yield Prefilled(handle, last)
 
 
 @attrs.frozen(eq=False)
@@ -207,12 +237,23 @@ class ForkedRows:
         return _per_item(rows)
 
     @contextlib.contextmanager
-    def prefill(self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int) -> Iterator[Prefilled]:
-        del chunk_size  # the shared prefill was chunked when it was made
-        shared = self.prefill_for(batch[0])
+    def prefill(
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int, protocol: EvalProtocol
+    ) -> Iterator[Prefilled]:
+        shared = self.prefill_for(batch[0])  # chunked when it was made
+        if shared.prompt_tokens != shared_prompt(batch[0], protocol).shape[1]:
+            raise InvalidConfigError(
+                f"the shared prefill covers {shared.prompt_tokens} tokens; under {protocol} this item's prefill "
+                f"covers {shared_prompt(batch[0], protocol).shape[1]}: make it with `shared_prompt(row, protocol)`"
+            )
         population = None if self.population is None else check_population(policy, self.population)
         with (
             _population_loaded(policy, population),
             fork(shared, policy, model, len(batch), evict=self.evict) as handle,
         ):
-            yield Prefilled(handle, shared.last_logits.expand(len(batch), -1), seconds=shared.seconds)
+            last = shared.last_logits.expand(len(batch), -1)
+            if context_first(batch[0], protocol):
+                handle.seal()
+                rest = batch[0].encoded.prompt_ids[:, batch[0].encoded.context_tokens :].to(model.device)
+                last = handle.feed(rest.expand(len(batch), -1), chunk_size, last_only=True)[:, -1]
+            yield Prefilled(handle, last, seconds=shared.seconds)

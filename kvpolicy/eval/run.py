@@ -18,6 +18,7 @@ import kvpolicy
 from kvpolicy.atomic import atomic_write_text
 from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
 from kvpolicy.eval.references import reference_results
 from kvpolicy.eval.report import (
     TaskSummary,
@@ -96,12 +97,15 @@ def run_suite(
     settings: dict[str, Any] | None = None,
     batch_size: int = 1,
     chunk_align: ChunkAlign | None = None,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> RunSummary:
     """Evaluate ``policy`` on ``items`` into ``out`` (resuming) and summarise against the full cache.
 
     ``batch_size`` items run as one left-padded batch; ``chunk_align`` (default: ``end`` for a
     batch, else ``start``) is how prompts are chunked, and a stored result chunked otherwise is
-    recomputed."""
+    recomputed. ``protocol`` is when the question reaches the cache (`kvpolicy.eval.protocols`);
+    ``out`` holds results of one protocol only."""
+    check_protocol(protocol)
     align: ChunkAlign = chunk_align or ("end" if batch_size > 1 else "start")
     plan = ItemRows(batch_size, align)  # checked before any model work
     out = Path(out)
@@ -114,9 +118,10 @@ def run_suite(
         chunk_size=chunk_size,
         directory=reference_dir,
         progress="full cache" if progress else False,
+        protocol=protocol,
     )
     results: list[ItemResult]
-    store = ResultStore(out / "results.jsonl")
+    store = ResultStore(out / "results.jsonl", protocol)
     if _is_full_cache(policy):
         results = [references[item.uid] for item in items]
         for result in results:
@@ -135,6 +140,7 @@ def run_suite(
             progress=label if progress else False,
             label=label,
             rows=plan,
+            protocol=protocol,
         )
     rows = tuple(summarise(results, references))
     lengths = summarise_by_length(results, references)
@@ -143,7 +149,7 @@ def run_suite(
     atomic_write_text(out / "results.csv", to_csv(results, references))
     record = {**summary.to_dict(), "policy": policy.config.to_dict(), "model": model_name, "metric": metric}
     record["chunk_size"] = chunk_size
-    record["chunk_align"], record["batch_size"] = align, batch_size
+    record["chunk_align"], record["batch_size"], record["protocol"] = align, batch_size, protocol
     record.update(settings or {})
     atomic_write_text(out / "summary.json", json.dumps(record, indent=2, sort_keys=True))
     atomic_write_text(out / "summary.md", _summary_markdown(label, rows, lengths))

@@ -345,5 +345,8 @@ class Policy(PolicyFiles):
         return self.registry.model_adapter(model).attach(self)
 
     def generate(self, model: Any, inputs: Any, **generate_kwargs: Any) -> Any:
-        """Generate with this policy attached; returns the adapter's result (tokens + report)."""
+        """Generate with this policy attached; returns the adapter's result (tokens + report).
+
+        ``context_end=n`` compresses tokens ``[0, n)`` first and appends the rest (the question) to
+        the sealed cache, so no eviction pass sees it (the ``context-first`` protocol)."""
         return self.registry.model_adapter(model).generate(self, inputs, **generate_kwargs)

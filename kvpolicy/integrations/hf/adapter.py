@@ -61,7 +61,12 @@ class HFAdapter:
         return Attachment(self.model, policy, self._check(), attention or make_attention_function)
 
     def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:
-        """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``."""
+        """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``.
+
+        ``context_end=n`` (an int, or one per row of a padded batch, counted on the row's own
+        tokens) runs the ``context-first`` protocol: tokens ``[0, n)`` are prefilled and
+        compressed (in chunks of ``prefill_chunk_size``, transformers' name), then the rest is appended to the sealed cache,
+        so no eviction pass sees it (`kvpolicy.integrations.hf.context_first`)."""
         if isinstance(inputs, torch.Tensor):
             inputs = {"input_ids": inputs if inputs.dim() == 2 else inputs.unsqueeze(0)}
         elif isinstance(inputs, Mapping):

@@ -8,7 +8,9 @@ own) and hands the cache which new tokens are padding; after
 each forward call — between calls, never inside transformers' ``cache.update`` (the append) — the
 cache runs its eviction pass (`EvictingCache.eviction_pass`). ``model.generate`` is wrapped so
 that it starts from a fresh evicting cache and knows where the prompt ends (``after_prefill``
-fires once the prompt is consumed, chunked prefill included). Leaving the block undoes all of it.
+fires once the prompt is consumed, chunked prefill included); given ``context_end=n`` it runs the
+``context-first`` protocol instead (`kvpolicy.integrations.hf.context_first`). Leaving the block
+undoes all of it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from kvpolicy import native
 from kvpolicy.errors import AttachError, InvalidConfigError, ShapeError, UnsupportedModelError
+from kvpolicy.integrations.hf import context_first
 from kvpolicy.integrations.hf.attention import (
     SUPPORTED_IMPLEMENTATIONS,
     AttentionRoute,
@@ -268,4 +271,28 @@ class Attachment(AbstractContextManager):
         return self._entered and _ATTACHED.get(self.model) is self
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("context_end") is not None:  # the context-first protocol: kvpolicy's own decoding loop
+            return self._generate_context_first(*args, **kwargs)
+        kwargs.pop("context_end", None)
         return generate_on_cache(self, self._original_generate, *args, **kwargs)
+
+    def _generate_context_first(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``model.generate(input_ids, context_end=n, prefill_chunk_size=..., ...)``: see `context_first.generate`."""
+        input_ids = kwargs.pop("input_ids", kwargs.pop("inputs", args[0] if args else None))
+        if input_ids is None:
+            raise ShapeError("model.generate with context_end needs input_ids")
+        if given_cache(kwargs) is not None:
+            raise AttachError("model.generate with context_end starts a fresh cache of its own; pass no cache")
+        if kwargs.pop("use_cache", None) is False:
+            raise AttachError("context_end compresses the context's cache; it cannot run with use_cache=False")
+        for key in ("cache", "past_key_values"):
+            kwargs.pop(key, None)
+        handle = Handle(self)
+        return context_first.generate(
+            handle,
+            input_ids,
+            kwargs.pop("context_end"),
+            attention_mask=kwargs.pop("attention_mask", None),
+            chunk_size=kwargs.pop("prefill_chunk_size", None),
+            **kwargs,
+        )

@@ -88,6 +88,9 @@ class EvictingCache(DynamicCache):
         self.prompt_end: int | None = None
         self.eviction_passes = 0
         self.policy_seconds = 0.0
+        #: no eviction pass runs any more and no statistics are recorded: what is cached stays
+        #: (`Handle.seal`, the ``context-first`` protocol: the question never reaches a pass)
+        self.sealed = False
         #: tokens each batch row has seen ([batch] int64, CPU; padding excluded); ``seen`` counts columns
         self.row_seen: torch.Tensor | None = None
         #: ``[batch, columns]`` False at left padding, once a padded call came (sliding layers mask with it)
@@ -119,7 +122,8 @@ class EvictingCache(DynamicCache):
             self._pending_valid = None
         else:
             valid = valid.to(device, torch.bool)
-            _check_left_padding(valid, self.row_seen)
+            if not self.sealed:  # sealed: no pass will see the gap, attention masks every padded slot
+                _check_left_padding(valid, self.row_seen)
             counts = valid.sum(1).cpu()
             positions = self.row_seen.to(device)[:, None] + valid.long().cumsum(1) - 1
             positions = positions.masked_fill(~valid, PADDED_POSITION)
@@ -166,7 +170,12 @@ class EvictingCache(DynamicCache):
     def records_statistics(self, layer_idx: int) -> bool:
         """Whether the attention of ``layer_idx`` records statistics: a managed layer of a policy
         that reads attention, while its schedule can still run an eviction pass there."""
-        return self.requirements.needs_attention and layer_idx in self.managed and not self.layers[layer_idx].finished
+        return (
+            self.requirements.needs_attention
+            and layer_idx in self.managed
+            and not self.sealed
+            and not self.layers[layer_idx].finished
+        )
 
     def record_in_pass(self, layer_idx: int, rows: torch.Tensor | None, columns: torch.Tensor | None) -> None:
         """Keep what the attention pass computed from its own probabilities: attention ``rows
@@ -197,7 +206,9 @@ class EvictingCache(DynamicCache):
     def eviction_pass(self, policy: Any) -> None:
         """Between forward calls: every managed layer runs extract → score → select (`Policy.plan`)
         for the rows whose schedule is due, and keeps the selected tokens with everything aligned
-        to them."""
+        to them. A sealed cache runs none."""
+        if self.sealed:
+            return
         start = time.perf_counter()
         ran = False
         with torch.no_grad():
@@ -253,6 +264,15 @@ class EvictingCache(DynamicCache):
         self.prompt_end = None
         self.eviction_passes = 0
         self.policy_seconds = 0.0
+        self.sealed = False
+
+    def seal(self) -> None:
+        """No eviction pass from now on; the statistics kept for passes are dropped (nothing reads them)."""
+        self.sealed = True
+        for layer in self.layers:
+            if isinstance(layer, EvictingLayer):
+                layer.window = None
+                layer.accumulated = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedModelError(

@@ -49,6 +49,13 @@ class Handle:
         """Start over with a fresh, empty cache."""
         self._attachment.cache = self._attachment.new_cache()
 
+    def seal(self) -> None:
+        """No eviction pass runs on this cache from now on (until `reset`): what it holds stays, and
+        tokens fed next are never seen by a pass — the ``context-first`` protocol seals the
+        compressed context before the question (`kvpolicy.integrations.hf.context_first`). A pass
+        that was due but deferred (``feed(evict=False)``) is dropped, not run."""
+        self.cache.seal()
+
     @contextlib.contextmanager
     def fork_row(self, row: int) -> Iterator[Handle]:
         """``with handle.fork_row(i):`` feed batch row ``i`` alone on a copy of the cache (e.g. a

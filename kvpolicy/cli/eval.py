@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
+from kvpolicy.eval.plan import DEFAULT_PLAN
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from kvpolicy.eval.report import markdown_table
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from kvpolicy.eval.run import RunSummary
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+#: the first seed of ``--split validation``: train material that no evolution config draws
+VALIDATION_SEED = 1000
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +33,21 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         "--first-seed",
         type=int,
         default=0,
-        help="seed of the first item (default 0); e.g. --split train --first-seed 1000 for tuning items "
-        "that no evolution pool draws",
+        help="seed of the first item (default 0), counted from 1,000 with --split validation",
     )
-    parser.add_argument("--split", default="test", choices=SPLITS, help="test for reporting, train for tuning")
+    parser.add_argument(
+        "--split",
+        default="validation",
+        choices=(*SPLITS, "validation"),
+        help="validation (default: train material from seed 1,000 on, where choices are made), train, or test "
+        "(only inside a block of the frozen plan, --plan)",
+    )
+    parser.add_argument(
+        "--plan",
+        default=str(DEFAULT_PLAN),
+        help=f"the frozen evaluation plan a test run must fit (default {DEFAULT_PLAN})",
+    )
+    parser.add_argument("--unseal", metavar="BLOCK", help="run a sealed block of the plan (its one final comparison)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--metric", default="task", choices=METRIC_MODES, help="task metric, loglik, or both")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk; eviction in between")
@@ -94,10 +108,20 @@ def suite_items(args: argparse.Namespace) -> list:
     first = getattr(args, "first_seed", 0) or 0
     if first < 0:
         raise InvalidConfigError(f"--first-seed must be 0 or more, got {first}")
+    split = args.split
+    if split == "validation":  # train material no evolution pool draws: seeds from VALIDATION_SEED on
+        split, first = "train", first + VALIDATION_SEED
     seeds = tuple(range(first, first + args.seeds)) if args.seeds else None
     if first and seeds is None:
         seeds = tuple(first + s for s in profile.seeds)
-    return profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
+    items = profile.items(split, parse_tasks(args.tasks), lengths, seeds)
+    if split == "test":
+        from kvpolicy.eval.plan import load_plan
+
+        plan = load_plan(args.plan)
+        block = plan.block_for(items, args.model, args.protocol, getattr(args, "unseal", None))
+        args.plan_record = {"plan": str(plan.path), "plan_sha256": plan.sha256, "block": block.name}
+    return items
 
 
 def run_from_args(
@@ -127,6 +151,7 @@ def run_from_args(
             "tasks": args.tasks,
             "lengths": args.lengths,
             "prefill": "shared" if getattr(args, "shared_prefill", False) else "chunked",
+            **getattr(args, "plan_record", {}),
         },
     )
 

@@ -27,3 +27,26 @@ def test_random_eviction_ranks_below_full_cache(tmp_path: Path) -> None:
     assert overall.reference > 0.5  # the full cache solves most retrieval items at 1k tokens
     assert overall.kept_fraction < 0.15  # measured: 64 of ~1000 tokens per head
     assert -overall.delta > max(overall.delta_se, 0.05)  # random eviction loses more than its standard error
+
+
+def test_the_cli_runs_context_first_and_records_it(tmp_path: Path, capsys) -> None:
+    """``kvpolicy eval --protocol context-first`` on the real SmolLM2: the needle item's context is
+    compressed by SnapKV before the question exists, and every record and the summary say so."""
+    import json
+
+    from kvpolicy.cli import main
+    from kvpolicy.eval.results import ResultStore
+
+    argv = ["eval", "--policy", "snapkv", "--budget", "25%", "--protocol", "context-first", "--profile", "ci",
+            "--tasks", "needle", "--seeds", "1", "--reference-dir", str(tmp_path / "refs"), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["protocol"] == "context-first"
+    (result,) = ResultStore(tmp_path / "run" / "results.jsonl", "context-first")
+    assert 0.2 < result.kept_fraction < 0.35  # 25% of the context, plus the question kept whole
+    assert [p.name for p in (tmp_path / "refs").iterdir()] == [
+        "reference-smollm2-135m-instruct-task-chunk512-context-first.jsonl"
+    ]
+    # the same folder refuses the other protocol
+    assert main([*argv[:6], "question-aware", *argv[7:], "--out", str(tmp_path / "run")]) == 2
+    assert "never share a file" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import attrs
 
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from kvpolicy.types import config_from_dict, config_to_dict, non_negative, positive
 
 Metric = Literal["task", "loglik"]
@@ -58,6 +59,9 @@ class FitnessConfig:
     that (`kvpolicy.integrations.hf.shared_prefill`); the prefill is kept for later generations in a
     store of at most ``prefill_store_gib`` GiB per process. Needs a policy whose first eviction
     pass comes after the whole prompt (``after_prefill``). Same figures as ``population_batch``.
+    ``protocol``: when the question reaches the cache (`kvpolicy.eval.protocols`); under
+    ``context-first`` a member compresses each context before its question exists, so what it
+    learns cannot come from the question's attention.
     """
 
     metric: Metric = attrs.field(default="task", validator=attrs.validators.in_(("task", "loglik")))
@@ -65,6 +69,7 @@ class FitnessConfig:
     population_batch: bool = attrs.field(default=False)
     shared_prefill: bool = attrs.field(default=False)
     prefill_store_gib: float = attrs.field(default=4.0, validator=positive)
+    protocol: str = attrs.field(default=DEFAULT_PROTOCOL, validator=attrs.validators.in_(PROTOCOLS))
 
     @shared_prefill.validator
     def _check_shared(self, attribute: attrs.Attribute, value: object) -> None:

@@ -29,8 +29,7 @@ from kvpolicy.checkpoint import tensor_checksum
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import evaluate
 from kvpolicy.eval.prefills import PrefillStore
-from kvpolicy.eval.prompting import encode
-from kvpolicy.eval.rows import ForkedRows, PopulationRows, RowPlan
+from kvpolicy.eval.rows import ForkedRows, PopulationRows, RowPlan, shared_prompt
 from kvpolicy.eval.tasks import check_tasks, make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
@@ -84,22 +83,25 @@ class HfWorkload:
         """``(scores [rows], kept [rows])`` of ``policy`` on one item, its rows prepared by ``rows``."""
         model, tokenizer = self._ensure_model()
         item = make_item(task, item_split(split), seed, length)
-        metric = self.config.fitness.metric
-        results = evaluate(policy, [item], model, tokenizer, metric=metric, chunk_size=self.chunk_size, rows=rows)
+        fitness = self.config.fitness
+        results = evaluate(
+            policy, [item], model, tokenizer, metric=fitness.metric, chunk_size=self.chunk_size, rows=rows,
+            protocol=fitness.protocol,
+        )  # fmt: skip
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
         return scores, torch.tensor([r.kept_fraction for r in results], dtype=torch.float64)
 
     def _forked_rows(self, params: torch.Tensor | None, item_key: tuple, buffers_key: str) -> ForkedRows:
         """Rows forked from the item's shared prefill, kept for later generations; ``params=None``:
         the full cache of that prefill (the reference)."""
-        model, tokenizer = self._ensure_model()
+        model, _ = self._ensure_model()
         store = self._prefills
         if store is None:
             raise InvalidConfigError("forked rows need fitness.shared_prefill")
 
         def shared(row: Any) -> Prefill:
             def make() -> Prefill:
-                return prefill(self.policy, model, encode(row.item, tokenizer).prompt_ids, self.chunk_size)
+                return prefill(self.policy, model, shared_prompt(row, self.config.fitness.protocol), self.chunk_size)
 
             return store.get((*item_key, buffers_key), make)
 

@@ -106,3 +106,17 @@ def test_shared_prefill_needs_a_policy_that_evicts_after_the_prompt(tmp_path):
     data["policy"] = {**TINY_SHARED["policy"], "schedule": {"kind": "every_n", "every": 128}}
     with pytest.raises(InvalidConfigError, match="after_prefill"):
         Evolution(EvolveConfig.from_dict(data), tmp_path)
+
+
+def test_members_evolved_context_first_share_the_prefill_of_each_context(tmp_path):
+    """``fitness.protocol = context-first``: forks of each context's prefill give the members'
+    one-by-one numbers, and those differ from the question-aware ones (the passes no longer see
+    the question)."""
+    shared, shared_log = _run(tmp_path / "shared", shared_prefill=True, protocol="context-first")
+    alone, alone_log = _run(tmp_path / "alone", protocol="context-first")
+    for a, b in zip(shared_log, alone_log, strict=True):
+        assert a["member_fitness"] == pytest.approx(b["member_fitness"], abs=1e-6)
+    _, aware_log = _run(tmp_path / "aware", shared_prefill=True)
+    assert shared_log[0]["member_fitness"] != pytest.approx(aware_log[0]["member_fitness"], abs=1e-6)
+    with pytest.raises(InvalidConfigError, match="protocol"):
+        EvolveConfig.from_dict({**TINY_SHARED, "fitness": {"metric": "loglik", "protocol": "question-last"}})

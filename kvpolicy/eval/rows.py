@@ -14,6 +14,8 @@ a batch of rows is prefilled:
 - `ForkedRows`: rows forked from a prefill shared by all of them
   (`kvpolicy.integrations.hf.shared_prefill`), for policies whose first eviction pass comes after
   the whole prompt: one row, or one per member of a population.
+- `ContextRows` (``context-first``): items that share a context share its compressed cache, one
+  row per question.
 
 Each plan's `prefill` yields a `Prefilled`: the attached handle and the logits of every row's last
 prompt token ``[rows, vocab]``. Results equal row-by-row runs up to the rounding of batched kernels.
@@ -257,3 +259,58 @@ class ForkedRows:
                 rest = batch[0].encoded.prompt_ids[:, batch[0].encoded.context_tokens :].to(model.device)
                 last = handle.feed(rest.expand(len(batch), -1), chunk_size, last_only=True)[:, -1]
             yield Prefilled(handle, last, seconds=shared.seconds)
+
+
+def _context_key(row: Row) -> tuple[int, bytes]:
+    ids = row.encoded.prompt_ids[0, : row.encoded.context_tokens]
+    return row.encoded.context_tokens, ids.numpy().tobytes()
+
+
+@attrs.frozen
+class ContextRows:
+    """``context-first`` only: items whose contexts are the same tokens share one compressed cache.
+
+    Under ``context-first`` what a policy keeps of a context cannot depend on the question asked
+    after it, so several questions of one document need one compression: the context is
+    prefilled and compressed once (with the policy's own schedule, passes between chunks
+    included), the sealed cache is repeated to one row per question, and the questions go in as
+    one left-padded batch. An item with a context of its own is a batch of one, computed exactly
+    as `ItemRows` computes it."""
+
+    chunks: ChunkAlign = attrs.field(default="start", init=False)
+
+    def rows(self, item: Item, encoded: EncodedItem, label: str) -> list[Row]:
+        return [Row(item, encoded, label)]
+
+    def batches(self, rows: Sequence[Row]) -> list[list[Row]]:
+        groups: dict[Any, list[Row]] = {}
+        for index, row in enumerate(rows):  # an item with nothing to share (no question) stays alone
+            key = _context_key(row) if context_first(row, "context-first") else index
+            groups.setdefault(key, []).append(row)
+        return list(groups.values())
+
+    @contextlib.contextmanager
+    def prefill(
+        self, policy: Any, model: Any, batch: Sequence[Row], chunk_size: int, protocol: EvalProtocol
+    ) -> Iterator[Prefilled]:
+        if protocol != "context-first":
+            raise InvalidConfigError("ContextRows shares a compressed context between questions: it runs context-first")
+        if not context_first(batch[0], protocol):  # one prompt under both protocols
+            with ItemRows().prefill(policy, model, batch, chunk_size, protocol) as prefilled:
+                yield prefilled
+            return
+        first = batch[0].encoded
+        with torch.inference_mode(), policy.attach(model) as handle:
+            handle.reset()
+            handle.feed(first.prompt_ids[:, : first.context_tokens].to(model.device), chunk_size, last_only=True)
+            handle.seal()
+            if len(batch) > 1:
+                handle.cache.batch_repeat_interleave(len(batch))
+            rests = [row.encoded.prompt_ids[0, row.encoded.context_tokens :] for row in batch]
+            if len({len(rest) for rest in rests}) == 1:
+                ids, mask = torch.stack(rests), None
+            else:
+                ids, mask = left_pad(rests, pad_id=0)
+                mask = mask.to(model.device)
+            last = handle.feed(ids.to(model.device), chunk_size, attention_mask=mask, last_only=True)[:, -1]
+            yield Prefilled(handle, last)

@@ -29,7 +29,7 @@ from kvpolicy.eval.report import (
     summarise_by_length,
 )
 from kvpolicy.eval.results import ItemResult, ResultStore, to_csv
-from kvpolicy.eval.rows import ChunkAlign, ItemRows
+from kvpolicy.eval.rows import ChunkAlign, ContextRows, ItemRows, RowPlan
 
 
 @attrs.frozen
@@ -107,7 +107,9 @@ def run_suite(
     ``out`` holds results of one protocol only."""
     check_protocol(protocol)
     align: ChunkAlign = chunk_align or ("end" if batch_size > 1 else "start")
-    plan = ItemRows(batch_size, align)  # checked before any model work
+    plan: RowPlan = ItemRows(batch_size, align)  # checked before any model work
+    if protocol == "context-first" and batch_size == 1 and align == "start":
+        plan = ContextRows()  # questions of one context share its compression; alone, the same computation
     out = Path(out)
     references = reference_results(
         items,

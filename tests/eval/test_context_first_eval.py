@@ -128,3 +128,27 @@ def test_records_say_their_protocol_and_a_store_holds_one(tiny_model, tiny_token
         ResultStore(tmp_path / "bad.jsonl")
     with pytest.raises(InvalidConfigError, match="unknown protocol"):
         evaluate(kvpolicy.build("full"), item, tiny_model, tiny_tokenizer, protocol="question-last")
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "h2o"])
+def test_questions_of_one_context_share_its_compression(tiny_model, tiny_tokenizer, preset) -> None:
+    """`ContextRows`: one compression of a shared context, one row per question, each row equal
+    to that item run alone (an every-step policy too: its passes all come before the question)."""
+    import attrs
+
+    from kvpolicy.eval.rows import ContextRows
+
+    base = make_item("multikey", "test", 0, 384)
+    questions = ["What is the first number?", "Which number comes last in the whole text?", "Name one number."]
+    shared = [attrs.evolve(base, seed=100 + i, question=q) for i, q in enumerate(questions)]
+    items = [*shared, make_item("needle", "test", 1, 384)]
+    policy = kvpolicy.build(preset, budget=48)
+    run = {"metric": "both", "chunk_size": CHUNK, "protocol": CF}
+    plan = ContextRows()
+    assert [len(b) for b in plan.batches([Row(i, encode(i, tiny_tokenizer), "") for i in items])] == [3, 1]
+    together = evaluate(policy, items, tiny_model, tiny_tokenizer, rows=plan, **run)
+    for got, want in zip(together, evaluate(policy, items, tiny_model, tiny_tokenizer, **run), strict=True):
+        _same(got, want)
+    assert all(r.kept_fraction < 0.6 for r in together)
+    with pytest.raises(InvalidConfigError, match="context-first"):
+        evaluate(policy, items, tiny_model, tiny_tokenizer, rows=plan, metric="task", chunk_size=CHUNK)

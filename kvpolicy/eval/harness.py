@@ -170,6 +170,7 @@ def item_result(
         seconds=seconds,
         chunks=chunks,
         protocol=protocol,
+        context_id=item.context_id,
     )
 
 

@@ -84,6 +84,11 @@ class Item:
         """sha256 of the item's JSON: two items with the same fingerprint are byte-identical."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
+    @property
+    def context_id(self) -> str:
+        """sha256 (16 hex digits) of the context: the items asking about one context share it."""
+        return hashlib.sha256(self.context.encode("utf-8")).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Item:
         try:

@@ -5,7 +5,10 @@ cache, 0% a guess (multi-key retrieval is 25% by chance, so a raw ratio flatters
 guesses). The summary over tasks is the mean of the tasks' figures. Two runs on the same items
 are compared by a paired bootstrap: items are resampled with replacement within each task (the
 same draw for both runs and the reference), the difference of their summaries is recomputed
-each time, and the 2.5th–97.5th percentiles give the 95% interval.
+each time, and the 2.5th–97.5th percentiles give the 95% interval. Items that ask about one
+context are not independent: when a task has such items (same ``context_id``), its *contexts*
+are resampled, each with all its items (a cluster bootstrap), so the interval is not narrowed by
+counting one document several times.
 """
 
 from __future__ import annotations
@@ -46,15 +49,37 @@ class PairedDifference:
 
 def _by_task(
     a: Sequence[ItemResult], b: Sequence[ItemResult], references: Mapping[str, ItemResult]
-) -> dict[str, np.ndarray]:
-    """Per task: ``[3, items]`` scores of a, b and the reference on the items all three have."""
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Per task: ``[3, items]`` scores of a, b and the reference on the items all three have, and
+    each item's context (its own uid where the record has no context id)."""
     theirs = {r.uid: r for r in b}
     grouped: dict[str, list[tuple[float, float, float]]] = {}
+    contexts: dict[str, list[str]] = {}
     for result in a:
         other, ref = theirs.get(result.uid), references.get(result.uid)
         if other is not None and ref is not None:
             grouped.setdefault(result.task, []).append((result.score, other.score, ref.score))
-    return {task: np.array(rows, dtype=np.float64).T for task, rows in sorted(grouped.items())}
+            contexts.setdefault(result.task, []).append(result.context_id or result.uid)
+    tasks = {task: np.array(rows, dtype=np.float64).T for task, rows in sorted(grouped.items())}
+    return tasks, contexts
+
+
+def _resample(scores: np.ndarray, contexts: list[str], resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``[resamples, 3, items]`` bootstrap draws of one task: items, or whole contexts when items share one."""
+    if len(set(contexts)) == len(contexts):
+        return scores[:, rng.integers(0, scores.shape[1], size=(resamples, scores.shape[1]))].transpose(1, 0, 2)
+    members: dict[str, list[int]] = {}
+    for index, context in enumerate(contexts):
+        members.setdefault(context, []).append(index)
+    clusters = list(members.values())
+    size = scores.shape[1]
+    draws = np.empty((resamples, 3, size))
+    for r in range(resamples):  # contexts drawn until the draw has as many items as the task
+        picked: list[int] = []
+        while len(picked) < size:
+            picked += clusters[rng.integers(0, len(clusters))]
+        draws[r] = scores[:, picked[:size]]
+    return draws
 
 
 def paired_difference(
@@ -66,7 +91,7 @@ def paired_difference(
     seed: int = 0,
 ) -> PairedDifference:
     """Chance-corrected skill of ``a`` and ``b`` and the bootstrap interval of ``a − b``."""
-    tasks = _by_task(a, b, references)
+    tasks, contexts = _by_task(a, b, references)
     if not tasks:
         raise ValueError("the two runs share no item with a full-cache reference")
     rng = np.random.default_rng(seed)
@@ -79,9 +104,7 @@ def paired_difference(
         return np.nanmean(np.stack(per_task, 0), axis=0)
 
     point = summary(tasks)
-    boot = {
-        t: s[:, rng.integers(0, s.shape[1], size=(resamples, s.shape[1]))].transpose(1, 0, 2) for t, s in tasks.items()
-    }
+    boot = {t: _resample(s, contexts[t], resamples, rng) for t, s in tasks.items()}
     diffs = summary(boot)
     diffs = diffs[..., 0] - diffs[..., 1]
     low, high = np.nanpercentile(diffs, [2.5, 97.5])

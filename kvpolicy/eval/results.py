@@ -73,6 +73,9 @@ class ItemResult:
     #: when the question reached the cache (`kvpolicy.eval.protocols`); records made before
     #: protocols existed were all ``question-aware``
     protocol: str = DEFAULT_PROTOCOL
+    #: sha256 (16 hex digits) of the item's context: items asking about one context share it, and
+    #: paired intervals resample contexts, not items (``""``: a record made before it existed)
+    context_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -93,7 +96,7 @@ class ItemResult:
         return cls(**data)
 
 
-_TEXT = ("uid", "fingerprint", "task", "split", "policy", "metric", "prediction", "chunks")
+_TEXT = ("uid", "fingerprint", "task", "split", "policy", "metric", "prediction", "chunks", "context_id")
 _COUNTS = ("length", "seed", "prompt_tokens", "tokens_seen", "kv_bytes", "full_kv_bytes")
 _FRACTION = ("kept_fraction",)
 _SECONDS = ("policy_seconds", "seconds")

@@ -42,3 +42,18 @@ def test_interval_covers_a_noisy_difference_and_is_paired():
 def test_runs_without_common_items_are_an_error():
     with pytest.raises(ValueError, match="share no item"):
         paired_difference([result("needle", 0, 1.0, "a")], [result("needle", 1, 1.0, "b")], {})
+
+
+def test_items_of_one_context_are_resampled_together():
+    """Four questions per context, each context all right or all wrong: counted as 40 independent
+    items the interval is about half as wide as the 10 contexts it really has allow."""
+    import attrs
+
+    refs = {f"needle/test/2048/{i}": result("needle", i, 1.0, "full") for i in range(40)}
+    a = [result("needle", i, float((i // 4) % 2), "a") for i in range(40)]
+    b = [result("needle", i, 0.0, "b") for i in range(40)]
+    alone = paired_difference(a, b, refs, resamples=2000, seed=3)
+    grouped = paired_difference([attrs.evolve(r, context_id=f"c{r.seed // 4}") for r in a], b, refs,
+                                resamples=2000, seed=3)  # fmt: skip
+    assert alone.delta == grouped.delta == pytest.approx(0.5)
+    assert (grouped.high - grouped.low) > 1.6 * (alone.high - alone.low)

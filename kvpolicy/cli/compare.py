@@ -18,8 +18,11 @@ from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", action="append", help="repeat for each policy (preset, preset:{json}, or file)")
     parser.add_argument(
-        "--policy", action="append", required=True, help="repeat for each policy (preset, preset:{json}, or file)"
+        "--all-presets",
+        action="store_true",
+        help="every registered preset (span variants and installed plugins' included) besides any --policy",
     )
     parser.add_argument("--budget", nargs="+", default=[None], help="budgets to try for each budgeted policy")
     parser.add_argument(
@@ -55,6 +58,18 @@ def paired_table(labels: list[str], kept: dict[str, float], results: dict, refer
         )
         lines.append(f"| {label} | {kept[label]:.1%} | {diff.b * 100:.1f} | {interval} | {diff.n} |")
     return "\n".join(lines) + "\n"
+
+
+def policy_specs(args: argparse.Namespace) -> list[str]:
+    """The ``--policy`` specs, then every registered preset not among them with ``--all-presets``."""
+    import kvpolicy
+
+    specs = list(args.policy or [])
+    if args.all_presets:
+        specs += [name for name in kvpolicy.default_registry().preset_names() if name not in specs]
+    if not specs:
+        raise InvalidConfigError("compare needs --policy (repeat it for each policy) or --all-presets")
+    return specs
 
 
 def _grid(specs: list[str], budgets: list[str | None]) -> list[tuple[str, str | None, object]]:
@@ -128,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.eval.plot import comparison_figure
     from kvpolicy.models import load_model
 
-    grid = _grid(args.policy, args.budget)
+    grid = _grid(policy_specs(args), args.budget)
     items = suite_items(args)
     labels = [label_for_spec(spec, budget) for spec, budget, _ in grid]
     if args.paired_against and args.paired_against not in labels:  # before any run, not after all of them

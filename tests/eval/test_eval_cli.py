@@ -63,3 +63,17 @@ def test_comparison_table_reports_measured_cache_and_normalised_scores() -> None
     by_length = ((1024, row("all", 0.75)), (2048, row("all", 0.25)))
     two = RunSummary("random@64", summary.rows, (0.25,), Path("."), by_length)
     assert "| random@64 | 75.0 ± 10.0 (25%) | 25.0 ± 10.0 (25%) |" in length_comparison_table([two])
+
+
+def test_all_presets_adds_every_registered_preset_once() -> None:
+    import kvpolicy
+    from kvpolicy.cli.compare import add_arguments, policy_specs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", "x", "--policy", "snapkv-span", "--all-presets"])
+    specs = policy_specs(args)
+    assert specs[0] == "snapkv-span" and sorted(specs) == sorted(kvpolicy.default_registry().preset_names())
+    assert {"tova-span", "namm-bam-smollm2", "full"} <= set(specs)
+    with pytest.raises(Exception, match="--all-presets"):
+        policy_specs(parser.parse_args(["--out", "x"]))

@@ -65,8 +65,8 @@ class HFAdapter:
 
         ``context_end=n`` (an int, or one per row of a padded batch, counted on the row's own
         tokens) runs the ``context-first`` protocol: tokens ``[0, n)`` are prefilled and
-        compressed (in chunks of ``prefill_chunk_size``, transformers' name), then the rest is appended to the sealed cache,
-        so no eviction pass sees it (`kvpolicy.integrations.hf.context_first`)."""
+        compressed (in chunks of ``prefill_chunk_size``), then the rest is appended to the sealed
+        cache, so no eviction pass sees it (`kvpolicy.integrations.hf.context_first`)."""
         if isinstance(inputs, torch.Tensor):
             inputs = {"input_ids": inputs if inputs.dim() == 2 else inputs.unsqueeze(0)}
         elif isinstance(inputs, Mapping):

@@ -52,7 +52,7 @@ def context_ends(context_end: Any, rows: int) -> list[int]:
     """``context_end`` as one whole number per row: an int for every row, or a sequence/tensor of ``rows``."""
     if isinstance(context_end, torch.Tensor):
         context_end = context_end.flatten().tolist()
-    if isinstance(context_end, (int,)) and not isinstance(context_end, bool):
+    if isinstance(context_end, int) and not isinstance(context_end, bool):
         return [int(context_end)] * rows
     if isinstance(context_end, Sequence) and not isinstance(context_end, (str, bytes)):
         values = list(context_end)

@@ -58,31 +58,71 @@ def evaluate_many(
     references = ResultStore(reference_path(model_name, metric, chunk_size, reference_dir))
     evicting = [(label, policy, ResultStore(Path(out) / "results.jsonl")) for label, policy, out in runs
                 if policy.schedule.kind != "never"]  # fmt: skip
-    union = Requirements()
-    for _, policy, _ in evicting:
-        policy.bind_tokenizer(tokenizer)
-        union = union | policy.requirements
+    policies = [(label, policy) for label, policy, _ in evicting]
+    union = bind_policies(policies, tokenizer)
     recorded = 0
     for item in tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True, disable=not progress):
-        pending = [run for run in evicting if not run[2].done(item.uid, item.fingerprint)]
+        pending = [label for label, _, store in evicting if not store.done(item.uid, item.fingerprint)]
         need_reference = not references.done(item.uid, item.fingerprint)
         if not pending and not need_reference:
             continue
-        start = time.perf_counter()
-        cache, last = record_prompt(model, encode(item, tokenizer).prompt_ids, union, chunk_size)
-        prompt_seconds = time.perf_counter() - start
+        results, reference = shared_item_results(
+            policies, pending, union, item, model, tokenizer, metric=metric, chunk_size=chunk_size,
+            reference=need_reference,
+        )  # fmt: skip
         recorded += 1
-        if need_reference and evicting:  # any policy's view of the recording, nothing evicted
-            policy = evicting[0][1]
-            shared = prepare(policy, model, cache, last, prompt_seconds)
-            references.add(_forked(policy, item, shared, "full", model, tokenizer, metric, chunk_size, evict=False))
-        prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
-        for label, policy, store in pending:
-            key = _feature_key(policy) + str(due_layers(policy, model, cache))
-            if key not in prepared:
-                prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-            store.add(_forked(policy, item, prepared[key], label, model, tokenizer, metric, chunk_size))
+        if reference is not None:
+            references.add(reference)
+        for label, _, store in evicting:
+            if label in results:
+                store.add(results[label])
     return recorded
+
+
+def bind_policies(policies: Sequence[tuple[str, Any]], tokenizer: Any) -> Requirements:
+    """Bind every evicting policy to ``tokenizer``; the union of what they ask a recording for."""
+    union = Requirements()
+    for _, policy in policies:
+        policy.bind_tokenizer(tokenizer)
+        union = union | policy.requirements
+    return union
+
+
+def shared_item_results(
+    policies: Sequence[tuple[str, Any]],
+    pending: Sequence[str],
+    union: Requirements,
+    item: Item,
+    model: Any,
+    tokenizer: Any,
+    *,
+    metric: str,
+    chunk_size: int,
+    reference: bool,
+) -> tuple[dict[str, ItemResult], ItemResult | None]:
+    """One recorded prompt of ``item``: the result of each ``(label, policy)`` of ``policies``
+    whose label is ``pending`` (by label), and the full-cache result when ``reference`` (taken
+    from the first policy's view of the recording, nothing evicted; None without a policy).
+    ``union`` is `bind_policies` of all ``policies``, so a result does not depend on which of
+    them are pending."""
+    start = time.perf_counter()
+    cache, last = record_prompt(model, encode(item, tokenizer).prompt_ids, union, chunk_size)
+    prompt_seconds = time.perf_counter() - start
+    full = None
+    if reference and policies:  # any policy's view of the recording, nothing evicted
+        policy = policies[0][1]
+        shared = prepare(policy, model, cache, last, prompt_seconds)
+        full = _forked(policy, item, shared, "full", model, tokenizer, metric, chunk_size, evict=False)
+    prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
+    results = {}
+    for label, policy in policies:
+        if label not in pending:
+            continue
+        key = _feature_key(policy) + str(due_layers(policy, model, cache))
+        if key not in prepared:
+            prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
+        results[label] = _forked(policy, item, prepared[key], label, model, tokenizer, metric, chunk_size)
+    return results, full
 
 
 def _feature_key(policy: Any) -> str:

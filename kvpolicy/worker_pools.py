@@ -72,6 +72,11 @@ def run_in_worker(job: Any) -> tuple[int, Any]:
     return job.index, _WORKER.run(job)
 
 
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 class ProcessPool:
     """``workers`` spawned processes, each building its worker (model copy) once and running with
     ``threads`` torch threads. Spawned, not forked: forking a process that has started torch's
@@ -87,6 +92,14 @@ class ProcessPool:
             initializer=init_worker,
             initargs=(make_worker, threads, os.getpid()),
         )
+        self._workers = workers
+
+    def wait_ready(self, poll: float = 0.2) -> None:
+        """Block until every worker process has built its worker (so timings leave start-up out):
+        short waits are queued until each process has taken one."""
+        seen: set[int] = set()
+        while len(seen) < self._workers:
+            seen |= {f.result() for f in [self._pool.submit(_pid_after, poll) for _ in range(self._workers)]}
 
     def map(self, jobs: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         futures = [self._pool.submit(run_in_worker, job) for job in jobs]
@@ -217,6 +230,11 @@ class RayPool:
                 except self._ray.exceptions.RayError:
                     return None
         return actor.pid
+
+    def wait_ready(self) -> None:
+        """Block until every actor has built its worker (so timings leave start-up out)."""
+        for actor in list(self._actors):
+            self._ray.get(actor.pid_ref)
 
     def pids(self) -> list[int | None]:
         """The process id of every actor (None while it is starting)."""

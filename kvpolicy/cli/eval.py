@@ -59,7 +59,10 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, help="worker processes or Ray actors (default 2)")
     parser.add_argument(
-        "--threads", type=int, help="torch threads per worker (default: the CPUs shared among processes; 1 per actor)"
+        "--threads",
+        type=int,
+        help="torch threads per process (default: in-process torch's; the CPUs shared among worker processes; 1 per "
+        "Ray actor)",
     )
     parser.add_argument("--address", help='the Ray cluster to join ("auto", HEAD:6379; default: a local one)')
     parser.add_argument("--out", required=True, help="output folder (rerunning resumes it)")
@@ -110,7 +113,9 @@ def check_executor_arguments(args: argparse.Namespace) -> None:
     """``--executor`` and what goes with it, checked before any model work."""
     executor = getattr(args, "executor", "in-process")
     if executor == "in-process":
-        for flag in ("workers", "threads", "address"):
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise InvalidConfigError(f"--threads must be a positive count, got {args.threads}")
+        for flag in ("workers", "address"):
             if getattr(args, flag, None) is not None:
                 raise InvalidConfigError(f"--{flag} sets up worker processes; give it with --executor processes or ray")
         return
@@ -129,8 +134,14 @@ def check_executor_arguments(args: argparse.Namespace) -> None:
 
 def distribute(args: argparse.Namespace, runs: list, items: list, *, shared_prefill: bool = False) -> None:
     """With ``--executor processes|ray``: fill the stores of ``runs`` (``(PolicyRun, policy, out)``)
-    on a worker pool; the in-process run that follows then finds every result done."""
+    on a worker pool; the in-process run that follows then finds every result done. In-process,
+    only ``--threads`` applies (this process's torch threads: results are bit-identical across
+    executors at the same thread count, since float sums split across threads differently)."""
     if args.executor == "in-process":
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         return
     from kvpolicy.eval.distributed import evaluate_distributed, make_pool
 

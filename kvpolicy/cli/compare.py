@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.cli.eval import add_suite_arguments, run_from_args, suite_items
+from kvpolicy.cli.eval import add_suite_arguments, distribute, run_from_args, suite_items
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 
 
@@ -139,6 +139,7 @@ def length_comparison_table(summaries: list) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpolicy.eval.distributed import PolicyRun
     from kvpolicy.eval.labels import label_for_spec
     from kvpolicy.eval.plot import comparison_figure
     from kvpolicy.models import load_model
@@ -150,9 +151,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidConfigError(
             f"--paired-against {args.paired_against!r} is not one of the runs: {', '.join(labels)}"
         )
-    model, tokenizer = load_model(args.model)
     out = Path(args.out)
-    if args.shared_prefill:
+    runs = [
+        (PolicyRun(label, spec, budget), policy, out / "runs" / label)
+        for label, (spec, budget, policy) in zip(labels, grid, strict=True)
+    ]
+    distribute(args, runs, items, shared_prefill=args.shared_prefill)
+    model, tokenizer = load_model(args.model)
+    if args.shared_prefill and args.executor == "in-process":
         from kvpolicy.eval.many_policies import evaluate_many
 
         evaluate_many(

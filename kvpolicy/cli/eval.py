@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.distributed import EXECUTORS
 from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
 from kvpolicy.eval.items import SPLITS
 from kvpolicy.eval.plan import DEFAULT_PLAN
@@ -71,6 +72,21 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size 1 --chunk-align end gives what a batch gives, item by item",
     )
     parser.add_argument("--reference-dir", help="where full-cache results are cached (default: user cache)")
+    parser.add_argument(
+        "--executor",
+        default="in-process",
+        choices=EXECUTORS,
+        help="where items run: here (default), in --workers spawned processes, or on --workers Ray actors "
+        "(each worker loads the model once; same results, stored as they arrive)",
+    )
+    parser.add_argument("--workers", type=int, help="worker processes or Ray actors (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per process (default: in-process torch's; the CPUs shared among worker processes; 1 per "
+        "Ray actor)",
+    )
+    parser.add_argument("--address", help='the Ray cluster to join ("auto", HEAD:6379; default: a local one)')
     parser.add_argument("--out", required=True, help="output folder (rerunning resumes it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -103,6 +119,7 @@ def suite_items(args: argparse.Namespace) -> list:
         raise InvalidConfigError(
             "--shared-prefill already runs each prompt once for every policy; drop --batch-size with it"
         )
+    check_executor_arguments(args)
     if args.seeds is not None and args.seeds <= 0:
         raise InvalidConfigError(f"--seeds must be a positive count, got {args.seeds}")
     first = getattr(args, "first_seed", 0) or 0
@@ -122,6 +139,61 @@ def suite_items(args: argparse.Namespace) -> list:
         block = plan.block_for(items, args.model, args.protocol, getattr(args, "unseal", None))
         args.plan_record = {"plan": str(plan.path), "plan_sha256": plan.sha256, "block": block.name}
     return items
+
+
+def check_executor_arguments(args: argparse.Namespace) -> None:
+    """``--executor`` and what goes with it, checked before any model work."""
+    executor = getattr(args, "executor", "in-process")
+    if executor == "in-process":
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise InvalidConfigError(f"--threads must be a positive count, got {args.threads}")
+        for flag in ("workers", "address"):
+            if getattr(args, flag, None) is not None:
+                raise InvalidConfigError(f"--{flag} sets up worker processes; give it with --executor processes or ray")
+        return
+    if getattr(args, "address", None) is not None and executor != "ray":
+        raise InvalidConfigError(f"--address joins a Ray cluster; it cannot go with --executor {executor}")
+    if getattr(args, "batch_size", 1) > 1:
+        raise InvalidConfigError(
+            f"--executor {executor} runs one item per job, so it cannot batch items: drop --batch-size "
+            "(--chunk-align end gives what a batch gives, item by item)"
+        )
+    for flag in ("workers", "threads"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise InvalidConfigError(f"--{flag} must be a positive count, got {value}")
+
+
+def distribute(args: argparse.Namespace, runs: list, items: list, *, shared_prefill: bool = False) -> None:
+    """With ``--executor processes|ray``: fill the stores of ``runs`` (``(PolicyRun, policy, out)``)
+    on a worker pool; the in-process run that follows then finds every result done. In-process,
+    only ``--threads`` applies (this process's torch threads: results are bit-identical across
+    executors at the same thread count, since float sums split across threads differently)."""
+    if args.executor == "in-process":
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return
+    from kvpolicy.eval.distributed import evaluate_distributed, make_pool
+
+    pool = make_pool(args.executor, args.model, workers=args.workers or 2, threads=args.threads, address=args.address)
+    try:
+        evaluate_distributed(
+            runs,
+            items,
+            pool,
+            model_name=args.model,
+            metric=args.metric,
+            chunk_size=args.chunk_size,
+            chunk_align=args.chunk_align or "start",
+            shared_prefill=shared_prefill,
+            reference_dir=args.reference_dir,
+            progress=not args.no_progress,
+            protocol=args.protocol,
+        )
+    finally:
+        pool.close()
 
 
 def run_from_args(
@@ -158,13 +230,15 @@ def run_from_args(
 
 def run(args: argparse.Namespace) -> int:
     import kvpolicy
+    from kvpolicy.eval.distributed import PolicyRun
     from kvpolicy.eval.labels import label_for_spec
     from kvpolicy.models import load_model
 
     policy = kvpolicy.build(args.policy, **({} if args.budget is None else {"budget": args.budget}))
     items = suite_items(args)
-    model, tokenizer = load_model(args.model)
     label = label_for_spec(args.policy, args.budget)
+    distribute(args, [(PolicyRun(label, args.policy, args.budget), policy, args.out)], items)
+    model, tokenizer = load_model(args.model)
     summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
     print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")

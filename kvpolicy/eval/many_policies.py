@@ -66,49 +66,90 @@ def evaluate_many(
     if metric == "both":
         raise InvalidConfigError("--shared-prefill scores with 'task' or 'loglik', not 'both'")
     references = ResultStore(reference_path(model_name, metric, chunk_size, reference_dir, protocol), protocol)
-    stores = [(label, policy, ResultStore(Path(out) / "results.jsonl", protocol)) for label, policy, out in runs
-              if policy.schedule.kind != "never"]  # fmt: skip
-    streaming = protocol == "context-first"  # policies evicting as the context streams in run their own prefill
-    evicting = [run for run in stores if not (streaming and run[1].schedule.kind != "after_prefill")]
-    own_prefill = [run for run in stores if run not in evicting]
-    union = Requirements()
-    for _, policy, _ in evicting:
-        policy.bind_tokenizer(tokenizer)
-        union = union | policy.requirements
+    evicting = [(label, policy, ResultStore(Path(out) / "results.jsonl", protocol)) for label, policy, out in runs
+                if policy.schedule.kind != "never"]  # fmt: skip
+    policies = [(label, policy) for label, policy, _ in evicting]
+    union = bind_policies(policies, tokenizer, protocol)
     recorded = 0
     for item in tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True, disable=not progress):
-        for label, policy, store in own_prefill:
-            if not store.done(item.uid, item.fingerprint):
-                store.add(_own(policy, item, label, model, tokenizer, metric, chunk_size, protocol))
-        pending = [run for run in evicting if not run[2].done(item.uid, item.fingerprint)]
+        pending = [label for label, _, store in evicting if not store.done(item.uid, item.fingerprint)]
         need_reference = not references.done(item.uid, item.fingerprint)
-        if not pending and not (need_reference and evicting):
-            if need_reference:
-                references.add(_own(build("full"), item, "full", model, tokenizer, metric, chunk_size, protocol))
+        if not pending and not need_reference:
             continue
-        start = time.perf_counter()
-        prompt = shared_prompt(Row(item, encode(item, tokenizer), ""), protocol)
-        cache, last = record_prompt(model, prompt, union, chunk_size)
-        prompt_seconds = time.perf_counter() - start
+        results, reference = shared_item_results(
+            policies, pending, union, item, model, tokenizer, metric=metric, chunk_size=chunk_size,
+            reference=need_reference, protocol=protocol,
+        )  # fmt: skip
         recorded += 1
-        forked = {
-            "model": model,
-            "tokenizer": tokenizer,
-            "metric": metric,
-            "chunk_size": chunk_size,
-            "protocol": protocol,
-        }
-        if need_reference:  # any policy's view of the recording, nothing evicted
-            policy = evicting[0][1]
-            shared = prepare(policy, model, cache, last, prompt_seconds)
-            references.add(_forked(policy, item, shared, "full", evict=False, **forked))
-        prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
-        for label, policy, store in pending:
-            key = _feature_key(policy) + str(due_layers(policy, model, cache))
-            if key not in prepared:
-                prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-            store.add(_forked(policy, item, prepared[key], label, **forked))
+        if reference is not None:
+            references.add(reference)
+        for label, _, store in evicting:
+            if label in results:
+                store.add(results[label])
     return recorded
+
+
+def forks_from_recording(policy: Any, protocol: EvalProtocol) -> bool:
+    """Whether ``policy`` is forked from the shared recording: under ``question-aware`` every
+    policy (its first pass moved after the whole prompt); under ``context-first`` only one whose
+    first pass comes at the context's end — one evicting as the context streams in prefills it
+    itself, so its passes between chunks are measured."""
+    return protocol != "context-first" or policy.schedule.kind == "after_prefill"
+
+
+def bind_policies(
+    policies: Sequence[tuple[str, Any]], tokenizer: Any, protocol: EvalProtocol = DEFAULT_PROTOCOL
+) -> Requirements:
+    """Bind every evicting policy to ``tokenizer``; the union of what the forked ones ask a recording for."""
+    union = Requirements()
+    for _, policy in policies:
+        policy.bind_tokenizer(tokenizer)
+        if forks_from_recording(policy, protocol):
+            union = union | policy.requirements
+    return union
+
+
+def shared_item_results(
+    policies: Sequence[tuple[str, Any]],
+    pending: Sequence[str],
+    union: Requirements,
+    item: Item,
+    model: Any,
+    tokenizer: Any,
+    *,
+    metric: str,
+    chunk_size: int,
+    reference: bool,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
+) -> tuple[dict[str, ItemResult], ItemResult | None]:
+    """One recorded prompt of ``item`` (its context, under ``context-first``): the result of each
+    ``(label, policy)`` of ``policies`` whose label is ``pending`` (by label), and the full-cache
+    result when ``reference`` (taken from the first forked policy's view of the recording, nothing
+    evicted). ``union`` is `bind_policies` of all ``policies``, so a result does not depend on
+    which of them are pending. Policies not forked (`forks_from_recording`) run their own prefill."""
+    run = {"model": model, "tokenizer": tokenizer, "metric": metric, "chunk_size": chunk_size, "protocol": protocol}
+    results = {label: _own(policy, item, label, **run) for label, policy in policies
+               if label in pending and not forks_from_recording(policy, protocol)}  # fmt: skip
+    forked = [(label, policy) for label, policy in policies if forks_from_recording(policy, protocol)]
+    if not forked:
+        return results, _own(build("full"), item, "full", **run) if reference else None
+    start = time.perf_counter()
+    prompt = shared_prompt(Row(item, encode(item, tokenizer), ""), protocol)
+    cache, last = record_prompt(model, prompt, union, chunk_size)
+    prompt_seconds = time.perf_counter() - start
+    full = None
+    if reference:  # any policy's view of the recording, nothing evicted
+        policy = forked[0][1]
+        full = _forked(policy, item, prepare(policy, model, cache, last, prompt_seconds), "full", evict=False, **run)
+    prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
+    for label, policy in forked:
+        if label not in pending:
+            continue
+        key = _feature_key(policy) + str(due_layers(policy, model, cache))
+        if key not in prepared:
+            prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
+        results[label] = _forked(policy, item, prepared[key], label, **run)
+    return results, full
 
 
 def _feature_key(policy: Any) -> str:
@@ -141,15 +182,9 @@ def _forked(
 
 
 def _own(
-    policy: Any,
-    item: Item,
-    label: str,
-    model: Any,
-    tokenizer: Any,
-    metric: Any,
-    chunk_size: int,
+    policy: Any, item: Item, label: str, *, model: Any, tokenizer: Any, metric: Any, chunk_size: int,
     protocol: EvalProtocol,
-) -> ItemResult:
+) -> ItemResult:  # fmt: skip
     """``policy``'s result on ``item`` with its own chunked prefill (its passes between chunks)."""
     return evaluate(
         policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=ItemRows(), label=label,

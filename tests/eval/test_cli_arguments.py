@@ -17,6 +17,11 @@ from kvpolicy.cli import main
         (["eval", "--policy", "h2o", "--budget", "64", "--chunk-size", "-3"], "chunk_size must be a positive"),
         (["eval", "--policy", "h2o", "--budget", "64", "--model", "gpt-17"], "unknown shipped model 'gpt-17'"),
         (["compare", "--policy", "h2o", "--model", "gpt-17"], "unknown shipped model 'gpt-17'"),
+        (["eval", "--policy", "h2o", "--budget", "64", "--workers", "4"], "--workers sets up worker processes"),
+        (["eval", "--policy", "h2o", "--budget", "64", "--threads", "0"], "--threads must be a positive"),
+        (["compare", "--policy", "h2o", "--executor", "processes", "--address", "auto"], "--address joins a Ray"),
+        (["eval", "--policy", "h2o", "--executor", "ray", "--batch-size", "4"], "cannot batch items"),
+        (["compare", "--policy", "h2o", "--executor", "processes", "--workers", "0"], "--workers must be a positive"),
     ],
 )
 def test_a_bad_argument_fails_at_once(tmp_path, capsys, argv, message):

@@ -1,0 +1,47 @@
+"""``--executor processes``: evaluation jobs on spawned worker processes (the tiny Llama in
+each) store exactly the results of the in-process run, and a rerun computes nothing."""
+
+from __future__ import annotations
+
+import pytest
+from distributed_support import MODEL, in_process, line_count, runs_into, stored, suite
+
+from kvpolicy.errors import InvalidConfigError
+from kvpolicy.eval.distributed import evaluate_distributed, make_pool
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = make_pool("processes", MODEL, workers=2, threads=1)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("shared_prefill", [False, True])
+def test_workers_store_the_in_process_results_and_a_rerun_computes_nothing(pool, tmp_path, shared_prefill):
+    items = suite()
+    in_process(tmp_path / "here", items, shared_prefill=shared_prefill)
+    out = tmp_path / "pool"
+    kwargs = dict(model_name=MODEL, chunk_size=128, reference_dir=out / "ref", shared_prefill=shared_prefill,
+                  progress=False)  # fmt: skip
+    jobs = evaluate_distributed(runs_into(out), items, pool, **kwargs)
+    # one job per item and run, plus each item's reference; or one job per item sharing its prefill
+    assert jobs == (len(items) if shared_prefill else len(items) * 3)
+    assert stored(out) == stored(tmp_path / "here")
+    assert line_count(out) == {"h2o@48": 4, "snapkv@25%": 4, "full": 4}
+    assert evaluate_distributed(runs_into(out), items, pool, **kwargs) == 0
+    assert line_count(out) == {"h2o@48": 4, "snapkv@25%": 4, "full": 4}
+
+
+def test_a_partly_done_run_computes_only_what_is_missing(pool, tmp_path):
+    items = suite()
+    kwargs = dict(model_name=MODEL, chunk_size=128, reference_dir=tmp_path / "ref", progress=False)
+    assert evaluate_distributed(runs_into(tmp_path)[:1], items[:2], pool, **kwargs) == 4
+    assert evaluate_distributed(runs_into(tmp_path), items, pool, **kwargs) == 2 + 2 + 4
+
+
+def test_bad_pool_arguments_are_named_errors():
+    with pytest.raises(InvalidConfigError, match="--workers must be a positive count"):
+        make_pool("processes", MODEL, workers=0)
+    with pytest.raises(InvalidConfigError, match="unknown executor"):
+        make_pool("threads", MODEL, workers=2)  # type: ignore[arg-type]

@@ -23,7 +23,6 @@ from kvpolicy.types import (
     LayerView,
     Protection,
     ReadsFeatures,
-    Reconstructing,
     Requirements,
     Schedule,
     Selection,
@@ -65,11 +64,12 @@ def check_budget(selector: Any, budget: Budget, protect: Protection, evicts: boo
         )
 
 
-def check_reconstruction(requirements: Requirements, schedule: Schedule, components: dict[str, Any]) -> None:
+def check_reconstruction(requirements: Requirements, schedule: Schedule) -> None:
     """A policy reading `Requirements.reconstruction` runs once the context is whole
     (``after_prefill``): the repeat pass reproduces the cached context, which mid-prompt is a
     fragment, and after eviction is no longer there to repeat. It also needs the token ids the
-    repeat replays and a component that says how to repeat them."""
+    repeat replays (how to repeat them, `Policy.repeat_prompt`, is asked when the pass runs: a
+    policy that only records statistics for others has no prompt of its own)."""
     if not requirements.reconstruction:
         return
     if schedule.kind != "after_prefill":
@@ -81,11 +81,6 @@ def check_reconstruction(requirements: Requirements, schedule: Schedule, compone
         raise InvalidConfigError(
             "Requirements(reconstruction=True) needs the cached token ids too (token_ids=True): the repeat pass "
             "feeds them again"
-        )
-    if not any(isinstance(c, Reconstructing) for c in components.values()):
-        raise InvalidConfigError(
-            "a policy that reads reconstruction attention needs a component with repeat_prompt() "
-            "(kvpolicy.types.Reconstructing) saying how the context is repeated"
         )
 
 

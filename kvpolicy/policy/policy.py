@@ -109,7 +109,7 @@ class Policy(PolicyFiles):
         self.skip_layers = layer_indices(skip_layers)
         check_feature_width(self.extractor, self.scorer)
         check_budget(self.selector, self.budget, self.protect, self.schedule.kind != "never")
-        check_reconstruction(self.requirements, self.schedule, self.components())
+        check_reconstruction(self.requirements, self.schedule)
         #: the model this policy's weights were made for (from its policy file), or None
         self.made_for: ModelRecord | None = None
         #: attach to a model other than `made_for` as a zero-shot transfer, chosen: no warning

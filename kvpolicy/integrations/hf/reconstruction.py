@@ -11,10 +11,11 @@ called by the attachment between forward calls, and by `shared_prefill.prepare`)
    chunk's tokens) is fed through the attached model on a *copy* of the cache, so it attends to
    the whole original context and its own keys and values are dropped with the copy. Eviction is
    deferred meanwhile, so the forward hooks neither evict nor recurse;
-3. the managed layers' attention is computed here (`attend_recording_max`, plain torch: the fused
-   kernels give no probabilities and the native kernels sum rather than take a max), and each
-   original slot keeps the max over the chunk's queries; a slot's score comes from the chunk
-   that repeats it (as in the authors' code);
+3. the managed layers' attention is computed here (`attend_recording_max`: the output by sdpa
+   under kvpolicy's mask, the maximum from one more pass over the scores in plain torch, since
+   the fused kernels give no probabilities and kvpolicy's native kernels sum rather than take a
+   max), and each original slot keeps the max over the chunk's queries; a slot's score comes
+   from the chunk that repeats it (as in the authors' code);
 4. the scores go to each due layer (`EvictingLayer.reconstruction`), and from there to
    `LayerView.reconstruction_attention`; the ordinary eviction pass follows.
 
@@ -31,13 +32,14 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import ShapeError
+from kvpolicy.integrations.hf.attention import attention_with_mask, visibility
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
 from kvpolicy.integrations.hf.generate import cache_keyword
 from kvpolicy.integrations.hf.in_pass import query_chunk
 from kvpolicy.types import RepeatPrompt
 
-#: score values per query chunk of the repeat pass's attention (about 4 MiB of float32)
-MAX_ELEMENTS = 1 << 20
+#: score values per query chunk of the repeat pass's attention (about 16 MiB of float32)
+MAX_ELEMENTS = 1 << 22
 
 
 def attend_recording_max(
@@ -51,37 +53,90 @@ def attend_recording_max(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query [batch, heads, queries, head_dim]``, the newest ``queries`` tokens of
     ``key`` / ``value [batch, kv_heads, tokens, head_dim]`` (older tokens visible where ``valid
-    [batch, kv_heads, tokens]`` allows, new ones causally), and the most attention each token
-    received from any query of any head of its group: ``(output [batch, queries, heads,
-    head_dim], received [batch, kv_heads, tokens] float32)``."""
+    [batch, kv_heads, tokens]`` allows, new ones causally), and the most attention each older
+    token received from any query of any head of its group: ``(output [batch, queries, heads,
+    head_dim], received [batch, kv_heads, tokens - queries] float32)``.
+
+    A probability is ``exp(score - logsumexp(row))`` and exp is monotonic, so the maximum is
+    taken over ``score - logsumexp`` and exponentiated once. On the CPU the row normalisers come
+    with the output from torch's fused flash kernel (the one sdpa runs), and one more matmul
+    with a max gives the maximum; elsewhere (or with a soft cap) the output is sdpa's and the
+    normalisers come from a plain pass over the scores."""
     batch, heads, queries, head_dim = query.shape
     kv_heads, tokens = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     before = tokens - queries
-    grouped = query.view(batch, kv_heads, groups, queries, head_dim)
-    output = query.new_empty((batch, kv_heads, groups, queries, head_dim))
-    received = key.new_zeros((batch, kv_heads, tokens), dtype=torch.float32)
-    hidden = None if valid is None else ~valid[:, :, None, None, :before]
-    precision = torch.promote_types(query.dtype, torch.float32)
-    step = query_chunk(groups, tokens, max_elements)
+    seen = visibility(before, queries, valid, key.device)
+    fused = _flash_with_normalisers(query, key, value, seen, scaling) if softcap is None else None
+    if fused is None:
+        output = attention_with_mask(query, key, value, seen, scaling, softcap)
+        normalisers = _normalisers(query, key, seen, scaling, softcap, max_elements)
+    else:
+        output, normalisers = fused
+    grouped = query.reshape(batch, kv_heads, groups, queries, head_dim)
+    best = key.new_full((batch, kv_heads, before), float("-inf"), dtype=torch.float32)
+    hidden = None if valid is None else ~valid[:, :, None, :before]
+    step = query_chunk(groups, before, max_elements)
     for start in range(0, queries, step):
         stop = min(start + step, queries)
-        visible = before + stop
-        scores = torch.matmul(grouped[:, :, :, start:stop], key[:, :, None, :visible].mT)
+        part = grouped[:, :, :, start:stop]
+        part = (part if softcap else part * scaling).reshape(batch, kv_heads, -1, head_dim)
+        scores = torch.matmul(part, key[:, :, :before].mT).float()  # GQA: keys never repeated
         if softcap:
             scores = torch.tanh(scores * (scaling / softcap)) * softcap
-        else:
-            scores = scores * scaling
+        scores -= normalisers[:, :, :, start:stop].reshape(batch, kv_heads, -1, 1)
         if hidden is not None:
-            scores[..., :before].masked_fill_(hidden, float("-inf"))
-        rows = torch.arange(start, stop, device=query.device)[:, None]
-        later = torch.arange(stop, device=query.device)[None, :] > rows  # new tokens after the query
-        scores[..., before:].masked_fill_(later, float("-inf"))
-        probabilities = torch.softmax(scores, dim=-1, dtype=precision)
-        output[:, :, :, start:stop] = torch.matmul(probabilities.to(value.dtype), value[:, :, None, :visible])
-        chunk_max = probabilities.float().amax(dim=(2, 3))
-        received[..., :visible] = torch.maximum(received[..., :visible], chunk_max)
-    return output.permute(0, 3, 1, 2, 4).reshape(batch, queries, heads, head_dim), received
+            scores.masked_fill_(hidden, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=2))
+    return output, best.exp()
+
+
+def _flash_with_normalisers(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seen: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Output ``[batch, queries, heads, head_dim]`` and row log-normalisers ``[batch, kv_heads,
+    groups, queries]`` float32 from torch's CPU flash kernel, or None where it does not run."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None or query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    groups = query.shape[1] // key.shape[1]
+    bias = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
+    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    try:
+        bias = bias if bias.shape[1] == 1 else bias.repeat_interleave(groups, 1)  # padding: per KV head
+        output, normalisers = flash(query, keys, values, attn_mask=bias, scale=scaling)
+    except RuntimeError:  # a build or version of torch without this kernel's signature
+        return None
+    batch, heads, queries = normalisers.shape
+    return output.transpose(1, 2).contiguous(), normalisers.float().view(batch, key.shape[1], groups, queries)
+
+
+def _normalisers(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    seen: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    max_elements: int,
+) -> torch.Tensor:
+    """Row log-normalisers ``[batch, kv_heads, groups, queries]`` float32 (logsumexp of the
+    visible scores), computed in query chunks."""
+    batch, heads, queries, head_dim = query.shape
+    kv_heads, tokens = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups, queries, head_dim)
+    out = key.new_empty((batch, kv_heads, groups, queries), dtype=torch.float32)
+    for start in range(0, queries, query_chunk(groups, tokens, max_elements)):
+        stop = min(start + query_chunk(groups, tokens, max_elements), queries)
+        part = grouped[:, :, :, start:stop]
+        part = (part if softcap else part * scaling).reshape(batch, kv_heads, -1, head_dim)
+        scores = torch.matmul(part, key.mT).float()
+        if softcap:
+            scores = torch.tanh(scores * (scaling / softcap)) * softcap
+        scores = scores.view(batch, kv_heads, groups, stop - start, tokens)
+        scores.masked_fill_(~seen[:, :, None, start:stop], float("-inf"))
+        out[:, :, :, start:stop] = torch.logsumexp(scores, dim=-1)
+    return out
 
 
 class RepeatRecord:
@@ -104,7 +159,7 @@ class RepeatRecord:
         softcap: float | None,
     ) -> torch.Tensor:
         output, received = attend_recording_max(query.detach(), key.detach(), value.detach(), valid, scaling, softcap)
-        self.received[layer] = received[..., : self.context]
+        self.received[layer] = received[..., : self.context]  # the original slots (all of them)
         return output
 
 

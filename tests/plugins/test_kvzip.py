@@ -11,8 +11,9 @@ import torch
 
 import kvpolicy
 from kvpolicy.errors import InvalidConfigError, MissingTokenizerError
+from kvpolicy.integrations.hf.attention import visibility
 from kvpolicy.integrations.hf.generate import cache_keyword
-from kvpolicy.integrations.hf.reconstruction import reconstruct_if_due
+from kvpolicy.integrations.hf.reconstruction import attend_recording_max, reconstruct_if_due
 from kvpolicy.integrations.hf.shared_prefill import fork, prefill
 from kvpolicy.integrations.hf.tiny import byte_tokenizer, random_ids, tiny_model
 from kvpolicy.types import Schedule
@@ -196,3 +197,33 @@ def test_left_padded_rows_are_repeated_on_their_own_tokens():
         handle.feed(ids, attention_mask=mask)
         report = handle.report(row=1)
     assert report.eviction_passes == 1 and report.kept_fraction < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the fused CPU kernel, the plain pass
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_maximum_equals_the_softmax_maximum(dtype, softcap, padded):
+    generator = torch.Generator().manual_seed(12)
+    batch, kv_heads, groups, before, new, dim = 2, 2, 3, 17, 9, 8
+    query = torch.randn(batch, kv_heads * groups, new, dim, generator=generator, dtype=dtype)
+    key = torch.randn(batch, kv_heads, before + new, dim, generator=generator, dtype=dtype)
+    value = torch.randn(batch, kv_heads, before + new, dim, generator=generator, dtype=dtype)
+    valid = None
+    if padded:
+        valid = torch.ones(batch, kv_heads, before + new, dtype=torch.bool)
+        valid[1, :, :5] = False  # left padding of row 1
+        valid[0, 1, 3] = False  # a slot head 1 no longer holds
+    output, received = attend_recording_max(query, key, value, valid, 0.3, softcap, max_elements=64)
+    scores = query @ key.repeat_interleave(groups, 1).mT * 0.3
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = visibility(before, new, valid, key.device)
+    seen = seen if seen.shape[1] == 1 else seen.repeat_interleave(groups, 1)
+    probabilities = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+    expected = (probabilities @ value.repeat_interleave(groups, 1)).transpose(1, 2)
+    most = probabilities[..., :before].reshape(batch, kv_heads, groups, new, before).amax(dim=(2, 3))
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(output, expected, **tolerance)
+    torch.testing.assert_close(received, most.float(), **tolerance)
+    if padded:
+        assert bool((received[1, :, :5] == 0).all()) and float(received[0, 1, 3]) == 0.0

@@ -54,6 +54,11 @@ class FeatureWidthError(InvalidConfigError):
     policy is built, from the extractor's ``num_features`` and the scorer's ``input_width``)."""
 
 
+class MissingTokenizerError(InvalidConfigError):
+    """A policy that writes token ids of its own (KVzip's repeat prompt) was used before
+    `Policy.bind_tokenizer` gave it the model's tokenizer."""
+
+
 class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 

@@ -12,6 +12,7 @@ import torch
 from kvpolicy.errors import (
     FeatureWidthError,
     InvalidBudgetError,
+    InvalidConfigError,
     InvalidScoresError,
     InvalidSelectionError,
     ShapeError,
@@ -22,6 +23,8 @@ from kvpolicy.types import (
     LayerView,
     Protection,
     ReadsFeatures,
+    Requirements,
+    Schedule,
     Selection,
     capabilities,
 )
@@ -58,6 +61,26 @@ def check_budget(selector: Any, budget: Budget, protect: Protection, evicts: boo
         raise InvalidBudgetError(
             f"budget of {budget.tokens} tokens is smaller than the {protect.minimum} tokens "
             f"the policy must protect ({protect.sinks} sinks + {max(protect.recent, 1)} recent)"
+        )
+
+
+def check_reconstruction(requirements: Requirements, schedule: Schedule) -> None:
+    """A policy reading `Requirements.reconstruction` runs once the context is whole
+    (``after_prefill``): the repeat pass reproduces the cached context, which mid-prompt is a
+    fragment, and after eviction is no longer there to repeat. It also needs the token ids the
+    repeat replays (how to repeat them, `Policy.repeat_prompt`, is asked when the pass runs: a
+    policy that only records statistics for others has no prompt of its own)."""
+    if not requirements.reconstruction:
+        return
+    if schedule.kind != "after_prefill":
+        raise InvalidConfigError(
+            f"a policy that reads reconstruction attention (KVzip) runs its eviction pass once, after the whole "
+            f"prompt: use Schedule('after_prefill'), not {schedule.kind!r}"
+        )
+    if not requirements.token_ids:
+        raise InvalidConfigError(
+            "Requirements(reconstruction=True) needs the cached token ids too (token_ids=True): the repeat pass "
+            "feeds them again"
         )
 
 

@@ -18,7 +18,14 @@ import torch
 
 from kvpolicy.checkpoint import ModelRecord
 from kvpolicy.errors import InvalidConfigError, InvalidScoresError, ShapeError
-from kvpolicy.policy.checks import check_budget, check_feature_width, check_no_nan, check_selection, check_shape
+from kvpolicy.policy.checks import (
+    check_budget,
+    check_feature_width,
+    check_no_nan,
+    check_reconstruction,
+    check_selection,
+    check_shape,
+)
 from kvpolicy.policy.components import ComponentLike, as_component, as_pooler, expect
 from kvpolicy.policy.files import PolicyFiles
 from kvpolicy.registry import Registry, default_registry
@@ -30,6 +37,8 @@ from kvpolicy.types import (
     Parametric,
     PolicyConfig,
     Protection,
+    Reconstructing,
+    RepeatPrompt,
     Requirements,
     Schedule,
     Selection,
@@ -100,6 +109,7 @@ class Policy(PolicyFiles):
         self.skip_layers = layer_indices(skip_layers)
         check_feature_width(self.extractor, self.scorer)
         check_budget(self.selector, self.budget, self.protect, self.schedule.kind != "never")
+        check_reconstruction(self.requirements, self.schedule)
         #: the model this policy's weights were made for (from its policy file), or None
         self.made_for: ModelRecord | None = None
         #: attach to a model other than `made_for` as a zero-shot transfer, chosen: no warning
@@ -337,6 +347,15 @@ class Policy(PolicyFiles):
         for component in self.components().values():
             if isinstance(component, TokenizerAware):
                 component.bind_tokenizer(tokenizer)
+
+    def repeat_prompt(self) -> RepeatPrompt:
+        """How the integration repeats the cached context for `Requirements.reconstruction`:
+        the prompt of the first `Reconstructing` component (it raises `MissingTokenizerError`
+        before `bind_tokenizer`)."""
+        for component in self.components().values():
+            if isinstance(component, Reconstructing):
+                return component.repeat_prompt()
+        raise InvalidConfigError(f"{self!r} has no component that says how to repeat the context (repeat_prompt)")
 
     # ----------------------------------------------------------------- models
 

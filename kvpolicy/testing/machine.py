@@ -39,7 +39,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kvpolicy.integrations.hf.tiny import FAMILIES, VOCAB, tiny_model
+from kvpolicy.integrations.hf.tiny import FAMILIES, VOCAB, byte_tokenizer, tiny_model
 from kvpolicy.policy import Policy, build
 from kvpolicy.registry import Registry
 from kvpolicy.testing import strategies as kst
@@ -101,6 +101,8 @@ class PolicyCacheMachine(RuleBasedStateMachine):
         self.padding = tuple(padding[:batch]) + (0,) * max(0, batch - len(padding))
         self.recorder = _PassRecorder(policy)
         self.model = _model(family)
+        if policy.requirements.reconstruction:  # KVzip writes its repeat prompt with the tokenizer
+            policy.bind_tokenizer(byte_tokenizer())
         self.attachment = policy.attach(self.model)
         self.handle = self.attachment.__enter__()
         self.keep_all = policy.schedule.kind == "never"
@@ -122,17 +124,19 @@ class PolicyCacheMachine(RuleBasedStateMachine):
 
     def _record_writes(self, cache: Any) -> None:
         """Keep a copy of every key and value written to a managed layer (the ground truth)."""
-        original = cache.update
 
         def append(key_states, value_states, layer_idx, *args, **kwargs):
-            if layer_idx in cache.managed:
+            # Copies of the cache share this wrapper (KVzip's repeat pass appends to one): the
+            # cache the forward call runs on is the attachment's, and only this one's writes count.
+            target = self.attachment.cache
+            if layer_idx in cache.managed and target is cache:
                 keys, values = self.written.get(layer_idx, (None, None))
                 k, v = key_states.detach().clone(), value_states.detach().clone()
                 self.written[layer_idx] = (
                     k if keys is None else torch.cat([keys, k], 2),
                     v if values is None else torch.cat([values, v], 2),
                 )
-            return original(key_states, value_states, layer_idx, *args, **kwargs)
+            return type(target).update(target, key_states, value_states, layer_idx, *args, **kwargs)
 
         cache.update = append  # transformers' update only appends
 

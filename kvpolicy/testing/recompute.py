@@ -19,13 +19,14 @@ import torch
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.integrations.hf.adapter import HFAdapter
 from kvpolicy.integrations.hf.attach import Attachment
-from kvpolicy.integrations.hf.attention import AttentionRoute, plain_attention, scaling_of
+from kvpolicy.integrations.hf.attention import AttentionRoute, make_attention_function, plain_attention, scaling_of
 from kvpolicy.integrations.hf.cache import EvictingLayer
 from kvpolicy.testing.statistics import attention_columns, attention_rows
 
 
 def recomputing_attention(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, Any]]:
     """An attention function for ``route``: the model's output, then the reference statistics."""
+    production = make_attention_function(route)
 
     def recomputing(
         module: torch.nn.Module,
@@ -35,6 +36,8 @@ def recomputing_attention(route: AttentionRoute) -> Callable[..., tuple[torch.Te
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
+        if route.repeat is not None:  # KVzip's repeat pass: its own reference is an eager run (tests/plugins)
+            return production(module, query, key, value, attention_mask, **kwargs)
         output, weights = plain_attention(route, module, query, key, value, attention_mask, **kwargs)
         cache, index = route.cache, getattr(module, "layer_idx", None)
         if cache is None or index is None or not cache.records_statistics(index):

@@ -39,7 +39,9 @@ from kvpolicy.types import (
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Everything a component may ask of the forward pass; views drawn with it serve any component.
-EVERYTHING = Requirements(keys=True, attention_window=8, accumulated_attention=True, token_ids=True)
+EVERYTHING = Requirements(
+    keys=True, attention_window=8, accumulated_attention=True, token_ids=True, reconstruction=True
+)
 VOCAB = 64
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
@@ -197,6 +199,9 @@ def make_view(
     if requirements.token_ids:
         ids = torch.randint(0, VOCAB, (shape.batch, 1, shape.tokens), generator=_generator(seed + 2))
         view.token_ids = ids.expand(-1, shape.kv_heads, -1).contiguous()
+    if requirements.reconstruction:  # a max of attention probabilities, padded slots 0
+        rows = attention_rows(positions, torch.arange(shape.seen), seed + 3, sharpness)
+        view.reconstruction_attention = rows.amax(dim=2)
     return view
 
 

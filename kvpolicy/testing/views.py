@@ -11,7 +11,7 @@ import torch
 
 from kvpolicy.types import LayerView
 
-_PER_ROW = ("positions", "keys", "attention", "accumulated_attention", "token_ids")
+_PER_ROW = ("positions", "keys", "attention", "accumulated_attention", "token_ids", "reconstruction_attention")
 
 
 def copy_view(view: LayerView) -> LayerView:

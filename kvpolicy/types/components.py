@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import attrs
 import torch
 
-from kvpolicy.types.configs import _non_negative, _non_negative_int
+from kvpolicy.types.configs import _non_negative, _non_negative_int, _positive_int
 from kvpolicy.types.policy_config import Budget
 from kvpolicy.types.views import LayerView, Selection
 
@@ -36,12 +36,19 @@ class Requirements:
         (H2O), in `LayerView.accumulated_attention`.
     token_ids:
         The token id of every cached token (FastGen's special / punctuation classes).
+    reconstruction:
+        For every cached token, the most attention it received while the model *repeated the
+        cached context* (KVzip), in `LayerView.reconstruction_attention`. Before the policy's
+        eviction pass the integration feeds a repeat prompt and the context again on a copy of
+        the cache (a second prefill: its cost), so it needs ``token_ids`` too, a component saying
+        how to repeat (`Reconstructing`) and schedule ``after_prefill`` (the context must be whole).
     """
 
     keys: bool = False
     attention_window: int = attrs.field(default=0, validator=_non_negative)
     accumulated_attention: bool = False
     token_ids: bool = False
+    reconstruction: bool = False
 
     def __or__(self, other: Requirements) -> Requirements:
         return Requirements(
@@ -49,6 +56,7 @@ class Requirements:
             attention_window=max(self.attention_window, other.attention_window),
             accumulated_attention=self.accumulated_attention or other.accumulated_attention,
             token_ids=self.token_ids or other.token_ids,
+            reconstruction=self.reconstruction or other.reconstruction,
         )
 
     @property
@@ -157,6 +165,45 @@ class TokenizerAware(Protocol):
     given explicitly is left alone."""
 
     def bind_tokenizer(self, tokenizer: Any) -> None: ...
+
+
+@attrs.frozen
+class RepeatPrompt:
+    """How the cached context is repeated for `Requirements.reconstruction` (KVzip): chunks of
+    ``chunk_size`` context tokens, each fed on top of the whole context as ``first`` (the first
+    chunk) or ``later`` + the last ``overlap`` tokens of the chunk before, then ``suffix`` (e.g.
+    the chat template's assistant opening), then the chunk's own tokens, teacher-forced."""
+
+    first: tuple[int, ...] = attrs.field(converter=tuple)
+    later: tuple[int, ...] = attrs.field(converter=tuple)
+    suffix: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    chunk_size: int = attrs.field(default=2048, validator=_positive_int)
+    overlap: int = attrs.field(default=8, validator=_non_negative_int)
+
+    def chunks(self, context: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, input_ids [batch, prompt + stop - start])`` of every chunk of
+        ``context [batch, tokens]`` (token ids), in order."""
+        out = []
+        for start in range(0, context.shape[1], self.chunk_size):
+            stop = min(start + self.chunk_size, context.shape[1])
+            if start == 0:
+                head = torch.tensor(self.first, dtype=torch.long, device=context.device).expand(context.shape[0], -1)
+            else:
+                later = torch.tensor(self.later, dtype=torch.long, device=context.device)
+                tail = context[:, max(0, start - self.overlap) : start]
+                head = torch.cat([later.expand(context.shape[0], -1), tail], 1)
+            suffix = torch.tensor(self.suffix, dtype=torch.long, device=context.device).expand(context.shape[0], -1)
+            out.append((start, stop, torch.cat([head, suffix, context[:, start:stop]], 1)))
+        return out
+
+
+@runtime_checkable
+class Reconstructing(Protocol):
+    """A component that reads `LayerView.reconstruction_attention` and says how the context is
+    repeated (`RepeatPrompt`); it raises a `MissingTokenizerError` while it has no tokenizer
+    (`Policy.bind_tokenizer`) to write the prompt with."""
+
+    def repeat_prompt(self) -> RepeatPrompt: ...
 
 
 @runtime_checkable

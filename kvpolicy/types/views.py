@@ -18,6 +18,7 @@ _VIEW_FIELDS: dict[str, tuple[str, str]] = {
     "query_positions": ("[queries]", "attention_window > 0"),
     "accumulated_attention": ("[batch, kv_heads, tokens]", "accumulated_attention=True"),
     "token_ids": ("[batch, kv_heads, tokens]", "token_ids=True"),
+    "reconstruction_attention": ("[batch, kv_heads, tokens]", "reconstruction=True"),
 }
 
 
@@ -44,6 +45,9 @@ class LayerView:
         ``[batch, kv_heads, tokens]`` attention each token received, summed over all queries.
     token_ids:
         ``[batch, kv_heads, tokens]`` int64 token id of every cached token.
+    reconstruction_attention:
+        ``[batch, kv_heads, tokens]`` float32: the most attention each token received from any
+        query (of any head of its GQA group) while the model repeated the cached context (KVzip).
     state:
         Per-token state owned by components, each tensor ``[batch, kv_heads, tokens', ...]`` with
         ``tokens'`` the token count after the previous eviction pass (new tokens are appended by the
@@ -60,6 +64,7 @@ class LayerView:
     query_positions: torch.Tensor | None = None
     accumulated_attention: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    reconstruction_attention: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
     def require(self, *fields: str, by: str) -> None:

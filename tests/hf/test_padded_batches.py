@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.integrations.hf.tiny import FAMILIES, random_ids, tiny_model
+from kvpolicy.integrations.hf.tiny import FAMILIES, byte_tokenizer, random_ids, tiny_model
 from kvpolicy.registry import default_registry
 from kvpolicy.testing.padding import feed_batch, feed_row_alone, left_pad
 from kvpolicy.types import Schedule
@@ -50,6 +50,8 @@ def evicting(name: str, budget: int = 8) -> kvpolicy.Policy:
     if name == "fastgen":
         overrides["scorer"] = ("fastgen", {"recovery": 0.5})
     policy = kvpolicy.build(name, **overrides)
+    if policy.requirements.reconstruction:  # KVzip writes its repeat prompt with the tokenizer
+        policy.bind_tokenizer(byte_tokenizer())
     if policy.num_params and name.startswith("namm") and not name.endswith("smollm2"):
         policy.set_flat(torch.randn(policy.num_params, generator=torch.Generator().manual_seed(3)))
     return policy

@@ -40,6 +40,7 @@ from kvpolicy.integrations.hf.cache import EvictingCache, layer_types
 from kvpolicy.integrations.hf.generate import GenerationResult, cache_keyword, generate_on_cache, given_cache
 from kvpolicy.integrations.hf.handle import Handle, chunk_sizes
 from kvpolicy.integrations.hf.inputs import check_forward_inputs
+from kvpolicy.integrations.hf.reconstruction import reconstruct_if_due
 from kvpolicy.integrations.hf.report import budget_override_note
 from kvpolicy.integrations.hf.transfer import transfer_note
 
@@ -263,6 +264,7 @@ class Attachment(AbstractContextManager):
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         cache, self.route.cache = self.route.cache, None
         if cache is not None and not self.deferring:
+            reconstruct_if_due(self, cache)  # KVzip's repeat pass, when a layer due now reads it
             cache.eviction_pass(self.policy)
 
     @property

@@ -45,11 +45,14 @@ class AttentionRoute:
     """What the attention and mask functions registered under ``name`` read: the model's own
     ``implementation`` (``sdpa`` / ``eager``) they wrap and the ``cache`` of the forward call in
     flight (None outside one, or for a cache the policy does not own: then attention is the
-    model's own)."""
+    model's own). ``repeat``, while the context is being repeated for a policy reading
+    reconstruction attention, attends the managed layers instead and keeps what they received
+    (`kvpolicy.integrations.hf.reconstruction.RepeatRecord`)."""
 
     name: str
     implementation: str
     cache: EvictingCache | None = None
+    repeat: Any = None
 
 
 def register_functions(name: str, attention: Callable[..., Any], mask: Callable[..., Any]) -> None:
@@ -273,6 +276,10 @@ def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.
     ) -> tuple[torch.Tensor, Any]:
         cache = route.cache
         layer_idx = getattr(module, "layer_idx", None)
+        if route.repeat is not None and cache is not None and layer_idx in cache.managed:
+            valid = cache.layers[layer_idx].valid
+            scaling = scaling_of(module, query, kwargs)
+            return route.repeat.attend(layer_idx, query, key, value, valid, scaling, kwargs.get("softcap")), None
         if cache is None or layer_idx is None or not cache.records_statistics(layer_idx):
             return plain_attention(route, module, query, key, value, attention_mask, **kwargs)
         new, tokens = query.shape[2], key.shape[2]

@@ -72,6 +72,9 @@ class EvictingLayer(DynamicLayer):
         self.token_ids: torch.Tensor | None = None  # [batch, kv_heads, tokens] int64, when required
         self.valid: torch.Tensor | None = None  # [batch, kv_heads, tokens] bool; None = every slot valid
         self.accumulated: torch.Tensor | None = None  # [batch, kv_heads, tokens] float32, when required
+        #: [batch, kv_heads, tokens] float32 attention received while the context was repeated
+        #: (`kvpolicy.integrations.hf.reconstruction`), set just before the eviction pass reading it
+        self.reconstruction: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.window: AttentionWindow | None = None  # attention rows of the newest queries (in-pass)
         #: per batch row (int64, on the CPU): tokens seen (padding excluded), tokens since the
@@ -231,6 +234,8 @@ class EvictingLayer(DynamicLayer):
             self.token_ids = self.token_ids.gather(2, indices)
         if self.accumulated is not None:
             self.accumulated = extend_tokens(self.accumulated, tokens).gather(2, indices)
+        if self.reconstruction is not None:
+            self.reconstruction = extend_tokens(self.reconstruction, tokens).gather(2, indices)
         for name, tensor in list(self.state.items()):
             check_state(name, tensor, tokens)
             self.state[name] = gather_tokens(extend_tokens(tensor, tokens), indices.to(tensor.device))
@@ -260,7 +265,7 @@ class EvictingLayer(DynamicLayer):
         )
 
     _BATCHED = (
-        "keys", "values", "positions", "token_ids", "valid", "accumulated",
+        "keys", "values", "positions", "token_ids", "valid", "accumulated", "reconstruction",
         "row_seen", "row_new", "row_passes",
     )  # fmt: skip
 

@@ -64,6 +64,8 @@ def layer_view(
         view.accumulated_attention = arrange(extend_tokens(accumulated, layer.tokens))
     if requirements.token_ids:
         view.token_ids = arrange(layer.token_ids)
+    if requirements.reconstruction and layer.reconstruction is not None:
+        view.reconstruction_attention = arrange(extend_tokens(layer.reconstruction, layer.tokens))
     return view, order
 
 

@@ -29,6 +29,7 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.attach import Handle
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
+from kvpolicy.integrations.hf.reconstruction import due_for_reconstruction, reconstruct_if_due
 from kvpolicy.policy import Policy
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
@@ -51,7 +52,7 @@ class Prefill:
         """Bytes held by the cache and the features (for bounding a store of prefills)."""
         total = sum(f.numel() * f.element_size() for f in self.features.values())
         for layer in self.cache.layers:
-            for name in ("keys", "values", "positions", "token_ids", "accumulated"):
+            for name in ("keys", "values", "positions", "token_ids", "accumulated", "reconstruction"):
                 tensor = getattr(layer, name, None)
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
@@ -125,6 +126,11 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             layer.accumulated = None
         if not wanted.token_ids:
             layer.token_ids = None
+        if not wanted.reconstruction:
+            layer.reconstruction = None
+    if due_for_reconstruction(policy, cache):  # KVzip's repeat pass needs the model attached
+        with attachment:
+            reconstruct_if_due(attachment, cache)
     features: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         for index in cache.managed:
@@ -192,6 +198,7 @@ def _repeat_view(view: LayerView, rows: int) -> LayerView:
         keys=rep(view.keys),
         accumulated_attention=rep(view.accumulated_attention),
         token_ids=rep(view.token_ids),
+        reconstruction_attention=rep(view.reconstruction_attention),
         state={k: rep(v) for k, v in view.state.items()},
     )
 

@@ -33,6 +33,19 @@ def test_workers_store_the_in_process_results_and_a_rerun_computes_nothing(pool,
     assert line_count(out) == {"h2o@48": 4, "snapkv@25%": 4, "full": 4}
 
 
+def test_context_first_jobs_store_the_in_process_results(pool, tmp_path):
+    """Under context-first the shared job forks SnapKV from the context's recording and runs H2O's
+    own chunked prefill of the context, exactly as in-process."""
+    items, cf = suite(), "context-first"
+    in_process(tmp_path / "here", items, shared_prefill=True, protocol=cf)
+    out = tmp_path / "pool"
+    evaluate_distributed(runs_into(out), items, pool, model_name=MODEL, chunk_size=128, reference_dir=out / "ref",
+                         shared_prefill=True, progress=False, protocol=cf)  # fmt: skip
+    assert stored(out, cf) == stored(tmp_path / "here", cf)
+    assert line_count(out, cf) == {"h2o@48": 4, "snapkv@25%": 4, "full": 4}
+    assert {r["protocol"] for records in stored(out, cf).values() for r in records} == {cf}
+
+
 def test_a_partly_done_run_computes_only_what_is_missing(pool, tmp_path):
     items = suite()
     kwargs = dict(model_name=MODEL, chunk_size=128, reference_dir=tmp_path / "ref", progress=False)

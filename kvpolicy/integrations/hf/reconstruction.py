@@ -180,6 +180,8 @@ def reconstruct_if_due(attachment: Any, cache: EvictingCache) -> None:
     """Before ``attachment``'s eviction pass on ``cache``: run the repeat pass when a layer due
     now reads reconstruction attention, and store its scores on those layers. ``attachment`` is
     an entered `Attachment` (duck-typed: its model, policy, route, cache and ``deferring``)."""
+    if cache.sealed:  # no eviction pass will run: nothing to score
+        return
     due = due_for_reconstruction(attachment.policy, cache)
     if not due:
         return

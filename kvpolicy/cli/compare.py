@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.cli.eval import add_suite_arguments, run_from_args, suite_items
+from kvpolicy.cli.eval import add_suite_arguments, reference_dir_for, run_from_args, suite_items
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 
 
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=args.model,
             metric=args.metric,
             chunk_size=args.chunk_size,
-            reference_dir=args.reference_dir,
+            reference_dir=reference_dir_for(args),
             progress=not args.no_progress,
         )
     summaries = []
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         }
         references = {
             r.uid: r
-            for r in ResultStore(reference_path(args.model, args.metric, args.chunk_size, args.reference_dir))
+            for r in ResultStore(reference_path(args.model, args.metric, args.chunk_size, reference_dir_for(args)))
             if r.uid in uids
         }
         kept = {s.label: s.overall.kept_fraction for s in summaries}

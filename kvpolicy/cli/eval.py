@@ -48,6 +48,12 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefill chunks from the prompt's start or end (default: end with --batch-size > 1, else start); "
         "--batch-size 1 --chunk-align end gives what a batch gives, item by item",
     )
+    parser.add_argument(
+        "--closed-book",
+        action="store_true",
+        help="blank every item's context (the question alone), to measure what the weights know without it; "
+        "labels end in +closed-book and full-cache references are cached apart",
+    )
     parser.add_argument("--reference-dir", help="where full-cache results are cached (default: user cache)")
     parser.add_argument("--out", required=True, help="output folder (rerunning resumes it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,26 +95,43 @@ def suite_items(args: argparse.Namespace) -> list:
     seeds = tuple(range(first, first + args.seeds)) if args.seeds else None
     if first and seeds is None:
         seeds = tuple(first + s for s in profile.seeds)
-    return profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
+    items = profile.items(args.split, parse_tasks(args.tasks), lengths, seeds)
+    if getattr(args, "closed_book", False):
+        from kvpolicy.eval.closed_book import closed_book
+
+        items = [closed_book(item) for item in items]
+    return items
+
+
+def reference_dir_for(args: argparse.Namespace) -> str | Path | None:
+    """Closed-book references live beside the ordinary ones, never in the same file: both share
+    item uids, so one cache would recompute each kind whenever the other ran."""
+    if not getattr(args, "closed_book", False):
+        return args.reference_dir
+    from kvpolicy.eval.references import cache_dir
+
+    return Path(args.reference_dir or cache_dir()) / "closed-book"
 
 
 def run_from_args(
     args: argparse.Namespace, policy: Any, items: list, model: Any, tokenizer: Any, *, out: str | Path, label: str
 ) -> RunSummary:
     """`run_suite` with the suite options of ``args`` (the part ``eval`` and ``compare`` share)."""
+    from kvpolicy.eval.closed_book import closed_book_label
     from kvpolicy.eval.run import run_suite
 
+    closed = bool(getattr(args, "closed_book", False))
     return run_suite(
         policy,
         items,
         model,
         tokenizer,
         out=out,
-        label=label,
+        label=closed_book_label(label) if closed else label,
         model_name=args.model,
         metric=args.metric,
         chunk_size=args.chunk_size,
-        reference_dir=args.reference_dir,
+        reference_dir=reference_dir_for(args),
         progress=not args.no_progress,
         batch_size=args.batch_size,
         chunk_align=args.chunk_align,
@@ -118,6 +141,7 @@ def run_from_args(
             "tasks": args.tasks,
             "lengths": args.lengths,
             "prefill": "shared" if getattr(args, "shared_prefill", False) else "chunked",
+            "closed_book": closed,
         },
     )
 
@@ -132,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     label = label_for_spec(args.policy, args.budget)
     summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
-    print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
+    print(markdown_table(summary.rows, title=f"{summary.label} — {args.profile} profile, {args.split} split, {args.model}"))
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")
     return 0

@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     label = label_for_spec(args.policy, args.budget)
     summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
-    print(markdown_table(summary.rows, title=f"{summary.label} — {args.profile} profile, {args.split} split, {args.model}"))
+    print(
+        markdown_table(
+            summary.rows, title=f"{summary.label} — {args.profile} profile, {args.split} split, {args.model}"
+        )
+    )
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")
     return 0

@@ -13,7 +13,7 @@ in no module of the other split. Nothing is edited, so the closed-book score say
 it the weights already know (docs/tasks.md).
 
 The context is whole standard-library modules (`kvpolicy.eval.stdlib_code`); the replies open
-with "Answer:" and never repeat the function, the parameter or the line.
+with "The default value is" or "Answer:" and never repeat the function, the parameter or the line.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ DEFAULT = "code-default"
 NEXT_LINE = "code-next-line"
 DEPTH_RANGE = (0.05, 0.6)
 NEW_DEFAULTS: dict[Split, tuple[int, int]] = {"train": (11, 499), "test": (500, 999)}
+DEFAULT_PREFIX = "The default value is"
 ANSWER_PREFIX = "Answer:"
 MIN_LINE_CHARS = 16
 MAX_SHOWN_LINES = 12
@@ -107,7 +108,7 @@ def make_default(split: Split, seed: int, length: int) -> Item:
         context=context,
         question=f"In the code above, what is the default value of the parameter `{parameter}` of the {kind} "
         f"`{function}`? Reply with the value only.",
-        answer_prefix=ANSWER_PREFIX,
+        answer_prefix=DEFAULT_PREFIX,
         answers=(str(new),),
         max_new_tokens=8,
         metric="contains",

@@ -44,9 +44,12 @@ _NOT_NAMES = frozenset({"And", "The", "He", "Also", "Then", "Now", "These", "Whi
 _ONSETS = ("B", "D", "G", "K", "L", "M", "N", "P", "R", "S", "T", "V", "Z", "Br", "Dr", "Gr", "Kr", "Tr", "Th", "St")
 _VOWELS = ("a", "e", "i", "o", "u")
 _MIDDLES = ("l", "n", "r", "m", "v", "d", "s", "rv", "nd", "lt")
-_ENDINGS: dict[Split, tuple[str, ...]] = {"train": ("an", "ek", "or", "ulf", "is"), "test": ("ax", "em", "od", "yr", "unt")}
+_ENDINGS: dict[Split, tuple[str, ...]] = {
+    "train": ("an", "ek", "or", "ulf", "is"),
+    "test": ("ax", "em", "od", "yr", "unt"),
+}
 CHANCE = 0.02
-ANSWER_PREFIX = "Answer:"
+ANSWER_PREFIX = "His father was"
 
 
 def _chapter(reference: str) -> int:
@@ -115,7 +118,9 @@ def make_item(split: Split, seed: int, length: int) -> Item:
     verses = _verses(split)
     chapter = rng.choice(chapters)
     in_chapter = [
-        i for i, (ref, text) in enumerate(verses) if _book(ref) == books[0] and _chapter(ref) == chapter and _facts(text)
+        i
+        for i, (ref, text) in enumerate(verses)
+        if _book(ref) == books[0] and _chapter(ref) == chapter and _facts(text)
     ]
     for verse in rng.sample(in_chapter, len(in_chapter)):
         window = _window(rng, split, verse, tokens_to_chars(length))

@@ -3,7 +3,7 @@
 
 The easy ``multikey`` / ``multivalue`` tasks open the reply with "The special magic number for
 KEY is", so the prompt's last tokens repeat the key and a policy that only keeps the end of the
-prompt still attends to the right needle. Here the reply opens with a neutral "Answer:", so the
+prompt still attends to the right needle. Here the reply opens with a neutral "The number is", so the
 key must be matched from the question alone, against many same-template needles.
 
 ``multikey-hard``: 8–16 needles "The special magic number for KEY is N." with different keys
@@ -32,7 +32,8 @@ MULTIVALUE = "multivalue-hard"
 MIN_KEYS, MAX_KEYS = 8, 16
 MIN_VALUES, MAX_VALUES = 3, 4
 DISTRACTOR_KEYS = 2
-ANSWER_PREFIX = "Answer:"
+ANSWER_PREFIX = "The number is"
+LIST_PREFIX = "The numbers are"
 
 #: mean of 1/keys over the uniform draw of the key count
 MULTIKEY_CHANCE = float(sum(Fraction(1, n) for n in range(MIN_KEYS, MAX_KEYS + 1)) / (MAX_KEYS - MIN_KEYS + 1))
@@ -42,9 +43,7 @@ def _multivalue_chance() -> float:
     """Mean of ``values / all needles`` over the draw (every value count equally likely)."""
     counts = range(MIN_VALUES, MAX_VALUES + 1)
     ratios = [
-        Fraction(mine, mine + sum(others))
-        for mine in counts
-        for others in ((a, b) for a in counts for b in counts)
+        Fraction(mine, mine + sum(others)) for mine in counts for others in ((a, b) for a in counts for b in counts)
     ]
     return float(sum(ratios) / len(ratios))
 
@@ -112,9 +111,8 @@ def make_multivalue(split: Split, seed: int, length: int) -> Item:
         seed=seed,
         length=length,
         context=context,
-        question=f"List all the special magic numbers for {keys[0]} mentioned in the text above, "
-        "separated by commas.",
-        answer_prefix=ANSWER_PREFIX,
+        question=f"List all the special magic numbers for {keys[0]} mentioned in the text above, separated by commas.",
+        answer_prefix=LIST_PREFIX,
         answers=(", ".join(groups[0]),),
         max_new_tokens=40,
         metric="f1",

@@ -11,7 +11,18 @@ from collections.abc import Callable, Iterable, Sequence
 import attrs
 
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.eval import code_tasks, genealogy, hardkeys, multikey, needle, passages, perplexity, quote, twohop, variables
+from kvpolicy.eval import (
+    code_tasks,
+    genealogy,
+    hardkeys,
+    multikey,
+    needle,
+    passages,
+    perplexity,
+    quote,
+    twohop,
+    variables,
+)
 from kvpolicy.eval.items import Item, Split, check_split
 
 ItemMaker = Callable[[Split, int, int], Item]
@@ -28,6 +39,8 @@ class Task:
     metric: str
     description: str
     chance: float = 0.0
+    #: ``easy``: the answer prefix repeats the key, a cue at the prompt's end; ``hard``: it does not
+    group: str = "easy"
 
 
 TASKS: dict[str, Task] = {
@@ -47,6 +60,7 @@ TASKS: dict[str, Task] = {
             "contains",
             "one of 8-16 same-template needles, answered after a neutral prefix",
             hardkeys.MULTIKEY_CHANCE,
+            group="hard",
         ),
         Task(
             hardkeys.MULTIVALUE,
@@ -54,6 +68,7 @@ TASKS: dict[str, Task] = {
             "f1",
             "the 3-4 values of one key among two other keys' values, no cue",
             hardkeys.MULTIVALUE_CHANCE,
+            group="hard",
         ),
         Task(
             genealogy.NAME,
@@ -61,12 +76,14 @@ TASKS: dict[str, Task] = {
             "contains",
             "who fathered whom in renamed KJV genealogies (a fact of the text, not a needle)",
             genealogy.CHANCE,
+            group="hard",
         ),
         Task(
             code_tasks.DEFAULT,
             code_tasks.make_default,
             "contains",
             "a counterfactually edited default of a stdlib function read long before",
+            group="hard",
         ),
         Task(
             code_tasks.NEXT_LINE,
@@ -74,10 +91,21 @@ TASKS: dict[str, Task] = {
             "edit_sim",
             "the next line of a stdlib function whose first lines are shown",
             code_tasks.NEXT_LINE_CHANCE,
+            group="hard",
         ),
-        Task(twohop.NAME, twohop.make_item, "contains", "a late fact naming an early one (two hops)", twohop.CHANCE),
+        Task(
+            twohop.NAME,
+            twohop.make_item,
+            "contains",
+            "a late fact naming an early one (two hops)",
+            twohop.CHANCE,
+            group="hard",
+        ),
     )
 }
+
+EASY_TASKS = tuple(name for name, task in TASKS.items() if task.group == "easy")
+HARD_TASKS = tuple(name for name, task in TASKS.items() if task.group == "hard")
 
 MIN_LENGTH = 256
 #: the longest context any shipped model takes (Qwen2.5-Coder: 32k positions); a model with fewer

@@ -5,7 +5,7 @@ Holt's locker code is 4821."); much later (depth 0.6–0.95) it says "The vault 
 Lindqvist archive is the same as Mira Holt's locker code." The question asks for the vault code.
 The vault sentence carries no number, so a policy that judged the early locker sentences
 unimportant when it read them has lost the answer; the distractor lockers make a number picked
-from the context right one time in ``LOCKERS`` (``CHANCE``). The reply opens with "Answer:", so
+from the context right one time in ``LOCKERS`` (``CHANCE``). The reply opens with "The code is", so
 the prompt's end does not point back at either fact. Codes and names are invented, so the
 closed-book score is ≈ 0. Names, places and code ranges are disjoint between the splits.
 """
@@ -18,7 +18,7 @@ from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, tokens_t
 NAME = "two-hop"
 LOCKERS = 3
 CHANCE = 1 / LOCKERS
-ANSWER_PREFIX = "Answer:"
+ANSWER_PREFIX = "The code is"
 PEOPLE: dict[Split, tuple[str, ...]] = {
     "train": (
         "Mira Holt", "Jonas Feld", "Greta Lund", "Oskar Brandt", "Lena Voss", "Tobias Kern", "Ines Marlow",

@@ -78,7 +78,7 @@ def _default_candidates(window: CodeWindow) -> list[tuple[int, int, str, str, in
                     continue
                 start = placed.start + char_offset(source, offsets, default.lineno, default.col_offset)
                 end = placed.start + char_offset(source, offsets, default.end_lineno or 0, default.end_col_offset or 0)
-                if _in_range(window, start) and end <= len(window.context):
+                if _in_range(window, start) and end <= len(window.context) and start >= 0:
                     found.append((start, end, qualname, arg.arg, default.value))
     return found
 

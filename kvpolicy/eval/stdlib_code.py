@@ -4,7 +4,7 @@ Every machine that runs kvpolicy has the standard library's ``.py`` files, so co
 no download. The modules are a fixed, sorted list of single-file modules present in CPython
 3.10–3.13 (none was removed, turned into a package or frozen without source there); ``train``
 and ``test`` use disjoint lists. The text of a module follows the interpreter's version, so an
-item records that version in its ``sources`` beside the module names: items are identical on
+item records that version in its ``sources`` with the module names (``stdlib-python3.11:argparse``): items are identical on
 every machine with the same minor version of Python.
 
 Code is sized at `CODE_CHARS_PER_TOKEN`, measured on the ``train`` modules (860k characters):
@@ -43,6 +43,7 @@ HEADER = "# ===== file: {name}.py =====\n"
 
 
 def python_version() -> str:
+    """The interpreter whose standard library the items are made of, e.g. ``python3.11``."""
     return f"python{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -66,7 +67,8 @@ def module_tree(name: str) -> ast.Module:
 
 @attrs.frozen
 class Placed:
-    """A module in a context: its name and where its source starts there (after its header)."""
+    """A module in a context: its name and the context offset of its source's first character
+    (negative when the context starts inside the module)."""
 
     name: str
     start: int
@@ -78,31 +80,38 @@ class CodeWindow:
     modules: tuple[Placed, ...]
 
     def sources(self, split: Split) -> tuple[str, ...]:
-        return (*(f"stdlib:{m.name}" for m in self.modules), f"stdlib-modules:{split}", python_version())
+        return (*(f"stdlib-{python_version()}:{m.name}" for m in self.modules), f"stdlib-modules:{split}")
+
+
+def _top_level_starts(source: str) -> list[int]:
+    """Offsets of the lines that open a top-level ``def`` or ``class``."""
+    return [i for i in line_offsets(source) if source.startswith(("def ", "class "), i)]
 
 
 def code_window(rng: random.Random, split: Split, chars: int) -> CodeWindow:
-    """Whole consecutive modules of ``split`` (wrapping round the sorted list) from a random one,
-    about ``chars`` characters; the last module is cut at a line end to fit."""
+    """Consecutive modules of ``split`` (wrapping round the sorted list), the first from a random
+    top-level ``def`` / ``class`` of a random module, about ``chars`` characters; the last module
+    is cut at a line end to fit."""
     names = MODULES[check_split(split)]
     index = rng.randrange(len(names))
+    skip = rng.choice(_top_level_starts(module_source(names[index])) or [0])
     parts: list[str] = []
     placed: list[Placed] = []
     total = 0
     while total < chars and len(placed) < len(names):
         name = names[index % len(names)]
         header = HEADER.format(name=name)
-        source = module_source(name)
+        source = module_source(name)[skip:]
         room = chars - total - len(header)
         if room < len(source):
             cut = source.rfind("\n", 0, max(0, room))
             source = source[: cut + 1] if cut > 0 else ""
         if not source:
             break
-        placed.append(Placed(name, total + len(header)))
+        placed.append(Placed(name, total + len(header) - skip))
         parts.append(header + source)
         total += len(header) + len(source)
-        index += 1
+        index, skip = index + 1, 0
     return CodeWindow("".join(parts), tuple(placed))
 
 

@@ -55,8 +55,10 @@ class Profile:
 #: (``--tasks``); docs/evaluation.md has the measurements.
 AT_CHANCE_ON_SMOLLM2 = ("variables", "multivalue", "passages")
 DEFAULT_TASKS = tuple(t for t in EASY_TASKS if t not in AT_CHANCE_ON_SMOLLM2)
-#: hard tasks that passed the keep rule, per model (docs/tasks.md has the measurements)
-HARD_SMOLLM2_TASKS: tuple[str, ...] = ("multikey-hard", "genealogy")
+#: hard tasks that passed the keep rule, per model, on 2-4 validation items each (docs/tasks.md has
+#: the numbers; ``genealogy`` scored 0/4 with SmolLM2's full cache; ``multivalue-hard``,
+#: ``code-next-line`` and Qwen's ``genealogy`` were not measured with a full cache in time)
+HARD_SMOLLM2_TASKS: tuple[str, ...] = ("multikey-hard",)
 HARD_QWEN_TASKS: tuple[str, ...] = ("code-default", "two-hop")
 PROFILES: dict[str, Profile] = {
     p.name: p

@@ -59,6 +59,10 @@ class MissingTokenizerError(InvalidConfigError):
     `Policy.bind_tokenizer` gave it the model's tokenizer."""
 
 
+class ContextTooLongError(InvalidConfigError):
+    """An evaluation item longer than the model's position limit (``max_position_embeddings``)."""
+
+
 class ShapeError(KVPolicyError, ValueError):
     """A tensor whose shape does not match what a component contract requires."""
 
@@ -99,6 +103,11 @@ class AttachError(KVPolicyError):
 
 class ModelUnavailableError(KVPolicyError):
     """A shipped model whose PyPI package is not installed or whose file is damaged."""
+
+
+class SourceUnavailableError(KVPolicyError):
+    """Source material a task is built from is missing on this machine (e.g. a standard-library
+    module's ``.py`` file that a Python installation left out)."""
 
 
 class NativeBuildError(KVPolicyError, RuntimeError):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from kvpolicy.atomic import atomic_write_text
-from kvpolicy.cli.eval import add_suite_arguments, distribute, run_from_args, suite_items
+from kvpolicy.cli.eval import add_suite_arguments, distribute, reference_dir_for, run_from_args, suite_items
 from kvpolicy.errors import InvalidBudgetError, InvalidConfigError
 
 
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=args.model,
             metric=args.metric,
             chunk_size=args.chunk_size,
-            reference_dir=args.reference_dir,
+            reference_dir=reference_dir_for(args),
             progress=not args.no_progress,
             protocol=args.protocol,
         )
@@ -187,12 +187,12 @@ def run(args: argparse.Namespace) -> int:
             label: [r for r in ResultStore(out / "runs" / label / "results.jsonl", args.protocol) if r.uid in uids]
             for label in labels
         }
-        path = reference_path(args.model, args.metric, args.chunk_size, args.reference_dir, args.protocol)
+        path = reference_path(args.model, args.metric, args.chunk_size, reference_dir_for(args), args.protocol)
         references = {r.uid: r for r in ResultStore(path, args.protocol) if r.uid in uids}
         kept = {s.label: s.overall.kept_fraction for s in summaries}
         table += (
             "\nSkill kept: per task (score − chance) ÷ (full − chance), mean over tasks; paired bootstrap over "
-            "items (2,000 resamples, stratified by task):\n\n"
+            "items (2,000 resamples, stratified by task; items of one context resampled together):\n\n"
             + paired_table(labels, kept, results, references, args.paired_against)
         )
     by_length = length_comparison_table(summaries)

@@ -71,6 +71,12 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefill chunks from the prompt's start or end (default: end with --batch-size > 1, else start); "
         "--batch-size 1 --chunk-align end gives what a batch gives, item by item",
     )
+    parser.add_argument(
+        "--closed-book",
+        action="store_true",
+        help="blank every item's context (the question alone), to measure what the weights know without it; "
+        "labels end in +closed-book and full-cache references are cached apart",
+    )
     parser.add_argument("--reference-dir", help="where full-cache results are cached (default: user cache)")
     parser.add_argument(
         "--executor",
@@ -132,6 +138,10 @@ def suite_items(args: argparse.Namespace) -> list:
     if first and seeds is None:
         seeds = tuple(first + s for s in profile.seeds)
     items = profile.items(split, parse_tasks(args.tasks), lengths, seeds)
+    if getattr(args, "closed_book", False):
+        from kvpolicy.eval.closed_book import closed_book
+
+        items = [closed_book(item) for item in items]
     if split == "test":
         from kvpolicy.eval.plan import load_plan
 
@@ -139,6 +149,16 @@ def suite_items(args: argparse.Namespace) -> list:
         block = plan.block_for(items, args.model, args.protocol, getattr(args, "unseal", None))
         args.plan_record = {"plan": str(plan.path), "plan_sha256": plan.sha256, "block": block.name}
     return items
+
+
+def reference_dir_for(args: argparse.Namespace) -> str | Path | None:
+    """Closed-book references live beside the ordinary ones, never in the same file: both share
+    item uids, so one cache would recompute each kind whenever the other ran."""
+    if not getattr(args, "closed_book", False):
+        return args.reference_dir
+    from kvpolicy.eval.references import cache_dir
+
+    return Path(args.reference_dir or cache_dir()) / "closed-book"
 
 
 def check_executor_arguments(args: argparse.Namespace) -> None:
@@ -188,7 +208,7 @@ def distribute(args: argparse.Namespace, runs: list, items: list, *, shared_pref
             chunk_size=args.chunk_size,
             chunk_align=args.chunk_align or "start",
             shared_prefill=shared_prefill,
-            reference_dir=args.reference_dir,
+            reference_dir=reference_dir_for(args),
             progress=not args.no_progress,
             protocol=args.protocol,
         )
@@ -200,19 +220,21 @@ def run_from_args(
     args: argparse.Namespace, policy: Any, items: list, model: Any, tokenizer: Any, *, out: str | Path, label: str
 ) -> RunSummary:
     """`run_suite` with the suite options of ``args`` (the part ``eval`` and ``compare`` share)."""
+    from kvpolicy.eval.closed_book import closed_book_label
     from kvpolicy.eval.run import run_suite
 
+    closed = bool(getattr(args, "closed_book", False))
     return run_suite(
         policy,
         items,
         model,
         tokenizer,
         out=out,
-        label=label,
+        label=closed_book_label(label) if closed else label,
         model_name=args.model,
         metric=args.metric,
         chunk_size=args.chunk_size,
-        reference_dir=args.reference_dir,
+        reference_dir=reference_dir_for(args),
         progress=not args.no_progress,
         batch_size=args.batch_size,
         chunk_align=args.chunk_align,
@@ -224,6 +246,7 @@ def run_from_args(
             "lengths": args.lengths,
             "prefill": "shared" if getattr(args, "shared_prefill", False) else "chunked",
             **getattr(args, "plan_record", {}),
+            "closed_book": closed,
         },
     )
 
@@ -240,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
     distribute(args, [(PolicyRun(label, args.policy, args.budget), policy, args.out)], items)
     model, tokenizer = load_model(args.model)
     summary = run_from_args(args, policy, items, model, tokenizer, out=args.out, label=label)
-    print(markdown_table(summary.rows, title=f"{label} — {args.profile} profile, {args.split} split, {args.model}"))
+    print(
+        markdown_table(
+            summary.rows, title=f"{summary.label} — {args.profile} profile, {args.split} split, {args.model}"
+        )
+    )
     print(f"wrote {args.out}/results.jsonl, results.csv, summary.json, summary.md")
     return 0

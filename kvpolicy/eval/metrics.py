@@ -1,4 +1,5 @@
-"""Scoring functions: exact / contains match, token F1, Rouge-L, string-match-all, likelihood.
+"""Scoring functions: exact / contains match, token F1, Rouge-L, string-match-all, edit
+similarity, likelihood.
 
 Text metrics take the generated text and the gold answers and return a score in [0, 1] (best
 over the gold answers). Normalisation follows SQuAD (Rajpurkar et al. 2016) as LongBench does:
@@ -81,6 +82,39 @@ def recall_all(prediction: str, answers: Sequence[str]) -> float:
     return sum(w.upper() in pred for w in words) / len(words) if words else 0.0
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions), one row of the table at a time."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def _first_code_line(text: str) -> str:
+    """The first non-blank line that is not a Markdown code fence, stripped."""
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("```"):
+            return line.strip()
+    return ""
+
+
+def edit_similarity(prediction: str, answers: Sequence[str]) -> float:
+    """Best ``1 − Levenshtein / longer length`` between the prediction's first code line and a
+    gold line, both stripped (the line-completion score of RepoBench / CodeXGLUE)."""
+    line = _first_code_line(prediction)
+    best = 0.0
+    for answer in answers:
+        gold = answer.strip()
+        longest = max(len(line), len(gold))
+        best = max(best, 1.0 - levenshtein(line, gold) / longest if longest else 1.0)
+    return best
+
+
 TextMetric = Callable[[str, Sequence[str]], float]
 
 #: metric name → function of (prediction, answers); ``likelihood`` is scored from log-probs.
@@ -90,6 +124,7 @@ METRICS: dict[str, TextMetric | None] = {
     "f1": token_f1,
     "rouge_l": rouge_l,
     "recall_all": recall_all,
+    "edit_sim": edit_similarity,
     "likelihood": None,
 }
 

@@ -33,12 +33,15 @@ class EncodedItem:
 def prompt_text(item: Item, tokenizer: Any) -> str:
     """The full prompt as text, ending with the answer prefix."""
     if item.template == "raw":
-        return item.context + (f"\n\n{item.question}\n" if item.question else "") + item.answer_prefix
+        question = f"{item.question}\n" if item.question else ""
+        return "\n\n".join(part for part in (item.context, question) if part) + item.answer_prefix
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidConfigError(
             f"task {item.task!r} uses a chat prompt, but the tokenizer has no chat template; use an instruct model"
         )
-    messages = [{"role": "user", "content": f"{item.context}\n\n{item.question}"}]
+    # a closed-book item has no context: the turn is the question alone, with no blank lines first
+    content = "\n\n".join(part for part in (item.context, item.question) if part)
+    messages = [{"role": "user", "content": content}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + item.answer_prefix
 

@@ -16,6 +16,7 @@ import attrs
 
 import kvpolicy
 from kvpolicy.atomic import atomic_write_text
+from kvpolicy.errors import ContextTooLongError
 from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
@@ -77,6 +78,20 @@ def _stored_with(result: ItemResult | None, align: str) -> ItemResult | None:
     return result if result is not None and result.chunks == align else None
 
 
+def check_fits_model(items: Sequence[Item], model: Any, model_name: str) -> None:
+    """Refuse items whose nominal length exceeds the model's positions (SmolLM2: 8k), before any
+    work: past its limit a RoPE model still runs but its answers mean nothing."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    too_long = sorted({item.length for item in items if item.length > limit})
+    if too_long:
+        raise ContextTooLongError(
+            f"{model_name} takes at most {limit} positions, but the suite has items of "
+            f"{', '.join(map(str, too_long))} tokens; choose --lengths of at most {limit} or a longer-context model"
+        )
+
+
 def _is_full_cache(policy: Any) -> bool:
     return policy.config == kvpolicy.build("full").config
 
@@ -110,6 +125,7 @@ def run_suite(
     plan: RowPlan = ItemRows(batch_size, align)  # checked before any model work
     if protocol == "context-first" and batch_size == 1 and align == "start":
         plan = ContextRows()  # questions of one context share its compression; alone, the same computation
+    check_fits_model(items, model, model_name)
     out = Path(out)
     references = reference_results(
         items,

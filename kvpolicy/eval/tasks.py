@@ -11,7 +11,18 @@ from collections.abc import Callable, Iterable, Sequence
 import attrs
 
 from kvpolicy.errors import InvalidConfigError
-from kvpolicy.eval import multikey, needle, passages, perplexity, quote, variables
+from kvpolicy.eval import (
+    code_tasks,
+    genealogy,
+    hardkeys,
+    multikey,
+    needle,
+    passages,
+    perplexity,
+    quote,
+    twohop,
+    variables,
+)
 from kvpolicy.eval.items import Item, Split, check_split
 
 ItemMaker = Callable[[Split, int, int], Item]
@@ -28,6 +39,8 @@ class Task:
     metric: str
     description: str
     chance: float = 0.0
+    #: ``easy``: the answer prefix repeats the key, a cue at the prompt's end; ``hard``: it does not
+    group: str = "easy"
 
 
 TASKS: dict[str, Task] = {
@@ -40,11 +53,64 @@ TASKS: dict[str, Task] = {
         Task("variables", variables.make_item, "contains", "follow a chain of variable assignments (RULER VT)", 0.5),
         Task("quote", quote.make_item, "rouge_l", "complete a sentence of the document (Rouge-L)"),
         Task("perplexity", perplexity.make_item, "likelihood", "1/perplexity of a KJV continuation"),
+        # the `hard` group: no answer prefix repeats the key (docs/tasks.md)
+        Task(
+            hardkeys.MULTIKEY,
+            hardkeys.make_multikey,
+            "contains",
+            "one of 8-16 same-template needles, answered after a neutral prefix",
+            hardkeys.MULTIKEY_CHANCE,
+            group="hard",
+        ),
+        Task(
+            hardkeys.MULTIVALUE,
+            hardkeys.make_multivalue,
+            "f1",
+            "the 3-4 values of one key among two other keys' values, no cue",
+            hardkeys.MULTIVALUE_CHANCE,
+            group="hard",
+        ),
+        Task(
+            genealogy.NAME,
+            genealogy.make_item,
+            "contains",
+            "who fathered whom in renamed KJV genealogies (a fact of the text, not a needle)",
+            genealogy.CHANCE,
+            group="hard",
+        ),
+        Task(
+            code_tasks.DEFAULT,
+            code_tasks.make_default,
+            "contains",
+            "a counterfactually edited default of a stdlib function read long before",
+            group="hard",
+        ),
+        Task(
+            code_tasks.NEXT_LINE,
+            code_tasks.make_next_line,
+            "edit_sim",
+            "the next line of a stdlib function whose first lines are shown",
+            code_tasks.NEXT_LINE_CHANCE,
+            group="hard",
+        ),
+        Task(
+            twohop.NAME,
+            twohop.make_item,
+            "contains",
+            "a late fact naming an early one (two hops)",
+            twohop.CHANCE,
+            group="hard",
+        ),
     )
 }
 
+EASY_TASKS = tuple(name for name, task in TASKS.items() if task.group == "easy")
+HARD_TASKS = tuple(name for name, task in TASKS.items() if task.group == "hard")
+
 MIN_LENGTH = 256
-MAX_LENGTH = 8192  # SmolLM2's position limit
+#: the longest context any shipped model takes (Qwen2.5-Coder: 32k positions); a model with fewer
+#: positions (SmolLM2: 8k) is refused an item that does not fit when the run starts (`kvpolicy.eval.run`)
+MAX_LENGTH = 32768
 
 
 def check_tasks(names: Iterable[str]) -> tuple[str, ...]:

@@ -152,3 +152,15 @@ def test_questions_of_one_context_share_its_compression(tiny_model, tiny_tokeniz
     assert all(r.kept_fraction < 0.6 for r in together)
     with pytest.raises(InvalidConfigError, match="context-first"):
         evaluate(policy, items, tiny_model, tiny_tokenizer, rows=plan, metric="task", chunk_size=CHUNK)
+
+
+def test_a_closed_book_item_is_one_prompt_under_both_protocols(tiny_model, tiny_tokenizer) -> None:
+    from kvpolicy.eval.closed_book import closed_book
+
+    items = [closed_book(make_item("needle", "test", 0, 256))]
+    assert encode(items[0], tiny_tokenizer).context_tokens == 0
+    policy = kvpolicy.build("tova", budget=8)
+    aware = evaluate(policy, items, tiny_model, tiny_tokenizer, chunk_size=CHUNK)[0]
+    first = evaluate(policy, items, tiny_model, tiny_tokenizer, chunk_size=CHUNK, protocol=CF)[0]
+    assert (aware.prediction, aware.kept_fraction) == (first.prediction, first.kept_fraction)
+    assert first.protocol == CF

@@ -32,3 +32,18 @@ def test_the_rule_needs_both_runs_and_both_margins(tmp_path, capsys) -> None:
     assert by_task["quote"].verdict.startswith("undecided")
     assert main([str(tmp_path)]) == 0
     assert "| needle | m | 2048 | 75.0 (4) | 0.0 (4) | 0.0 | kept |" in capsys.readouterr().out
+
+
+def test_the_memory_profiles_hold_only_what_the_committed_validation_kept() -> None:
+    from pathlib import Path
+
+    from kvpolicy.eval.profiles import PROFILES
+
+    root = Path(__file__).parents[2] / "docs" / "task-validation"
+    verdicts = {
+        (c.task, c.model, c.length): c.verdict for c in cells(sorted(p.parent for p in root.glob("*/summary.json")))
+    }
+    for profile, model, length in (("memory-smollm2", "smollm2-135m-instruct", 4096),
+                                   ("hard-qwen", "qwen2.5-coder-0.5b-instruct", 8192)):  # fmt: skip
+        for task in PROFILES[profile].tasks:
+            assert verdicts[(task, model, length)] == "kept", (profile, task)

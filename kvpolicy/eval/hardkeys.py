@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from kvpolicy.eval.items import Item, Split
 from kvpolicy.eval.needle import KEYS
-from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, tokens_to_chars
+from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, spread_depths, tokens_to_chars
 
 MULTIKEY = "multikey-hard"
 MULTIVALUE = "multivalue-hard"
@@ -51,12 +51,6 @@ def _multivalue_chance() -> float:
 MULTIVALUE_CHANCE = _multivalue_chance()
 
 
-def spread(rng: random.Random, count: int) -> list[float]:
-    """``count`` depths in (0.05, 0.95), one per equal slice, so needles never bunch up."""
-    width = 0.9 / count
-    return [0.05 + width * (i + rng.random()) for i in range(count)]
-
-
 def _numbers(rng: random.Random, count: int) -> list[str]:
     """``count`` distinct 7-digit numbers."""
     return [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
@@ -67,7 +61,7 @@ def make_multikey(split: Split, seed: int, length: int) -> Item:
     count = rng.randint(MIN_KEYS, MAX_KEYS)
     keys = rng.sample(KEYS[split], count)
     values = _numbers(rng, count)
-    depths = spread(rng, count)
+    depths = spread_depths(rng, count)
     target = rng.randrange(count)
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
     needles = [(d, f"The special magic number for {k} is {v}.") for d, k, v in zip(depths, keys, values, strict=True)]
@@ -104,7 +98,7 @@ def make_multivalue(split: Split, seed: int, length: int) -> Item:
     ]
     rng.shuffle(facts)
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
-    context = " ".join(insert_at_depths(sentences, list(zip(spread(rng, len(facts)), facts, strict=True))))
+    context = " ".join(insert_at_depths(sentences, list(zip(spread_depths(rng, len(facts)), facts, strict=True))))
     return Item(
         task=MULTIVALUE,
         split=split,

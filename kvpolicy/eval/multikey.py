@@ -21,7 +21,7 @@ from typing import Any
 from kvpolicy.errors import ModelUnavailableError
 from kvpolicy.eval.items import Item, Split
 from kvpolicy.eval.needle import KEYS
-from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, tokens_to_chars
+from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, spread_depths, tokens_to_chars
 
 POOLS: dict[Split, str] = {"train": "default", "test": "unseen"}
 HARD_NEEDLE_PACKAGE = "hard-needle==0.1.2"
@@ -50,17 +50,11 @@ def _distinct(rng: random.Random, pool: tuple[str, ...] | list[str], count: int)
     return [rng.choice(pair) for pair in rng.sample(pairs, count)]
 
 
-def _spread(rng: random.Random, count: int) -> list[float]:
-    """``count`` depths in (0.05, 0.95), one per equal slice, so needles never bunch up."""
-    width = 0.9 / count
-    return [0.05 + width * (i + rng.random()) for i in range(count)]
-
-
 def make_multikey(split: Split, seed: int, length: int) -> Item:
     rng = rng_for("multikey", split, seed, length)
     keys = rng.sample(KEYS[split], KEYS_PER_ITEM)
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-    depths = _spread(rng, KEYS_PER_ITEM)
+    depths = spread_depths(rng, KEYS_PER_ITEM)
     target = rng.randrange(KEYS_PER_ITEM)
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
     needles = [(d, f"The special magic number for {k} is {v}.") for d, k, v in zip(depths, keys, values, strict=True)]
@@ -93,7 +87,7 @@ def make_multivalue(split: Split, seed: int, length: int) -> Item:
     ]
     rng.shuffle(facts)
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
-    context = " ".join(insert_at_depths(sentences, list(zip(_spread(rng, len(facts)), facts, strict=True))))
+    context = " ".join(insert_at_depths(sentences, list(zip(spread_depths(rng, len(facts)), facts, strict=True))))
     return Item(
         task="multivalue",
         split=split,

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -189,3 +190,18 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), tokenizer
+
+
+#: a model name of the form ``tiny:<family>`` (e.g. ``tiny:llama``): a seeded random-weight model
+#: with a byte-level tokenizer (`kvpolicy.integrations.hf.tiny`), the same weights in every process
+TINY_PREFIX = "tiny:"
+
+
+def load_named_model(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a shipped model name or ``tiny:<family>``: what an evolution or a
+    worker process names, so the task prompts run unchanged on a model that loads in milliseconds."""
+    if name.startswith(TINY_PREFIX):
+        from kvpolicy.integrations.hf.tiny import byte_tokenizer, tiny_model
+
+        return tiny_model(name[len(TINY_PREFIX) :]), byte_tokenizer()
+    return load_model(name)

@@ -38,8 +38,6 @@ from kvpolicy.worker_pools import ProcessPool, RayPool
 
 ExecutorKind = Literal["in-process", "processes", "ray"]
 EXECUTORS: tuple[str, ...] = ("in-process", "processes", "ray")
-#: a model name that loads a seeded random-weight model with a byte tokenizer (tests)
-TINY_PREFIX = "tiny:"
 
 
 @attrs.frozen
@@ -90,23 +88,13 @@ class EvalJobResult:
     reference: ItemResult | None = None
 
 
-def load_any_model(name: str) -> tuple[Any, Any]:
-    """A shipped model (`kvpolicy.models.load_model`) or ``tiny:<family>`` (a seeded random-weight
-    model with a byte tokenizer, for tests: same weights in every process)."""
-    if name.startswith(TINY_PREFIX):
-        from kvpolicy.integrations.hf.tiny import byte_tokenizer, tiny_model
-
-        return tiny_model(name[len(TINY_PREFIX) :]), byte_tokenizer()
-    from kvpolicy.models import load_model
-
-    return load_model(name)
-
-
 class EvalWorker:
     """One worker process: the model, loaded once, and the policies it has built so far."""
 
     def __init__(self, model_name: str) -> None:
-        self.model, self.tokenizer = load_any_model(model_name)
+        from kvpolicy.models import load_named_model  # a worker's own import: the parent never loads a model
+
+        self.model, self.tokenizer = load_named_model(model_name)
         self._policies: dict[PolicyRun, Any] = {}
 
     def _policy(self, run: PolicyRun) -> Any:

@@ -33,10 +33,10 @@ from kvpolicy.eval.rows import ForkedRows, PopulationRows, RowPlan, shared_promp
 from kvpolicy.eval.tasks import check_tasks, make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
-from kvpolicy.evolve.models import load_model_and_tokenizer
 from kvpolicy.evolve.search_space import SearchSpace
 from kvpolicy.integrations.hf.shared_prefill import Prefill, prefill
 from kvpolicy.integrations.hf.transfer import model_record
+from kvpolicy.models import load_named_model
 from kvpolicy.policy import Policy, build
 
 
@@ -74,7 +74,7 @@ class HfWorkload:
 
     def _ensure_model(self) -> tuple[Any, Any]:
         if self._model is None:
-            self._model, self._tokenizer = load_model_and_tokenizer(self.config.model)
+            self._model, self._tokenizer = load_named_model(self.config.model)
         return self._model, self._tokenizer
 
     def _results(

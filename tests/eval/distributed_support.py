@@ -8,12 +8,13 @@ from pathlib import Path
 
 import attrs
 
-from kvpolicy.eval.distributed import PolicyRun, load_any_model
+from kvpolicy.eval.distributed import PolicyRun
 from kvpolicy.eval.many_policies import evaluate_many
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ItemResult, ResultStore
 from kvpolicy.eval.run import run_suite
 from kvpolicy.eval.tasks import build_suite
+from kvpolicy.models import load_named_model
 
 MODEL = "tiny:llama"
 CHUNK = 128
@@ -30,7 +31,7 @@ def runs_into(out: Path) -> list[tuple[PolicyRun, object, Path]]:
 
 def in_process(out: Path, items: list, *, shared_prefill: bool = False, protocol: str = "question-aware") -> None:
     """The results of today's in-process path (`run_suite`, or `evaluate_many` first)."""
-    model, tokenizer = load_any_model(MODEL)
+    model, tokenizer = load_named_model(MODEL)
     runs = runs_into(out)
     if shared_prefill:
         evaluate_many([(run.label, policy, folder) for run, policy, folder in runs], items, model, tokenizer,

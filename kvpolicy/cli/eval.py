@@ -147,6 +147,8 @@ def suite_items(args: argparse.Namespace) -> list:
 
         plan = load_plan(args.plan)
         block = plan.block_for(items, args.model, args.protocol, getattr(args, "unseal", None))
+        budget = getattr(args, "budget", None)
+        block.check_budgets(budget if isinstance(budget, list) else [budget])
         args.plan_record = {"plan": str(plan.path), "plan_sha256": plan.sha256, "block": block.name}
     return items
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ast
 import functools
 import random
+from collections.abc import Callable
+from typing import TypeVar
 
 from kvpolicy.errors import SourceUnavailableError
 from kvpolicy.eval.items import Item, Split
@@ -59,7 +61,12 @@ def _in_range(window: CodeWindow, offset: int) -> bool:
     return lo * len(window.context) <= offset <= hi * len(window.context)
 
 
-def _default_candidates(window: CodeWindow) -> list[tuple[int, int, str, str, int]]:
+#: a found int default: ``(start, end, function, parameter, value)``, offsets into the context
+DefaultCandidate = tuple[int, int, str, str, int]
+Candidate = TypeVar("Candidate")
+
+
+def default_candidates(window: CodeWindow) -> list[DefaultCandidate]:
     """``(start, end, function, parameter, value)`` of every int default, as context offsets,
     in functions defined once in the context within `DEPTH_RANGE`."""
     found = []
@@ -83,7 +90,9 @@ def _default_candidates(window: CodeWindow) -> list[tuple[int, int, str, str, in
     return found
 
 
-def _window_with(rng: random.Random, split: Split, length: int, find):  # noqa: ANN001, ANN202 - private helper
+def window_with(
+    rng: random.Random, split: Split, length: int, find: Callable[[CodeWindow], list[Candidate]]
+) -> tuple[CodeWindow, list[Candidate]]:
     """A window and its candidates, redrawing the window (same rng) while it has none."""
     for _ in range(WINDOW_TRIES):
         window = code_window(rng, split, _chars(length))
@@ -95,7 +104,7 @@ def _window_with(rng: random.Random, split: Split, length: int, find):  # noqa: 
 
 def make_default(split: Split, seed: int, length: int) -> Item:
     rng = rng_for(DEFAULT, split, seed, length)
-    window, candidates = _window_with(rng, split, length, _default_candidates)
+    window, candidates = window_with(rng, split, length, default_candidates)
     start, end, function, parameter, old = rng.choice(candidates)
     new = rng.choice([v for v in range(NEW_DEFAULTS[split][0], NEW_DEFAULTS[split][1] + 1) if v != old])
     context = window.context[:start] + str(new) + window.context[end:]
@@ -157,7 +166,7 @@ def _next_line_candidates(window: CodeWindow, split: Split) -> list[tuple[int, i
 
 def make_next_line(split: Split, seed: int, length: int) -> Item:
     rng = rng_for(NEXT_LINE, split, seed, length)
-    window, candidates = _window_with(rng, split, length, lambda w: _next_line_candidates(w, split))
+    window, candidates = window_with(rng, split, length, lambda w: _next_line_candidates(w, split))
     def_at, shown_start, shown_end, answer = rng.choice(candidates)
     shown = window.context[shown_start:shown_end].rstrip("\n")
     return Item(

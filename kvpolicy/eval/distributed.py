@@ -28,7 +28,7 @@ import kvpolicy
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.harness import check_run_arguments, evaluate
 from kvpolicy.eval.items import Item
-from kvpolicy.eval.many_policies import bind_policies, shared_item_results
+from kvpolicy.eval.many_policies import bind_policies, context_groups, shared_item_results
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ItemResult, ResultStore
@@ -68,6 +68,9 @@ class EvalJob:
     pending: tuple[str, ...] = ()
     reference: bool = False
     shared_prefill: bool = False
+    #: with ``shared_prefill`` under ``context-first``: the seeds of the other questions of the
+    #: item's context, computed from the same prefill (`kvpolicy.eval.many_policies.context_groups`)
+    also: tuple[int, ...] = ()
     chunk_align: ChunkAlign = "start"
     options: dict[str, Any] = attrs.field(factory=dict)
 
@@ -77,15 +80,17 @@ class EvalJob:
 
     def describe(self) -> str:
         what = ", ".join(run.label for run in self.runs) + (" + full cache" if self.reference else "")
-        return f"job {self.index} ({self.task} seed {self.seed}, {self.length} tokens: {what})"
+        seeds = ", ".join(str(s) for s in (self.seed, *self.also))
+        return f"job {self.index} ({self.task} seed {seeds}, {self.length} tokens: {what})"
 
 
 @attrs.frozen
 class EvalJobResult:
-    """``results`` by run label, and the full-cache result when the job asked for it."""
+    """``results`` by run label (one per item of the job), and the full-cache results when the job
+    asked for them."""
 
-    results: dict[str, ItemResult]
-    reference: ItemResult | None = None
+    results: dict[str, list[ItemResult]]
+    reference: list[ItemResult] = attrs.field(factory=list)
 
 
 class EvalWorker:
@@ -106,22 +111,22 @@ class EvalWorker:
         item = make_item(job.task, job.split, job.seed, job.length)
         model, tokenizer = self.model, self.tokenizer
         if job.shared_prefill:
+            group = [item, *(make_item(job.task, job.split, seed, job.length) for seed in job.also)]
             policies = [(run.label, self._policy(run)) for run in job.runs]
             union = bind_policies(policies, tokenizer, job.options.get("protocol", DEFAULT_PROTOCOL))
             results, reference = shared_item_results(
-                policies, job.pending, union, item, model, tokenizer, reference=job.reference, **job.options
-            )
+                policies, {label: group for label in job.pending}, union, group, model, tokenizer,
+                reference=group if job.reference else [], **job.options,
+            )  # fmt: skip
             return EvalJobResult(results, reference)
         plan = ItemRows(1, job.chunk_align)
         results = {
-            run.label: evaluate(self._policy(run), [item], model, tokenizer, rows=plan, label=run.label, **job.options)[
-                0
-            ]
+            run.label: evaluate(self._policy(run), [item], model, tokenizer, rows=plan, label=run.label, **job.options)
             for run in job.runs
         }
-        full = None
+        full = []
         if job.reference:  # as `reference_results` computes it: the default plan
-            full = evaluate(kvpolicy.build("full"), [item], model, tokenizer, label="full", **job.options)[0]
+            full = evaluate(kvpolicy.build("full"), [item], model, tokenizer, label="full", **job.options)
         return EvalJobResult(results, full)
 
 
@@ -172,12 +177,15 @@ def evaluation_jobs(
     jobs: list[EvalJob] = []
     if shared_prefill:
         evicting = tuple(run for run, policy, _ in runs if policy.schedule.kind != "never")
-        for item in items:
-            pending = tuple(run.label for run in evicting if not stores[run.label].done(item.uid, item.fingerprint))
-            need_reference = not references.done(item.uid, item.fingerprint) and bool(evicting)
+        for group in context_groups(items, options.get("protocol", DEFAULT_PROTOCOL)):
+            pending = tuple(
+                run.label for run in evicting if any(not stores[run.label].done(i.uid, i.fingerprint) for i in group)
+            )
+            need_reference = any(not references.done(i.uid, i.fingerprint) for i in group) and bool(evicting)
             if pending or need_reference:
-                fields = dict(runs=evicting, pending=pending, reference=need_reference, shared_prefill=True)
-                jobs.append(EvalJob.of(len(jobs), item, options=options, **fields))
+                also = tuple(i.seed for i in group[1:])
+                fields = dict(runs=evicting, pending=pending, reference=need_reference, shared_prefill=True, also=also)
+                jobs.append(EvalJob.of(len(jobs), group[0], options=options, **fields))
         return jobs, stores
     for item in items:
         if not references.done(item.uid, item.fingerprint):
@@ -224,9 +232,13 @@ def evaluate_distributed(
         return 0
     with tqdm(total=len(jobs), desc="jobs", unit="job", dynamic_ncols=True, disable=not progress) as bar:
         for _, result in pool.map(jobs):
-            if result.reference is not None:
-                references.add(result.reference)
-            for label, item_result in result.results.items():
-                stores[label].add(item_result)
+            # a shared context's job computes all its questions; some may have been stored before
+            for done in result.reference:
+                if not (shared_prefill and references.done(done.uid, done.fingerprint)):
+                    references.add(done)
+            for label, done_results in result.results.items():
+                for done in done_results:
+                    if not (shared_prefill and stores[label].done(done.uid, done.fingerprint)):
+                        stores[label].add(done)
             bar.update()
     return len(jobs)

@@ -51,7 +51,7 @@ def _multivalue_chance() -> float:
 MULTIVALUE_CHANCE = _multivalue_chance()
 
 
-def _numbers(rng: random.Random, count: int) -> list[str]:
+def distinct_numbers(rng: random.Random, count: int) -> list[str]:
     """``count`` distinct 7-digit numbers."""
     return [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
 
@@ -60,7 +60,7 @@ def make_multikey(split: Split, seed: int, length: int) -> Item:
     rng = rng_for(MULTIKEY, split, seed, length)
     count = rng.randint(MIN_KEYS, MAX_KEYS)
     keys = rng.sample(KEYS[split], count)
-    values = _numbers(rng, count)
+    values = distinct_numbers(rng, count)
     depths = spread_depths(rng, count)
     target = rng.randrange(count)
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
@@ -86,7 +86,7 @@ def make_multivalue(split: Split, seed: int, length: int) -> Item:
     rng = rng_for(MULTIVALUE, split, seed, length)
     keys = rng.sample(KEYS[split], 1 + DISTRACTOR_KEYS)
     counts = [rng.randint(MIN_VALUES, MAX_VALUES) for _ in keys]
-    values = _numbers(rng, sum(counts))
+    values = distinct_numbers(rng, sum(counts))
     groups, start = [], 0
     for count in counts:
         groups.append(values[start : start + count])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protocol
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ItemResult, ResultStore
-from kvpolicy.eval.rows import ForkedRows, ItemRows, Row, shared_prompt
+from kvpolicy.eval.rows import ContextRows, ForkedRows, ItemRows, Row, shared_prompt
 from kvpolicy.integrations.hf.shared_prefill import Prefill, due_layers, prepare, record_prompt
 from kvpolicy.types import Requirements
 
@@ -60,7 +60,8 @@ def evaluate_many(
     protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> int:
     """Compute every missing result of ``runs`` (``(label, policy, out folder)``) and of the
-    full-cache reference, item by item from one recorded prompt each; returns the prompts run."""
+    full-cache reference from one recorded prompt per `context_groups` entry (an item, or under
+    ``context-first`` the questions of one context); returns the prompts recorded."""
     check_run_arguments(metric, chunk_size)
     check_protocol(protocol)
     if metric == "both":
@@ -71,22 +72,36 @@ def evaluate_many(
     policies = [(label, policy) for label, policy, _ in evicting]
     union = bind_policies(policies, tokenizer, protocol)
     recorded = 0
-    for item in tqdm(items, desc="shared prefill", unit="item", dynamic_ncols=True, disable=not progress):
-        pending = [label for label, _, store in evicting if not store.done(item.uid, item.fingerprint)]
-        need_reference = not references.done(item.uid, item.fingerprint)
+    groups = context_groups(items, protocol)
+    for group in tqdm(groups, desc="shared prefill", unit="context", dynamic_ncols=True, disable=not progress):
+        pending = {label: [i for i in group if not store.done(i.uid, i.fingerprint)] for label, _, store in evicting}
+        pending = {label: todo for label, todo in pending.items() if todo}
+        need_reference = [i for i in group if not references.done(i.uid, i.fingerprint)]
         if not pending and not need_reference:
             continue
         results, reference = shared_item_results(
-            policies, pending, union, item, model, tokenizer, metric=metric, chunk_size=chunk_size,
+            policies, pending, union, group, model, tokenizer, metric=metric, chunk_size=chunk_size,
             reference=need_reference, protocol=protocol,
         )  # fmt: skip
         recorded += 1
-        if reference is not None:
-            references.add(reference)
+        for result in reference:
+            references.add(result)
         for label, _, store in evicting:
-            if label in results:
-                store.add(results[label])
+            for result in results.get(label, ()):
+                store.add(result)
     return recorded
+
+
+def context_groups(items: Sequence[Item], protocol: EvalProtocol) -> list[list[Item]]:
+    """Items that share one recorded prompt: under ``context-first`` the questions of one context
+    (`Item.context_id`; e.g. the four of a ``multikey-shared`` context), in first-seen order;
+    under ``question-aware`` each item alone (the prompt holds its question)."""
+    if protocol != "context-first":
+        return [[item] for item in items]
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.context_id, []).append(item)
+    return list(groups.values())
 
 
 def forks_from_recording(policy: Any, protocol: EvalProtocol) -> bool:
@@ -111,36 +126,39 @@ def bind_policies(
 
 def shared_item_results(
     policies: Sequence[tuple[str, Any]],
-    pending: Sequence[str],
+    pending: Mapping[str, Sequence[Item]],
     union: Requirements,
-    item: Item,
+    group: Sequence[Item],
     model: Any,
     tokenizer: Any,
     *,
     metric: str,
     chunk_size: int,
-    reference: bool,
+    reference: Sequence[Item] = (),
     protocol: EvalProtocol = DEFAULT_PROTOCOL,
-) -> tuple[dict[str, ItemResult], ItemResult | None]:
-    """One recorded prompt of ``item`` (its context, under ``context-first``): the result of each
-    ``(label, policy)`` of ``policies`` whose label is ``pending`` (by label), and the full-cache
-    result when ``reference`` (taken from the first forked policy's view of the recording, nothing
-    evicted). ``union`` is `bind_policies` of all ``policies``, so a result does not depend on
-    which of them are pending. Policies not forked (`forks_from_recording`) run their own prefill."""
+) -> tuple[dict[str, list[ItemResult]], list[ItemResult]]:
+    """One recorded prompt of ``group`` (items of one `context_groups` entry: under
+    ``context-first``, questions of one context): the results of each ``(label, policy)`` of
+    ``policies`` for the items ``pending[label]``, and the full-cache results of the items of
+    ``reference`` (forked from the recording, nothing evicted). ``union`` is `bind_policies` of all
+    ``policies``, so a result does not depend on which of them are pending. Policies not forked
+    (`forks_from_recording`) run their own chunked prefill, once per context (`ContextRows`)."""
     run = {"model": model, "tokenizer": tokenizer, "metric": metric, "chunk_size": chunk_size, "protocol": protocol}
-    results = {label: _own(policy, item, label, **run) for label, policy in policies
+    results = {label: _own(policy, pending[label], label, **run) for label, policy in policies
                if label in pending and not forks_from_recording(policy, protocol)}  # fmt: skip
     forked = [(label, policy) for label, policy in policies if forks_from_recording(policy, protocol)]
     if not forked:
-        return results, _own(build("full"), item, "full", **run) if reference else None
+        return results, _own(build("full"), reference, "full", **run) if reference else []
     start = time.perf_counter()
-    prompt = shared_prompt(Row(item, encode(item, tokenizer), ""), protocol)
+    prompt = shared_prompt(Row(group[0], encode(group[0], tokenizer), ""), protocol)
     cache, last = record_prompt(model, prompt, union, chunk_size)
     prompt_seconds = time.perf_counter() - start
-    full = None
+    full = []
     if reference:  # any policy's view of the recording, nothing evicted
         policy = forked[0][1]
-        full = _forked(policy, item, prepare(policy, model, cache, last, prompt_seconds), "full", evict=False, **run)
+        full = _forked(
+            policy, reference, prepare(policy, model, cache, last, prompt_seconds), "full", evict=False, **run
+        )
     prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
     for label, policy in forked:
         if label not in pending:
@@ -148,7 +166,7 @@ def shared_item_results(
         key = _feature_key(policy) + str(due_layers(policy, model, cache))
         if key not in prepared:
             prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-        results[label] = _forked(policy, item, prepared[key], label, **run)
+        results[label] = _forked(policy, pending[label], prepared[key], label, **run)
     return results, full
 
 
@@ -162,7 +180,7 @@ def _feature_key(policy: Any) -> str:
 
 def _forked(
     policy: Any,
-    item: Item,
+    items: Sequence[Item],
     shared: Prefill,
     label: str,
     *,
@@ -173,20 +191,22 @@ def _forked(
     protocol: EvalProtocol,
     evict: bool = True,
 ) -> ItemResult:
-    """``policy``'s result on ``item``, forked from its view of the recorded prompt."""
+    """``policy``'s results on ``items`` (one prompt's), each forked from its view of the recording."""
     plan = ForkedRows(lambda row: shared, evict=evict)
     return evaluate(
-        policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=plan, label=label,
+        policy, items, model, tokenizer, metric=metric, chunk_size=chunk_size, rows=plan, label=label,
         protocol=protocol,
-    )[0]  # fmt: skip
+    )  # fmt: skip
 
 
 def _own(
-    policy: Any, item: Item, label: str, *, model: Any, tokenizer: Any, metric: Any, chunk_size: int,
+    policy: Any, items: Sequence[Item], label: str, *, model: Any, tokenizer: Any, metric: Any, chunk_size: int,
     protocol: EvalProtocol,
-) -> ItemResult:  # fmt: skip
-    """``policy``'s result on ``item`` with its own chunked prefill (its passes between chunks)."""
+) -> list[ItemResult]:  # fmt: skip
+    """``policy``'s results on ``items`` (one prompt's) with its own chunked prefill (its passes
+    between chunks): under ``context-first`` one compression of the shared context for all of them."""
+    rows = ContextRows() if protocol == "context-first" else ItemRows()
     return evaluate(
-        policy, [item], model, tokenizer, metric=metric, chunk_size=chunk_size, rows=ItemRows(), label=label,
+        policy, items, model, tokenizer, metric=metric, chunk_size=chunk_size, rows=rows, label=label,
         protocol=protocol,
-    )[0]  # fmt: skip
+    )  # fmt: skip

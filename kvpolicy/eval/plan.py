@@ -37,6 +37,24 @@ class Block:
     models: Mapping[str, Mapping[str, tuple[Any, ...]]]
     protocols: tuple[str, ...]
     sealed: bool = False
+    #: the cache budgets (ratios of the tokens seen) a run may use; empty: any
+    budgets: tuple[float, ...] = ()
+
+    def check_budgets(self, budgets: Iterable[str | float | None]) -> None:
+        """Refuse a budget the block does not plan (a self-sized policy's run has none)."""
+        if not self.budgets:
+            return
+        from kvpolicy.types.policy_config import Budget
+
+        for given in budgets:
+            if given is None:
+                continue
+            ratio = Budget.parse(given).ratio
+            if ratio is None or not any(abs(ratio - planned) < 1e-9 for planned in self.budgets):
+                planned = ", ".join(f"{b:.3g}" for b in self.budgets)
+                raise InvalidConfigError(
+                    f"block {self.name} plans the budgets {planned} (ratios of the tokens seen), not {given!r}"
+                )
 
     def holds(self, item: Item, model: str) -> bool:
         entry = self.models.get(model)
@@ -88,7 +106,13 @@ def _block(name: str, data: Any) -> Block:
             for model, entry in data["models"].items()
         }
         block = Block(
-            name, int(data["first_seed"]), int(data["seeds"]), models, tuple(data["protocols"]), bool(data["sealed"])
+            name,
+            int(data["first_seed"]),
+            int(data["seeds"]),
+            models,
+            tuple(data["protocols"]),
+            bool(data["sealed"]),
+            tuple(float(b) for b in data.get("budgets", ())),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"block {name!r} of the evaluation plan is malformed ({exc!r})") from exc

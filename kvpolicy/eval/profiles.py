@@ -27,7 +27,7 @@ import attrs
 
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.items import Item, Split
-from kvpolicy.eval.tasks import EASY_TASKS, build_suite, check_tasks
+from kvpolicy.eval.tasks import EASY_TASKS, TASKS, build_suite, check_tasks
 
 
 @attrs.frozen
@@ -58,9 +58,10 @@ class Profile:
 #: they are left out of the default suites and stay in the registry for larger models
 #: (``--tasks``); docs/evaluation.md has the measurements.
 AT_CHANCE_ON_SMOLLM2 = ("variables", "multivalue", "passages")
-DEFAULT_TASKS = tuple(t for t in EASY_TASKS if t not in AT_CHANCE_ON_SMOLLM2)
+#: one question per context: the older suites' tasks (a shared-context task goes in a context-first profile)
+DEFAULT_TASKS = tuple(t for t in EASY_TASKS if t not in AT_CHANCE_ON_SMOLLM2 and TASKS[t].questions_per_context == 1)
 #: tasks that passed the keep rule per model on validation items (docs/tasks.md has the table)
-MEMORY_SMOLLM2_TASKS: tuple[str, ...] = ("needle", "multikey")
+MEMORY_SMOLLM2_TASKS: tuple[str, ...] = ("multikey-shared", "needle", "multikey")
 HARD_QWEN_TASKS: tuple[str, ...] = ("code-default",)
 PROFILES: dict[str, Profile] = {
     p.name: p

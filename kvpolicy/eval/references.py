@@ -20,6 +20,7 @@ from kvpolicy.eval.harness import DEFAULT_CHUNK, Metric, evaluate
 from kvpolicy.eval.items import Item
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol
 from kvpolicy.eval.results import ItemResult, ResultStore
+from kvpolicy.eval.rows import ContextRows
 
 
 def cache_dir() -> Path:
@@ -54,7 +55,8 @@ def reference_results(
     progress: bool | str = False,
     protocol: EvalProtocol = DEFAULT_PROTOCOL,
 ) -> dict[str, ItemResult]:
-    """Full-cache results for ``items`` by uid, computing only those not cached yet."""
+    """Full-cache results for ``items`` by uid, computing only those not cached yet (under
+    ``context-first``, the questions of one context from one prefill of it: `ContextRows`)."""
     store = ResultStore(reference_path(model_name, metric, chunk_size, directory, protocol), protocol)
     results = evaluate(
         kvpolicy.build("full"),
@@ -68,5 +70,6 @@ def reference_results(
         progress="full cache" if progress is True else progress,
         label="full",
         protocol=protocol,
+        rows=ContextRows() if protocol == "context-first" else None,
     )
     return {r.uid: r for r in results}

@@ -20,6 +20,7 @@ from kvpolicy.eval import (
     passages,
     perplexity,
     quote,
+    shared_context,
     twohop,
     variables,
 )
@@ -41,6 +42,8 @@ class Task:
     chance: float = 0.0
     #: ``easy``: the answer prefix repeats the key, a cue at the prompt's end; ``hard``: it does not
     group: str = "easy"
+    #: items asking about one context (consecutive seeds; `kvpolicy.eval.shared_context`)
+    questions_per_context: int = 1
 
 
 TASKS: dict[str, Task] = {
@@ -92,6 +95,22 @@ TASKS: dict[str, Task] = {
             "the next line of a stdlib function whose first lines are shown",
             code_tasks.NEXT_LINE_CHANCE,
             group="hard",
+        ),
+        Task(
+            shared_context.MULTIKEY,
+            shared_context.make_multikey,
+            "contains",
+            "one of four same-template needles; four questions per context (run context-first)",
+            shared_context.CHANCE,
+            questions_per_context=shared_context.QUESTIONS_PER_CONTEXT,
+        ),
+        Task(
+            shared_context.NEEDLE,
+            shared_context.make_needle,
+            "contains",
+            "four needles of four templates; four questions per context (run context-first)",
+            shared_context.CHANCE,
+            questions_per_context=shared_context.QUESTIONS_PER_CONTEXT,
         ),
         Task(
             twohop.NAME,

@@ -107,6 +107,13 @@ class HfWorkload:
 
         return ForkedRows(shared, population=params, evict=params is not None)
 
+    def _prefill_key(self, job: Job, seed: int) -> tuple:
+        """What a stored prefill is the prefill of: the item, or under ``context-first`` its
+        context (the questions of one context share it)."""
+        if self.config.fitness.protocol == "context-first":
+            return (make_item(job.task, item_split(job.split), seed, job.length).context_id, job.length)
+        return (job.task, job.split, job.length, seed)
+
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         if job.kind == "calibrate":
@@ -119,7 +126,7 @@ class HfWorkload:
             # the reference jobs carry no buffers: they share the prefill made with the current ones
             key = tensor_checksum(dict(job.buffers or self.policy.buffers()))
             for i, seed in enumerate(job.seeds):
-                rows = self._forked_rows(params, (job.task, job.split, job.length, seed), key)
+                rows = self._forked_rows(params, self._prefill_key(job, seed), key)
                 scores[:, i], kept[:, i] = self._results(self.policy, job.task, job.split, job.length, seed, rows)
             return JobResult(scores, kept, {}, time.perf_counter() - start)
         if params is not None and self.config.fitness.population_batch:

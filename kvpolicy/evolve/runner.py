@@ -27,6 +27,7 @@ import torch
 
 from kvpolicy.atomic import atomic_write_text
 from kvpolicy.errors import CheckpointError, InvalidConfigError
+from kvpolicy.eval.tasks import TASKS
 from kvpolicy.evolve import log
 from kvpolicy.evolve.config import EvolveConfig, StageConfig
 from kvpolicy.evolve.executors import Executor, make_executor
@@ -141,6 +142,13 @@ class Evolution:
         """Common random numbers: every member of a generation sees these items; drawn from
         ``(seed, generation, task)`` only, so a resumed run draws the same ones."""
         rng = np.random.default_rng([self.config.seed, generation, task_index])
+        task = TASKS.get(stage.tasks[task_index])  # the quadratic workload's tasks are only names
+        per_context = 1 if task is None else task.questions_per_context
+        if per_context > 1:  # whole contexts: their questions share one prefill (`kvpolicy.eval.shared_context`)
+            contexts = rng.choice(
+                self.config.train_pool // per_context, size=-(-stage.items // per_context), replace=False
+            )
+            return tuple(int(c) * per_context + q for c in contexts for q in range(per_context))[: stage.items]
         return tuple(int(s) for s in rng.choice(self.config.train_pool, size=stage.items, replace=False))
 
     def _heldout(self) -> list[tuple[str, int, tuple[int, ...]]]:

@@ -164,3 +164,25 @@ def test_a_closed_book_item_is_one_prompt_under_both_protocols(tiny_model, tiny_
     first = evaluate(policy, items, tiny_model, tiny_tokenizer, chunk_size=CHUNK, protocol=CF)[0]
     assert (aware.prediction, aware.kept_fraction) == (first.prediction, first.kept_fraction)
     assert first.protocol == CF
+
+
+def test_shared_prefill_records_each_context_once(tiny_model, tiny_tokenizer, tmp_path) -> None:
+    """`multikey-shared`: four questions per context. `evaluate_many` records each context once
+    (forked policies) and compresses it once per streaming policy; every result equals the item
+    run alone."""
+    items = build_suite(["multikey-shared"], "test", [384], range(8))
+    assert len({i.context_id for i in items}) == 2 and len({i.answers for i in items}) == 8
+    policies = {"snapkv": kvpolicy.build("snapkv", budget=48), "tova": kvpolicy.build("tova", budget=48)}
+    runs = [(label, policy, tmp_path / label) for label, policy in policies.items()]
+    settings = {"model_name": "tiny", "metric": "task", "chunk_size": CHUNK, "reference_dir": tmp_path / "ref"}
+    assert evaluate_many(runs, items, tiny_model, tiny_tokenizer, progress=False, protocol=CF, **settings) == 2
+    for label, policy in policies.items():
+        stored = {r.uid: r for r in ResultStore(tmp_path / label / "results.jsonl", CF)}
+        assert {r.context_id for r in stored.values()} == {i.context_id for i in items}
+        for want in evaluate(policy, items, tiny_model, tiny_tokenizer, chunk_size=CHUNK, protocol=CF):
+            _same(stored[want.uid], want)
+    full = evaluate(kvpolicy.build("full"), items, tiny_model, tiny_tokenizer, chunk_size=CHUNK, protocol=CF)
+    stored = {r.uid: r for r in ResultStore(reference_path("tiny", "task", CHUNK, tmp_path / "ref", CF), CF)}
+    for want in full:
+        _same(stored[want.uid], want)
+    assert evaluate_many(runs, items, tiny_model, tiny_tokenizer, progress=False, protocol=CF, **settings) == 0

@@ -35,20 +35,25 @@ def test_workers_store_the_in_process_results_and_a_rerun_computes_nothing(pool,
 
 def test_context_first_jobs_store_the_in_process_results(pool, tmp_path):
     """Under context-first the shared job forks SnapKV from the context's recording and runs H2O's
-    own chunked prefill of the context, exactly as in-process."""
+    own chunked prefill of the context, exactly as in-process; the four questions of a
+    `multikey-shared` context are one job."""
     import torch
 
-    items, cf, threads = suite(), "context-first", torch.get_num_threads()
+    from kvpolicy.eval.tasks import build_suite
+
+    items = suite() + build_suite(["multikey-shared"], "test", [384], range(4))
+    cf, threads = "context-first", torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: float sums split over threads differ in the 7th digit
     try:
         in_process(tmp_path / "here", items, shared_prefill=True, protocol=cf)
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "pool"
-    evaluate_distributed(runs_into(out), items, pool, model_name=MODEL, chunk_size=128, reference_dir=out / "ref",
-                         shared_prefill=True, progress=False, protocol=cf)  # fmt: skip
+    jobs = evaluate_distributed(runs_into(out), items, pool, model_name=MODEL, chunk_size=128,
+                                reference_dir=out / "ref", shared_prefill=True, progress=False, protocol=cf)  # fmt: skip
+    assert jobs == 4 + 1
     assert stored(out, cf) == stored(tmp_path / "here", cf)
-    assert line_count(out, cf) == {"h2o@48": 4, "snapkv@25%": 4, "full": 4}
+    assert line_count(out, cf) == {"h2o@48": 8, "snapkv@25%": 8, "full": 8}
     assert {r["protocol"] for records in stored(out, cf).values() for r in records} == {cf}
 
 

@@ -77,8 +77,11 @@ TINY_SHARED = {
 }
 
 
-def _run(out, **fitness):
-    config = EvolveConfig.from_dict({**TINY_SHARED, "fitness": {**TINY_SHARED["fitness"], **fitness}})
+def _run(out, stages=None, **fitness):
+    data = {**TINY_SHARED, "fitness": {**TINY_SHARED["fitness"], **fitness}}
+    if stages is not None:
+        data |= {"stages": stages, "train_pool": 8}
+    config = EvolveConfig.from_dict(data)
     result = Evolution(config, out).run()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return result, [r for r in records if r["type"] == "generation"]
@@ -120,3 +123,22 @@ def test_members_evolved_context_first_share_the_prefill_of_each_context(tmp_pat
     assert shared_log[0]["member_fitness"] != pytest.approx(aware_log[0]["member_fitness"], abs=1e-6)
     with pytest.raises(InvalidConfigError, match="protocol"):
         EvolveConfig.from_dict({**TINY_SHARED, "fitness": {"metric": "loglik", "protocol": "question-last"}})
+
+
+def test_a_shared_context_task_draws_whole_contexts_and_prefills_each_once(tmp_path):
+    """`multikey-shared` asks four questions per context: a generation draws whole contexts, the
+    questions of one share its stored prefill, and the figures equal members run one by one."""
+    stage = {"tasks": ["multikey-shared"], "generations": 2, "items": 4, "length": 256}
+    shared, shared_log = _run(tmp_path / "shared", shared_prefill=True, protocol="context-first", stages=[stage])
+    alone, alone_log = _run(tmp_path / "alone", protocol="context-first", stages=[stage])
+    for a, b in zip(shared_log, alone_log, strict=True):
+        assert a["member_fitness"] == pytest.approx(b["member_fitness"], abs=1e-6)
+    for record in shared_log:
+        (seeds,) = record["items"].values()
+        assert len({s // 4 for s in seeds}) == 1 and sorted(s % 4 for s in seeds) == [0, 1, 2, 3]
+    config = EvolveConfig.from_dict({**TINY_SHARED, "stages": [stage], "train_pool": 8,
+                                     "fitness": {"metric": "loglik", "shared_prefill": True, "protocol": "context-first"}})  # fmt: skip
+    evolution = Evolution(config, tmp_path / "count")
+    evolution.run()
+    store = evolution.workload._prefills
+    assert store.misses <= 2 * 2 + 1 and store.hits >= 3 * store.misses  # 4 questions, one prefill per context

@@ -75,3 +75,29 @@ def test_the_committed_plan_loads_and_holds_the_published_easy_tables() -> None:
     plan = load_plan(Path(__file__).parents[2] / DEFAULT_PLAN)
     easy = build_suite(["needle", "multikey", "quote", "perplexity"], "test", [1024, 2048, 4096], range(34))
     assert plan.block_for(easy, SMOL, "question-aware").name == "easy"
+    # block A: this evaluation's tables, whole contexts of multikey-shared; block B sealed, context-first only
+    block_a = build_suite(["multikey-shared"], "test", [4096], range(100, 148))
+    assert plan.block_for(block_a, SMOL, "question-aware").name == "A"
+    code = build_suite(["code-default"], "test", [8192], [100])
+    assert plan.block_for(code, "qwen2.5-coder-0.5b-instruct", "context-first").name == "A"
+    block_b = build_suite(["multikey-shared"], "test", [4096], [200])
+    with pytest.raises(InvalidConfigError, match="sealed"):
+        plan.block_for(block_b, SMOL, "context-first")
+    with pytest.raises(InvalidConfigError, match="not question-aware"):
+        plan.block_for(block_b, SMOL, "question-aware", unseal="B")
+
+
+def test_a_block_with_budgets_refuses_others(tmp_path: Path) -> None:
+    path = _plan(tmp_path)
+    data = json.loads(path.read_text())
+    data["blocks"]["A"]["budgets"] = [0.125, 0.25]
+    path.write_text(json.dumps(data))
+    block = load_plan(path).block_for(build_suite(["needle"], "test", [1024], [100]), SMOL, "context-first")
+    block.check_budgets(["12.5%", 0.25, None])  # a self-sized policy's run has no budget
+    with pytest.raises(InvalidConfigError, match="plans the budgets 0.125, 0.25"):
+        block.check_budgets(["50%"])
+    with pytest.raises(InvalidConfigError, match="not '256'"):
+        block.check_budgets(["256"])
+    base = ["eval", "--policy", "random", "--tasks", "needle", "--lengths", "1024", "--seeds", "1"]
+    args = [*base, "--split", "test", "--plan", str(path), "--protocol", "context-first", "--first-seed", "100"]
+    assert main([*args, "--budget", "5%", "--out", str(tmp_path / "o")]) == 2

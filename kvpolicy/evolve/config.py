@@ -136,7 +136,7 @@ class EvolveConfig:
     the others held at their start; ``start``: the starting point, named groups to a list of
     values or one number (unnamed ones start at zero), or the path of a saved policy file (an
     earlier stage's result). The optimizer searches an offset from the start, so its mean
-    starts there.
+    starts there. ``subspace``: random directions through further groups, searched beside ``search``.
     """
 
     stages: tuple[StageConfig, ...] = attrs.field(converter=tuple)
@@ -157,6 +157,9 @@ class EvolveConfig:
     fitness: FitnessConfig = FitnessConfig()
     executor: ExecutorConfig = ExecutorConfig()
     progress: bool = True
+    #: ``{"groups": [...], "dim": n, "seed": s}``: also search ``n`` random directions through
+    #: these groups (`kvpolicy.evolve.search_space.Subspace`); none by default
+    subspace: Mapping[str, Any] | None = attrs.field(default=None)
 
     @stages.validator
     def _check_stages(self, attribute: attrs.Attribute, value: tuple[StageConfig, ...]) -> None:

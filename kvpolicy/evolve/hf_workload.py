@@ -33,7 +33,7 @@ from kvpolicy.eval.rows import ForkedRows, PopulationRows, RowPlan, shared_promp
 from kvpolicy.eval.tasks import check_tasks, make_item
 from kvpolicy.evolve.config import EvolveConfig
 from kvpolicy.evolve.jobs import Job, JobResult, item_split
-from kvpolicy.evolve.search_space import SearchSpace
+from kvpolicy.evolve.search_space import SearchSpace, subspace_of
 from kvpolicy.integrations.hf.shared_prefill import Prefill, prefill
 from kvpolicy.integrations.hf.transfer import model_record
 from kvpolicy.models import load_named_model
@@ -56,7 +56,7 @@ class HfWorkload:
         self.full = build("full")
         schedule = self.policy.schedule
         self.chunk_size = schedule.every if schedule.kind == "every_n" else 512
-        self.space = SearchSpace(self.policy, config.search, config.start)
+        self.space = SearchSpace(self.policy, config.search, config.start, subspace_of(config))
         self._model: Any = None
         self._tokenizer: Any = None
         self._prefills: PrefillStore | None = None

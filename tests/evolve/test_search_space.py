@@ -142,3 +142,41 @@ def test_a_shared_context_task_draws_whole_contexts_and_prefills_each_once(tmp_p
     evolution.run()
     store = evolution.workload._prefills
     assert store.misses <= 2 * 2 + 1 and store.hits >= 3 * store.misses  # 4 questions, one prefill per context
+
+
+def test_a_subspace_moves_its_groups_through_few_numbers():
+    from kvpolicy.evolve.search_space import Subspace, parameter_layout
+
+    policy = bam26()
+    layout = parameter_layout(policy)
+    attention = ("scorer.w_qkv", "scorer.w_o")
+    space = SearchSpace(policy, ("scorer.w_s",), {}, Subspace(attention, 8, seed=3))
+    assert space.dim == 26 + 8
+    row = torch.zeros(space.dim)
+    row[26 + 2] = 1.0  # one direction: every weight of the attention moves, nothing else
+    full = space.full_params(row)
+    moved = torch.cat([full[layout[g]] for g in attention])
+    assert (moved != 0).float().mean() > 0.99 and moved.norm() == pytest.approx(1.0, rel=0.2)
+    untouched = [g for g in layout if g not in attention]
+    assert all(torch.count_nonzero(full[layout[g]]) == 0 for g in untouched)
+    again = SearchSpace(bam26(), ("scorer.w_s",), {}, Subspace(attention, 8, seed=3))
+    assert torch.equal(again.full_params(row), full)  # the directions come from the seed alone
+    assert SearchSpace(policy, (), {}, Subspace(attention, 8)).dim == 8
+    offset = SearchSpace(policy, ("scorer.w_s",), {}, Subspace(attention, 8, seed=3, offset=0.1))
+    start = offset.full_params(torch.zeros(offset.dim))
+    assert 0.05 < start[layout["scorer.w_qkv"]].std() < 0.2 and torch.count_nonzero(start[layout["scorer.w_s"]]) == 0
+    with pytest.raises(InvalidConfigError, match="directly and through the subspace"):
+        SearchSpace(policy, ("scorer.w_o",), {}, Subspace(attention, 8))
+    with pytest.raises(InvalidConfigError, match="positive count"):
+        Subspace(attention, 0)
+    with pytest.raises(InvalidConfigError, match="unknown parameter group"):
+        SearchSpace(policy, (), {}, Subspace(("scorer.w_z",), 4))
+
+
+def test_an_evolution_config_searches_a_subspace(tmp_path):
+    data = {**TINY_SHARED, "subspace": {"groups": ["scorer.w_qkv", "scorer.b_qkv", "scorer.w_o", "scorer.b_o"],
+                                        "dim": 6}}  # fmt: skip
+    result = Evolution(EvolveConfig.from_dict(data), tmp_path).run()
+    assert result.best_params.numel() == 26 + 6
+    with pytest.raises(InvalidConfigError, match="subspace"):
+        Evolution(EvolveConfig.from_dict({**TINY_SHARED, "subspace": {"dim": 6}}), tmp_path / "bad")

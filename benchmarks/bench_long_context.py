@@ -9,7 +9,9 @@ token's logits computed, then ``--decode`` greedy tokens one at a time (default 
   at each ``--budgets`` share of the tokens seen (default 25% and 12.5%), each with its schedule
   as shipped; a policy that compresses once after the prompt (``after_prefill``: SnapKV, the
   NAMM) also runs as ``/chunk``, evicting after every prefill chunk (``every_n`` = chunk), since
-  only that can speed the prefill up or lower its peak.
+  only that can speed the prefill up or lower its peak. ``--variants`` also takes ``name/slackN``
+  (e.g. ``tova/slack64``): ``every_step`` with ``N`` tokens of slack, so a decoding step runs a
+  pass once every ``N`` steps (not the same tokens kept as per-step TOVA: a choice, not a fix).
 
 Each (variant, round) runs in a fresh subprocess, so one variant's memory peak cannot hide
 another's: the peak is the resident-set high-water mark (``VmHWM``, reset after the model is
@@ -65,7 +67,9 @@ def _reset_peak() -> None:
 
 
 def build_variant(variant: str, budget: str, chunk: int):
-    """The policy of ``variant`` (``name`` or ``name/chunk``) at ``budget`` of the tokens seen."""
+    """The policy of ``variant`` at ``budget`` of the tokens seen: ``name`` as shipped,
+    ``name/chunk`` evicting after every prefill chunk, ``name/slackN`` evicting every step once
+    the cache is ``N`` tokens over budget (a pass every ``N`` decoding steps instead of every one)."""
     import kvpolicy
     from kvpolicy.types import Schedule
 
@@ -75,8 +79,10 @@ def build_variant(variant: str, budget: str, chunk: int):
     overrides = {"budget": budget}
     if how == "chunk":
         overrides["schedule"] = Schedule("every_n", every=chunk)
+    elif how.startswith("slack") and how[5:].isdigit():
+        overrides["schedule"] = Schedule("every_step", slack=int(how[5:]))
     elif how:
-        raise SystemExit(f"unknown variant {variant!r}: a preset, or preset/chunk")
+        raise SystemExit(f"unknown variant {variant!r}: a preset, preset/chunk or preset/slackN")
     return kvpolicy.build(name, **overrides)
 
 

@@ -76,3 +76,19 @@ def test_protected_tokens_beat_scores_pinned_at_infinity():
     protected[..., -1] = True
     selection = TopKSelector().select(scores, protected, Budget(tokens=1), _view(6, 1))
     assert selection.indices.tolist() == [[[5]]]
+
+
+def test_top_k_dropping_few_keeps_what_ranking_all_keeps():
+    """A decoding step drops a token or two of many: the selector then finds the dropped ones
+    instead of ranking every kept token; it must keep exactly the tokens ranking all keeps."""
+    generator = torch.Generator().manual_seed(0)
+    for tokens, capacity in ((9, 8), (40, 37), (40, 21), (40, 20), (40, 3), (7, 7)):
+        scores = torch.rand(2, 3, tokens, generator=generator)  # distinct values: no ties to break
+        protected = torch.zeros(2, 3, tokens, dtype=torch.bool)
+        protected[..., -2:] = True
+        protected[0, 1, 0] = True
+        selection = TopKSelector().select(scores, protected, Budget(tokens=capacity), _view(tokens, 3))
+        keyed = scores.masked_fill(protected, float("inf"))
+        expected = keyed.topk(max(capacity, 3), dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(selection.indices, expected), (tokens, capacity)
+        assert selection.valid is None

@@ -30,7 +30,9 @@ def local_cluster():
 class _Killer(threading.Thread):
     """SIGKILLs the actor process of the first job seen running for ``after`` seconds, once."""
 
-    def __init__(self, pool, after: float = 0.3, deadline: float = 120.0) -> None:
+    def __init__(self, pool, after: float = 0.3, deadline: float = 900.0) -> None:
+        # the deadline counts from before the actors have loaded their model: generous, so a busy
+        # machine's slow start does not end the watch before any job runs
         super().__init__(daemon=True)
         self.pool, self.after, self.deadline = pool, after, deadline
         self.killed: tuple[int, int] | None = None

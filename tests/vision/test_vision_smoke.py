@@ -48,7 +48,9 @@ def test_keep_all_generate_is_bit_identical_to_the_bare_model(vlm, videos):
     video = videos[0]
     inputs = {"input_ids": video.input_ids(), "pixel_values": video.pixel_values}
     with torch.no_grad():
-        bare = vlm.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        bare = vlm.generate(
+            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     result = kvpolicy.build("full").generate(
         vlm, inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
     )
@@ -86,7 +88,9 @@ def test_the_training_command_saves_a_loadable_model(tmp_path):
 
 
 def test_the_curves_command_writes_records_and_a_table(tmp_path, capsys):
-    assert main(["curves", "--out", str(tmp_path), "--items", "3", "--budgets", "0.25", "--presets", "h2o", "kvzip"]) == 0
+    assert (
+        main(["curves", "--out", str(tmp_path), "--items", "3", "--budgets", "0.25", "--presets", "h2o", "kvzip"]) == 0
+    )
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert [r["item"] for r in records] == [0, 1, 2] and {r["policy"] for r in records} == {"h2o@0.25"}
     summary = json.loads((tmp_path / "summary.json").read_text())

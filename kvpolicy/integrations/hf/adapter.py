@@ -22,20 +22,72 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 
 
+#: vision-language wrappers (``*ForConditionalGeneration``) kvpolicy drives when their language
+#: model is of a supported family: the policy manages the language model's cache, image tokens
+#: included; the vision tower keeps its own attention (it has no cache)
+MULTIMODAL_FAMILIES: dict[str, str] = {
+    "llava": "LLaVA",
+    "llava_next": "LLaVA-NeXT",
+    "llava_next_video": "LLaVA-NeXT-Video",
+    "gemma3": "Gemma 3",
+}
+
+#: vision-language families that cannot be driven, and why
+UNSUPPORTED_MULTIMODAL: dict[str, str] = {
+    kind: (
+        "it numbers tokens with 3-D multimodal RoPE (M-RoPE: each image token's time, row and column), while "
+        "kvpolicy gives every token one absolute position, the one it keeps after eviction; its image tokens "
+        "would be rotated to the wrong positions (text-only use: load its language model alone)"
+    )
+    for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+}
+
+
 def supported_list() -> str:
     return ", ".join(f"{name} ({key})" for key, name in SUPPORTED_FAMILIES.items())
 
 
 class HFAdapter:
-    """Attaches policies to one transformers model of a supported family: a causal LM, or its
-    base model (e.g. `LlamaModel`) driven with ``inputs_embeds`` — a Decision Transformer or any
-    model that embeds its own inputs. `generate` needs the causal LM."""
+    """Attaches policies to one transformers model of a supported family: a causal LM, its base
+    model (e.g. `LlamaModel`) driven with ``inputs_embeds`` — a Decision Transformer or any model
+    that embeds its own inputs — or a vision-language wrapper around a supported language model
+    (`MULTIMODAL_FAMILIES`, e.g. `LlavaForConditionalGeneration` given ``pixel_values``).
+    `generate` needs a model with a language-model head."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
 
+    def _multimodal_family(self) -> str:
+        """The family of a vision-language wrapper whose language model kvpolicy supports."""
+        text = self.model.config.get_text_config(decoder=True)
+        text_type = getattr(text, "model_type", None)
+        if text_type not in SUPPORTED_FAMILIES:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}'s language model (model_type {text_type!r}) is not supported; "
+                f"supported families: {supported_list()}"
+            )
+        language_model = getattr(getattr(self.model, "model", None), "language_model", None)
+        if not hasattr(language_model, "layers"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} has no language model with decoder layers at model.language_model"
+            )
+        return f"{MULTIMODAL_FAMILIES[self.model_type]} ({SUPPORTED_FAMILIES[text_type]} language model)"
+
     def _check(self, *, generating: bool = False) -> str:
+        if self.model_type in UNSUPPORTED_MULTIMODAL:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} (model_type {self.model_type!r}) is not supported: "
+                f"{UNSUPPORTED_MULTIMODAL[self.model_type]}"
+            )
+        if self.model_type in MULTIMODAL_FAMILIES:
+            family = self._multimodal_family()
+            if generating and not hasattr(self.model, "lm_head"):
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} has no language-model head, so it cannot generate; attach it and "
+                    "drive it with handle.feed, or generate with the *ForConditionalGeneration model"
+                )
+            return family
         if self.model_type not in SUPPORTED_FAMILIES:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} (model_type {self.model_type!r}) is not supported; "
@@ -58,7 +110,14 @@ class HFAdapter:
     ) -> Attachment:
         """An `Attachment` of ``policy`` to the model; ``attention`` makes the attention function
         it registers (default: kvpolicy's, `attention.make_attention_function`)."""
-        return Attachment(self.model, policy, self._check(), attention or make_attention_function)
+        family = self._check()
+        if self.model_type in MULTIMODAL_FAMILIES and policy.requirements.reconstruction:
+            raise UnsupportedModelError(
+                f"{policy!r} scores tokens by repeating the context as token ids (KVzip's repeat pass); in "
+                f"{type(self.model).__name__} an image token's id is a placeholder, its content is in the pixels, "
+                "so the repeat would show the model placeholders instead of the images"
+            )
+        return Attachment(self.model, policy, family, attention or make_attention_function)
 
     def generate(self, policy: Any, inputs: Any, **generate_kwargs: Any) -> GenerationResult:
         """Generate with ``policy`` attached; ``inputs`` is a tokenizer output or ``input_ids``.

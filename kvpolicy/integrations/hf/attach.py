@@ -10,7 +10,9 @@ cache runs its eviction pass (`EvictingCache.eviction_pass`). ``model.generate``
 that it starts from a fresh evicting cache and knows where the prompt ends (``after_prefill``
 fires once the prompt is consumed, chunked prefill included); given ``context_end=n`` it runs the
 ``context-first`` protocol instead (`kvpolicy.integrations.hf.context_first`). Leaving the block
-undoes all of it.
+undoes all of it. A vision-language wrapper (e.g. `LlavaForConditionalGeneration`) is hooked the
+same way: its forward merges the image features into the embeddings and hands them, with the
+positions, to its language model, whose cache holds image and text tokens alike.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class Attachment(AbstractContextManager):
                     f"a policy is already attached to this {type(self.model).__name__} "
                     f"({_ATTACHED[self.model].policy!r}); leave its `with` block before attaching another"
                 )
-            implementation = self.model.config._attn_implementation
+            implementation = self.config._attn_implementation  # the language model's (a vision tower keeps its own)
             if implementation not in SUPPORTED_IMPLEMENTATIONS:
                 raise UnsupportedModelError(
                     f"attention implementation {implementation!r} is not supported; load the model with "
@@ -154,7 +156,7 @@ class Attachment(AbstractContextManager):
             _ATTACHED[self.model] = self
         register_functions(name, self.make_attention(self.route), make_mask_function(self.route))
         self._saved_implementations = [(c, c.__dict__.get("_attn_implementation_internal")) for c in self._configs()]
-        self.model.config._attn_implementation = name
+        self._switch_language_model(name)
         self._hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward),
@@ -167,6 +169,17 @@ class Attachment(AbstractContextManager):
             self.model.generate = self._generate
         self._entered = True
         return Handle(self)
+
+    def _switch_language_model(self, name: str) -> None:
+        """Route the language model's attention and masks through ``name``. In a vision-language
+        wrapper only its own config and the language model's switch: the vision tower attends
+        without a cache, so it keeps its implementation (and none of its layers is taken for a
+        decoder layer of the same index)."""
+        if self.config is self.model.config:
+            self.model.config._attn_implementation = name  # transformers sets every sub-config too
+            return
+        for config in (self.model.config, self.config):
+            config.__dict__["_attn_implementation_internal"] = name
 
     def _configs(self) -> list[Any]:
         """The model's config and every sub-config (their attention implementation is switched together)."""

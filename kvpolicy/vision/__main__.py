@@ -1,0 +1,5 @@
+import sys
+
+from kvpolicy.vision.cli import main
+
+sys.exit(main())

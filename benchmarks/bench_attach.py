@@ -21,8 +21,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proc_status import status_kib  # noqa: E402 - after the path
 
 
 def _prompt(tokenizer, tokens: int) -> torch.Tensor:
@@ -90,14 +94,6 @@ def speed(tokens: int, decode: int, repeats: int) -> dict[str, float]:
     return {k: min(v) for k, v in results.items()}
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(tokens: int, budget: str | None, chunk: int | None) -> None:
     """Run in a subprocess: prefill with a policy, print KV bytes and the peak RSS as JSON."""
     import kvpolicy
@@ -105,14 +101,14 @@ def memory_child(tokens: int, budget: str | None, chunk: int | None) -> None:
 
     model, tokenizer = load_model()
     ids = _prompt(tokenizer, tokens)
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark after loading
         handle.write("5")
     policy = kvpolicy.build("full") if budget is None else kvpolicy.build("streaming_llm", budget=budget)
     with policy.attach(model) as handle:
         handle.feed(ids, chunk_size=chunk)
         report = handle.report()
-    peak = _rss_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(
         json.dumps(
             {"kv_bytes": report.kv_bytes, "full_kv_bytes": report.full_kv_bytes, "peak_kib": peak, "base_kib": base}

@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from proc_status import status_kib  # noqa: E402 - after the path
+
 DEFAULT_MODELS = "qwen2.5-coder-0.5b-instruct:8192,16384,32768;smollm2-135m-instruct:4096,8192"
 POLICIES = ("streaming_llm", "snapkv", "snapkv/chunk", "snapkv-span", "snapkv-span/chunk", "tova")
 NAMM = ("namm-bam-smollm2", "namm-bam-smollm2/chunk")
@@ -51,14 +54,6 @@ DEFAULT_RESULTS = "benchmarks/results/long_context.jsonl"
 
 
 # ----------------------------------------------------------------------------- one run (child)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -175,10 +170,10 @@ def run_child(spec: dict) -> dict:
     policy = build_variant(spec["variant"], spec["budget"], spec["chunk"])
     _generate(model, policy, ids[:, : min(2 * spec["chunk"], spec["tokens"])], spec["chunk"], 2)  # warm-up
     gc.collect()
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     _reset_peak()
     result = _generate(model, policy, ids, spec["chunk"], spec["decode"])
-    result["peak_above_model_bytes"] = (_rss_kib("VmHWM") - base) * 1024
+    result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["schedule"] = describe_schedule(policy)
     result["threads"] = torch.get_num_threads()
     return result

@@ -29,18 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from proc_status import status_kib  # noqa: E402 - after the path
+
 DEFAULT_VENV = Path.home() / ".cache" / "kvpolicy" / "kvpress-venv"
 #: kvpolicy preset (as run here) for each kvpress press
 PRESSES = {"streaming_llm": "streaming_llm", "snapkv": "snapkv/chunk", "tova": "tova"}
 KVPRESS_CLASSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def kvpress_child(spec: dict) -> dict:
@@ -79,11 +74,11 @@ def kvpress_child(spec: dict) -> dict:
 
     run(ids[:, :256], 2)  # warm-up
     gc.collect()
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     result = run(ids, spec["decode"])
-    result["peak_above_model_bytes"] = (_rss_kib("VmHWM") - base) * 1024
+    result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["versions"] = {
         "kvpress": "0.5.5",
         "torch": torch.__version__,

@@ -44,6 +44,12 @@ from kvpolicy.eval.sources import essay_run, insert_at_depths, rng_for, spread_d
 QUESTIONS_PER_CONTEXT = 4
 MULTIKEY = "multikey-shared"
 NEEDLE = "needle-shared"
+#: (needle, question, answer prefix) of ``multikey-shared``: one template, four keys
+MAGIC_NUMBER = (
+    "The special magic number for {key} is {value}.",
+    "What is the special magic number for {key} mentioned in the text above?",
+    "The special magic number for {key} is",
+)
 #: (needle, question, answer prefix) templates of ``needle-shared``, one per question of a context
 TEMPLATES = (
     ("The {key} locker number is {value}.", "What is the {key} locker number mentioned in the text above?", "The {key} locker number is"),
@@ -60,45 +66,30 @@ def context_of(seed: int) -> tuple[int, int]:
 
 
 def make_multikey(split: Split, seed: int, length: int) -> Item:
+    return _four_needles(MULTIKEY, (MAGIC_NUMBER,) * QUESTIONS_PER_CONTEXT, split, seed, length)
+
+
+def make_needle(split: Split, seed: int, length: int) -> Item:
+    return _four_needles(NEEDLE, TEMPLATES, split, seed, length)
+
+
+def _four_needles(task: str, templates: tuple[tuple[str, str, str], ...], split: Split, seed: int, length: int) -> Item:
+    """Context ``seed // 4``: needle ``i`` is ``templates[i]`` with its own key and number, at a
+    depth of its own; item ``seed % 4`` asks for needle ``seed % 4``."""
     group, asked = context_of(seed)
-    rng = rng_for(MULTIKEY, split, group, length)
+    rng = rng_for(task, split, group, length)
     keys = rng.sample(KEYS[split], QUESTIONS_PER_CONTEXT)
     values = distinct_numbers(rng, QUESTIONS_PER_CONTEXT)
     depths = spread_depths(rng, QUESTIONS_PER_CONTEXT)
     rng.shuffle(depths)  # the asked order is not the order in the text
     sentences, titles = essay_run(rng, split, tokens_to_chars(length))
-    needles = [(d, f"The special magic number for {k} is {v}.") for d, k, v in zip(depths, keys, values, strict=True)]
-    return Item(
-        task=MULTIKEY,
-        split=split,
-        seed=seed,
-        length=length,
-        context=" ".join(insert_at_depths(sentences, needles)),
-        question=f"What is the special magic number for {keys[asked]} mentioned in the text above?",
-        answer_prefix=f"The special magic number for {keys[asked]} is",
-        answers=(values[asked],),
-        max_new_tokens=10,
-        metric="contains",
-        sources=(*titles, f"needle-keys:{split}"),
-        depth=depths[asked],
-    )
-
-
-def make_needle(split: Split, seed: int, length: int) -> Item:
-    group, asked = context_of(seed)
-    rng = rng_for(NEEDLE, split, group, length)
-    keys = rng.sample(KEYS[split], QUESTIONS_PER_CONTEXT)
-    values = distinct_numbers(rng, QUESTIONS_PER_CONTEXT)
-    depths = spread_depths(rng, QUESTIONS_PER_CONTEXT)
-    rng.shuffle(depths)
-    sentences, titles = essay_run(rng, split, tokens_to_chars(length))
     needles = [
         (depth, needle.format(key=key, value=value))
-        for depth, (needle, _, _), key, value in zip(depths, TEMPLATES, keys, values, strict=True)
+        for depth, (needle, _, _), key, value in zip(depths, templates, keys, values, strict=True)
     ]
-    _, question, prefix = TEMPLATES[asked]
+    _, question, prefix = templates[asked]
     return Item(
-        task=NEEDLE,
+        task=task,
         split=split,
         seed=seed,
         length=length,

@@ -190,7 +190,7 @@ def _forked(
     chunk_size: int,
     protocol: EvalProtocol,
     evict: bool = True,
-) -> ItemResult:
+) -> list[ItemResult]:
     """``policy``'s results on ``items`` (one prompt's), each forked from its view of the recording."""
     plan = ForkedRows(lambda row: shared, evict=evict)
     return evaluate(

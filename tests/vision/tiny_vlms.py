@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from kvpolicy.integrations.hf.tiny import TEXT_CONFIG
+
 IMAGE, VIDEO, BEGIN, END = 299, 298, 297, 296
-_TEXT = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=4096,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_TEXT = {**TEXT_CONFIG, "vocab_size": 300}  # room for the image placeholder ids above
 _CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_channels=3)
 
 

@@ -17,7 +17,8 @@ import torch
 from kvpolicy.errors import UnknownComponentError
 
 VOCAB = 256
-_COMMON = dict(
+#: the decoder shape every tiny family shares (tests build vision-language wrappers around it too)
+TEXT_CONFIG = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -35,25 +36,25 @@ _COMMON = dict(
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM, LlamaConfig(**_COMMON)
+    return LlamaForCausalLM, LlamaConfig(**TEXT_CONFIG)
 
 
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM, MistralConfig(**_COMMON, sliding_window=None)
+    return MistralForCausalLM, MistralConfig(**TEXT_CONFIG, sliding_window=None)
 
 
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM, Qwen2Config(**_COMMON, use_sliding_window=False)
+    return Qwen2ForCausalLM, Qwen2Config(**TEXT_CONFIG, use_sliding_window=False)
 
 
 def _qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return Qwen3ForCausalLM, Qwen3Config(**_COMMON, use_sliding_window=False)
+    return Qwen3ForCausalLM, Qwen3Config(**TEXT_CONFIG, use_sliding_window=False)
 
 
 def _gemma3():
@@ -61,7 +62,7 @@ def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        **_COMMON, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16
+        **TEXT_CONFIG, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16
     )
     return Gemma3ForCausalLM, config
 
@@ -69,7 +70,7 @@ def _gemma3():
 def _phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    common = {k: v for k, v in _COMMON.items() if k != "head_dim"}  # Phi-3 derives head_dim = hidden / heads
+    common = {k: v for k, v in TEXT_CONFIG.items() if k != "head_dim"}  # Phi-3 derives head_dim = hidden / heads
     return Phi3ForCausalLM, Phi3Config(**common, sliding_window=None)
 
 

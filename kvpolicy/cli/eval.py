@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.distributed import EXECUTORS
 from kvpolicy.eval.harness import DEFAULT_CHUNK, METRIC_MODES
-from kvpolicy.eval.items import SPLITS
+from kvpolicy.eval.items import SPLITS, VALIDATION_SEED
 from kvpolicy.eval.plan import DEFAULT_PLAN
 from kvpolicy.eval.profiles import PROFILES, get_profile, parse_tasks
 from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from kvpolicy.eval.run import RunSummary
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-#: the first seed of ``--split validation``: train material that no evolution config draws
-VALIDATION_SEED = 1000
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:

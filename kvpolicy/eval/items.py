@@ -19,6 +19,8 @@ from kvpolicy.errors import InvalidConfigError
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
 Template = Literal["chat", "raw"]
+#: ``validation`` items are train material from this seed on, which no evolution config draws
+VALIDATION_SEED = 1000
 
 
 def check_split(split: str) -> Split:

@@ -23,6 +23,7 @@ import torch
 
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.integrations.hf.generate import cache_keyword
+from kvpolicy.integrations.hf.report import kept_share
 from kvpolicy.vision import task
 
 DEFAULT_CHUNK_FRAMES = 8  # 128 image tokens a forward call
@@ -42,21 +43,6 @@ class BatchAnswers:
 
 def _chunks(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_frames, frames)) for start in range(0, frames, chunk_frames)]
-
-
-def _kept_positions(cache: Any, layers: Sequence[int], videos: int, video_tokens: int) -> torch.Tensor:
-    """``[videos, video_tokens]``: the share of (layer, KV head) pairs whose cache holds each position."""
-    counts = torch.zeros(videos, video_tokens)
-    for index in layers:
-        layer = cache.layers[index]
-        positions = layer.positions.clone()
-        if layer.valid is not None:
-            positions[~layer.valid] = -1
-        heads = positions.shape[1]
-        inside = (positions >= 0) & (positions < video_tokens)
-        for row in range(videos):
-            counts[row].index_add_(0, positions[row][inside[row]], torch.full((int(inside[row].sum()),), 1.0 / heads))
-    return counts / max(1, len(layers))
 
 
 @torch.no_grad()
@@ -81,8 +67,7 @@ def answer_batch(
             chunk_pixels = pixels[:, start:stop].flatten(0, 1)
             model(input_ids=ids[:, first:last], pixel_values=chunk_pixels, use_cache=True, **{keyword: cache})
         layers = handle.report().evicting_layers
-        managed = layers or tuple(i for i, layer in enumerate(cache.layers) if hasattr(layer, "positions"))
-        kept = _kept_positions(cache, managed, len(videos), ids.shape[1])
+        kept = kept_share(cache, ids.shape[1], layers)
         handle.seal()
         question = torch.cat([video.question_ids() for video in videos])
         logits = model(input_ids=question, use_cache=True, **{keyword: cache}).logits[:, -1]

@@ -10,6 +10,8 @@ is what member *i* kept, the same figure a batch-of-one run of that member repor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -84,6 +86,34 @@ def batch_size(cache: EvictingCache) -> int:
         if _stored(layer):
             return int(layer.keys.shape[0])
     return 0
+
+
+def managed_layers(cache: EvictingCache) -> tuple[int, ...]:
+    """Indices of the layers a policy manages (evicting layers of the cache)."""
+    return tuple(i for i, layer in enumerate(cache.layers) if isinstance(layer, EvictingLayer) and _stored(layer))
+
+
+def kept_share(cache: EvictingCache, tokens: int, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[rows, tokens]``: for each position ``< tokens``, the share of (layer, KV head) pairs of
+    ``layers`` (default: every managed layer) whose cache still holds it — 1.0 for a token no
+    pass evicted, 0.0 for one every head dropped. Read from the stored positions, so it is what
+    the cache holds, not what a policy meant to keep."""
+    layers = managed_layers(cache) if layers is None or len(layers) == 0 else tuple(layers)
+    counts = torch.zeros(batch_size(cache), tokens)
+    for index in layers:
+        layer = cache.layers[index]
+        if layer.positions is None:  # nothing evicted yet: the layer holds every token it saw, in order
+            counts[:, : min(tokens, layer.keys.shape[2])] += 1.0
+            continue
+        positions = layer.positions.clone()
+        if layer.valid is not None:
+            positions[~layer.valid] = -1
+        heads = positions.shape[1]
+        inside = (positions >= 0) & (positions < tokens)
+        for row in range(counts.shape[0]):
+            held = positions[row][inside[row]].cpu()
+            counts[row].index_add_(0, held, torch.full((held.shape[0],), 1.0 / heads))
+    return counts / max(1, len(layers))
 
 
 def _check_row(cache: EvictingCache, row: int) -> None:

@@ -64,16 +64,26 @@ def kvpolicy_register_presets(register) -> None:
     register(
         "namm-bam",
         namm_config("bam"),
-        description="NAMM with BAM: STFT features, counter-causal attention scorer, threshold (Cetin et al. 2024)",
+        description=(
+            "NAMM with BAM: STFT features, counter-causal attention scorer, threshold (Cetin et al. 2024); "
+            "no parameters shipped (zero scores keep everything): evolve or load some"
+        ),
     )
     register(
         "namm-mlp",
         namm_config("mlp"),
-        description="NAMM with a per-token MLP scorer (ablation of Cetin et al. 2024)",
+        description=(
+            "NAMM with a per-token MLP scorer (ablation of Cetin et al. 2024); "
+            "no parameters shipped (zero scores keep everything): evolve or load some"
+        ),
     )
     register(
         "namm-bam-smollm2",
         evolved_config(),
-        description="NAMM for SmolLM2 (evolved, best CMA-ES validation mean): spectrogram + span-pooled votes → BAM → top-k 25%",
+        description=(
+            "NAMM for SmolLM2, top-k 25%: searched = BAM's linear read-out over spectrogram + span-pooled "
+            "votes (30 weights, CMA-ES, 10 generations, question-aware items); fixed = BAM's attention "
+            "(zero: unused), features, selector, schedule"
+        ),
         weights=EVOLVED_SMOLLM2,
     )

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also tabulate each run's chance-corrected skill kept and its paired bootstrap 95%% interval "
         "against this run (a label such as namm-bam-smollm2@25%%)",
     )
+    parser.add_argument(
+        "--report",
+        default="compare",
+        metavar="NAME",
+        help="write the tables and figure as NAME.md, NAME.png and NAME.json (default: compare), so one --out "
+        "folder can hold several reports over its records (e.g. a headline at two budgets and curves at four)",
+    )
     add_suite_arguments(parser)
 
 
@@ -58,6 +65,13 @@ def paired_table(labels: list[str], kept: dict[str, float], results: dict, refer
         )
         lines.append(f"| {label} | {kept[label]:.1%} | {diff.b * 100:.1f} | {interval} | {diff.n} |")
     return "\n".join(lines) + "\n"
+
+
+def check_report_name(name: str) -> str:
+    """A report name is a plain file stem: it may not climb out of ``--out`` or name a folder."""
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
+        raise InvalidConfigError(f"--report takes a plain file name (letters, digits, - _ .), got {name!r}")
+    return name
 
 
 def policy_specs(args: argparse.Namespace) -> list[str]:
@@ -144,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpolicy.eval.plot import comparison_figure
     from kvpolicy.models import load_model
 
+    report = check_report_name(args.report)
     grid = _grid(policy_specs(args), args.budget)
     items = suite_items(args)
     labels = [label_for_spec(spec, budget) for spec, budget, _ in grid]
@@ -219,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         + f", {len(items)} items, {args.model}; {protocol}); mean ± standard error; Δ = paired difference to the "
         "full cache in points.\n\n"
     )
-    atomic_write_text(out / "compare.md", header + table)
+    atomic_write_text(out / f"{report}.md", header + table)
     runs = [
         (
             label_for_spec(spec),  # one curve per policy spec across budgets (a span variant is its own curve)
@@ -231,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for (spec, _, _), s in zip(grid, summaries, strict=True)
     ]
-    comparison_figure(runs, out / "compare.png")
-    atomic_write_text(out / "compare.json", json.dumps([s.to_dict() for s in summaries], indent=2))
+    comparison_figure(runs, out / f"{report}.png")
+    atomic_write_text(out / f"{report}.json", json.dumps([s.to_dict() for s in summaries], indent=2))
     print(header + table)
-    print(f"wrote {out}/compare.md, compare.png, compare.json and one folder per run in {out}/runs")
+    print(f"wrote {out}/{report}.md, {report}.png, {report}.json and one folder per run in {out}/runs")
     return 0

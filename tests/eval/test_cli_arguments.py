@@ -22,6 +22,7 @@ from kvpolicy.cli import main
         (["compare", "--policy", "h2o", "--executor", "processes", "--address", "auto"], "--address joins a Ray"),
         (["eval", "--policy", "h2o", "--executor", "ray", "--batch-size", "4"], "cannot batch items"),
         (["compare", "--policy", "h2o", "--executor", "processes", "--workers", "0"], "--workers must be a positive"),
+        (["compare", "--policy", "h2o", "--report", "../elsewhere"], "--report takes a plain file name"),
     ],
 )
 def test_a_bad_argument_fails_at_once(tmp_path, capsys, argv, message):

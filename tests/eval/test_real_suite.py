@@ -50,3 +50,19 @@ def test_the_cli_runs_context_first_and_records_it(tmp_path: Path, capsys) -> No
     # the same folder refuses the other protocol
     assert main([*argv[:6], "question-aware", *argv[7:], "--out", str(tmp_path / "run")]) == 2
     assert "never share a file" in capsys.readouterr().err
+
+
+def test_one_folder_holds_several_compare_reports(tmp_path: Path) -> None:
+    """``--report NAME`` writes NAME.md/.png/.json over the folder's records: a second report of the
+    same runs reads them back (the shared records are not run again) and leaves the first in place."""
+    from kvpolicy.cli import main
+
+    argv = ["compare", "--policy", "snapkv", "--budget", "25%", "--profile", "ci", "--tasks", "needle",
+            "--seeds", "1", "--reference-dir", str(tmp_path / "refs"), "--no-progress", "--out", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 0
+    records = (tmp_path / "c" / "runs" / "snapkv@25%" / "results.jsonl").read_text()
+    assert main([*argv, "--report", "again"]) == 0
+    assert (tmp_path / "c" / "runs" / "snapkv@25%" / "results.jsonl").read_text() == records
+    first, again = ((tmp_path / "c" / f"{name}.md").read_text() for name in ("compare", "again"))
+    assert first == again and "snapkv@25%" in first
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"compare.png", "again.png", "again.json"}

@@ -127,6 +127,7 @@ def item_shares(
     context = encoded.prompt_ids[:, : encoded.context_tokens]
     answer = item.answers[0] if item.answers and item.answers[0].strip() in item.context else None
     classes = classify(context[0].tolist(), tokenizer, code=item.task in CODE_TASKS, answer=answer)
+    policy.bind_tokenizer(tokenizer)  # KVzip writes its repeat prompt with the model's tokenizer
     share = compressed_share(model, policy, context, chunk_size)
     overall = float(share.mean())
     out = []

@@ -56,10 +56,11 @@ def test_the_kept_share_is_what_the_cache_holds(tiny_model) -> None:
     assert float(snap.min()) < float(snap.max())  # heads disagree: a share, not a 0/1 mask
 
 
-def test_item_shares_cover_the_context_and_weight_to_the_cache_kept(tiny_model, tiny_tokenizer) -> None:
+@pytest.mark.parametrize("preset", ["snapkv", "kvzip"])
+def test_item_shares_cover_the_context_and_weight_to_the_cache_kept(tiny_model, tiny_tokenizer, preset) -> None:
     item = make_item("multikey-shared", "train", 1000, 512)
-    policy = kvpolicy.build("snapkv", budget=0.25)
-    shares = forgetting.item_shares(tiny_model, tiny_tokenizer, item, "snapkv@0.25", policy, chunk_size=128)
+    policy = kvpolicy.build(preset, budget=0.25)
+    shares = forgetting.item_shares(tiny_model, tiny_tokenizer, item, preset, policy, chunk_size=128)
     tokens = sum(s.tokens for s in shares)
     weighted = sum(s.kept * s.tokens for s in shares) / tokens
     assert weighted == pytest.approx(shares[0].cache_kept, abs=1e-5)

@@ -13,7 +13,9 @@ At a budget of 25 %, a class kept at 5 % is evicted first, one kept at 60 % is f
 
 ``python -m kvpolicy.eval.forgetting --model qwen2.5-coder-0.5b-instruct --task code-default \\
 --length 8192 --seeds 0 1 2 3 --presets namm-bam-smollm2 snapkv kvzip --budget 0.25 --out DIR``
-writes ``records.jsonl`` (one line per item × policy × class), ``summary.md`` and ``forgetting.png``.
+writes ``records.jsonl`` (one line per item × policy: class shares and the kept share of every
+layer's KV heads), ``summary.md``, ``forgetting.png`` (by class) and ``heads.png`` (by layer and
+head: where a self-sized memory puts its cache).
 """
 
 from __future__ import annotations
@@ -93,34 +95,39 @@ def classify(ids: Sequence[int], tokenizer: Any, *, code: bool, answer: str | No
 
 
 @attrs.frozen
-class ClassShare:
-    """One item × policy × class: how many context tokens the class has and the share kept."""
+class Compressed:
+    """One item's context compressed by one policy: per token class ``(tokens, kept share)``, the
+    share of the cache kept overall, and the kept share of each layer's KV heads (``[]`` for a layer
+    the policy does not manage)."""
 
     item: str
     policy: str
-    token_class: str
-    tokens: int
-    kept: float
+    classes: dict[str, tuple[int, float]]
     cache_kept: float
+    head_kept: list[list[float]]
 
     def as_record(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
-def compressed_share(model: Any, policy: Any, context_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[tokens]``: the share of (layer, KV head) pairs holding each context token after the
-    context alone was prefilled and compressed by ``policy`` (the ``context-first`` protocol's
-    compression: the same `Handle.feed` of the context, then nothing)."""
+def compress_context(
+    model: Any, policy: Any, context_ids: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, list[list[float]]]:
+    """``([tokens], head_kept)``: the share of (layer, KV head) pairs holding each context token
+    after the context alone was prefilled and compressed by ``policy`` (the ``context-first``
+    protocol's compression: the same `Handle.feed` of the context, then nothing), and each
+    layer's per-head share of the context kept."""
     with policy.attach(model) as handle:
         handle.feed(context_ids, chunk_size, last_only=True)
-        layers = handle.report().evicting_layers
-        return kept_share(handle.cache, context_ids.shape[1], layers)[0]
+        report = handle.report()
+        share = kept_share(handle.cache, context_ids.shape[1], report.evicting_layers)[0]
+    evicting = set(report.evicting_layers) or set(range(len(report.kept)))
+    heads = [[k / report.seen for k in layer] if i in evicting else [] for i, layer in enumerate(report.kept)]
+    return share, heads
 
 
-def item_shares(
-    model: Any, tokenizer: Any, item: Item, label: str, policy: Any, chunk_size: int = 512
-) -> list[ClassShare]:
-    """Kept share per token class of one item's context under one policy."""
+def compress_item(model: Any, tokenizer: Any, item: Item, label: str, policy: Any, chunk_size: int = 512) -> Compressed:
+    """What one policy keeps of one item's context, by token class and by layer and head."""
     encoded = encode(item, tokenizer)
     if encoded.context_tokens < 1:
         raise InvalidConfigError(f"item {item.uid} has no context to compress")
@@ -128,42 +135,51 @@ def item_shares(
     answer = item.answers[0] if item.answers and item.answers[0].strip() in item.context else None
     classes = classify(context[0].tolist(), tokenizer, code=item.task in CODE_TASKS, answer=answer)
     policy.bind_tokenizer(tokenizer)  # KVzip writes its repeat prompt with the model's tokenizer
-    share = compressed_share(model, policy, context, chunk_size)
-    overall = float(share.mean())
-    out = []
+    share, heads = compress_context(model, policy, context, chunk_size)
+    by_class = {}
     for name in CLASSES:
         mask = torch.tensor([c == name for c in classes])
         if mask.any():
-            out.append(ClassShare(item.uid, label, name, int(mask.sum()), float(share[mask].mean()), overall))
-    return out
+            by_class[name] = (int(mask.sum()), float(share[mask].mean()))
+    return Compressed(item.uid, label, by_class, float(share.mean()), heads)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per policy × class: tokens over the items, kept share weighted by tokens, and the share of
     the context the class makes up."""
-    rows: dict[tuple[str, str], dict[str, float]] = {}
+    rows: dict[tuple[str, str], list[float]] = {}
     totals: dict[str, int] = {}
     cache: dict[str, list[float]] = {}
     for r in records:
-        key = (r["policy"], r["token_class"])
-        cell = rows.setdefault(key, {"tokens": 0, "kept": 0.0})
-        cell["tokens"] += r["tokens"]
-        cell["kept"] += r["kept"] * r["tokens"]
-        totals[r["policy"]] = totals.get(r["policy"], 0) + r["tokens"]
         cache.setdefault(r["policy"], []).append(r["cache_kept"])
-    out = []
-    for (policy, name), cell in rows.items():
-        out.append(
-            {
-                "policy": policy,
-                "token_class": name,
-                "tokens": int(cell["tokens"]),
-                "of_context": cell["tokens"] / totals[policy],
-                "kept": cell["kept"] / cell["tokens"],
-                "cache_kept": sum(cache[policy]) / len(cache[policy]),
-            }
-        )
+        for name, (tokens, kept) in r["classes"].items():
+            cell = rows.setdefault((r["policy"], name), [0, 0.0])
+            cell[0] += tokens
+            cell[1] += kept * tokens
+            totals[r["policy"]] = totals.get(r["policy"], 0) + tokens
+    out = [
+        {
+            "policy": policy,
+            "token_class": name,
+            "tokens": int(tokens),
+            "of_context": tokens / totals[policy],
+            "kept": kept / tokens,
+            "cache_kept": sum(cache[policy]) / len(cache[policy]),
+        }
+        for (policy, name), (tokens, kept) in rows.items()
+    ]
     return sorted(out, key=lambda r: (r["policy"], CLASSES.index(r["token_class"])))
+
+
+def head_map(records: Sequence[dict[str, Any]], policy: str) -> torch.Tensor:
+    """``[layers, heads]``: a policy's kept share per layer and KV head, mean over its items (NaN
+    for a layer it does not manage)."""
+    maps = []
+    for r in records:
+        if r["policy"] == policy:
+            width = max(len(layer) for layer in r["head_kept"])
+            maps.append(torch.tensor([layer if layer else [float("nan")] * width for layer in r["head_kept"]]))
+    return torch.stack(maps).mean(0)
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -209,6 +225,47 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def plot_head_maps(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """One heat map per policy: the share of the context each layer's KV heads keep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in records))
+    figure, axes = plt.subplots(1, len(policies), figsize=(2.6 * len(policies) + 1, 5), squeeze=False)
+    for axis, policy in zip(axes[0], policies, strict=True):
+        shares = head_map(records, policy)
+        image = axis.imshow(100 * shares.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+        axis.set_title(policy, fontsize=9)
+        axis.set_xlabel("KV head")
+    axes[0][0].set_ylabel("layer")
+    figure.colorbar(image, ax=axes[0].tolist(), label="context kept (%)")
+    figure.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
+def layer_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: each policy's kept share per layer (mean over heads), min and max over heads."""
+    policies = list(dict.fromkeys(r["policy"] for r in records))
+    maps = {p: head_map(records, p) for p in policies}
+    layers = max(m.shape[0] for m in maps.values())
+    lines = ["| layer | " + " | ".join(policies) + " |", "|---:|" + "---:|" * len(policies)]
+    for layer in range(layers):
+        cells = []
+        for p in policies:
+            row = maps[p][layer]
+            cells.append(
+                "—"
+                if bool(row.isnan().all())
+                else f"{100 * float(row.mean()):.0f} ({100 * float(row.min()):.0f}–{100 * float(row.max()):.0f})"
+            )
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _done(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -251,13 +308,14 @@ def run(
             label = f"{name}@{budget:g}" if policy.needs_budget else name
             if (item.uid, label) in done:
                 continue
-            shares = [s.as_record() for s in item_shares(model, tokenizer, item, label, policy, chunk_size)]
-            records += shares
+            records.append(compress_item(model, tokenizer, item, label, policy, chunk_size).as_record())
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     rows = summarize(records)
     header = f"{task} at {length} tokens, {model_name}, {split} seeds {list(seeds)}, budget {budget:g}\n\n"
-    atomic_write_text(out / "summary.md", header + table(rows))
+    per_layer = "\nContext kept per layer, mean over KV heads (min–max over heads), %:\n\n" + layer_table(records)
+    atomic_write_text(out / "summary.md", header + table(rows) + per_layer)
     plot(rows, out / "forgetting.png", f"what each policy keeps: {task}, {model_name}, {length} tokens")
+    plot_head_maps(records, out / "heads.png", f"context kept per layer and KV head: {task}, {model_name}")
     return rows
 
 

@@ -45,26 +45,28 @@ def test_the_answer_class_marks_exactly_the_tokens_that_spell_it(tiny_tokenizer)
 
 def test_the_kept_share_is_what_the_cache_holds(tiny_model) -> None:
     context = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(forgetting.compressed_share(tiny_model, kvpolicy.build("full"), context, 64), torch.ones(200))
+    assert torch.equal(forgetting.compress_context(tiny_model, kvpolicy.build("full"), context, 64)[0], torch.ones(200))
     streaming = kvpolicy.build("streaming_llm", budget=0.25)
-    share = forgetting.compressed_share(tiny_model, streaming, context, 64)
+    share, heads = forgetting.compress_context(tiny_model, streaming, context, 64)
     assert share[:4].eq(1).all() and share[-40:].eq(1).all()  # sinks and the recent window
     # its pass runs before each chunk, so the last chunk (tokens 136-199, after 100 kept) stays whole
     assert share[4:100].eq(0).all()
-    snap = forgetting.compressed_share(tiny_model, kvpolicy.build("snapkv", budget=0.25), context, 64)
+    assert heads == [[104 / 200] * 2] * 2  # two layers of two KV heads, each holding 104 of 200 tokens
+    snap, heads = forgetting.compress_context(tiny_model, kvpolicy.build("snapkv", budget=0.25), context, 64)
     assert 0.2 <= float(snap.mean()) <= 0.3
     assert float(snap.min()) < float(snap.max())  # heads disagree: a share, not a 0/1 mask
+    assert float(snap.mean()) == pytest.approx(sum(map(sum, heads)) / 4, abs=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["snapkv", "kvzip"])
 def test_item_shares_cover_the_context_and_weight_to_the_cache_kept(tiny_model, tiny_tokenizer, preset) -> None:
     item = make_item("multikey-shared", "train", 1000, 512)
     policy = kvpolicy.build(preset, budget=0.25)
-    shares = forgetting.item_shares(tiny_model, tiny_tokenizer, item, preset, policy, chunk_size=128)
-    tokens = sum(s.tokens for s in shares)
-    weighted = sum(s.kept * s.tokens for s in shares) / tokens
-    assert weighted == pytest.approx(shares[0].cache_kept, abs=1e-5)
-    assert {s.token_class for s in shares} >= {"answer", "word", "punctuation"}
+    compressed = forgetting.compress_item(tiny_model, tiny_tokenizer, item, preset, policy, chunk_size=128)
+    tokens = sum(n for n, _ in compressed.classes.values())
+    weighted = sum(n * kept for n, kept in compressed.classes.values()) / tokens
+    assert weighted == pytest.approx(compressed.cache_kept, abs=1e-5)
+    assert set(compressed.classes) >= {"answer", "word", "punctuation"}
 
 
 def test_the_table_is_resumable_and_refuses_the_test_split(tmp_path) -> None:
@@ -73,10 +75,12 @@ def test_the_table_is_resumable_and_refuses_the_test_split(tmp_path) -> None:
     rows = forgetting.run(*args, chunk_size=128)
     assert {r["policy"] for r in rows} == {"snapkv@0.25", "streaming_llm@0.25"}
     records = (out / "records.jsonl").read_text()
-    assert (out / "forgetting.png").stat().st_size > 0
-    assert "| token class |" in (out / "summary.md").read_text()
+    assert (out / "forgetting.png").stat().st_size > 0 and (out / "heads.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    assert "| token class |" in summary and "| layer |" in summary
     forgetting.run(*args, chunk_size=128)  # resumed: nothing recomputed, nothing appended twice
     assert (out / "records.jsonl").read_text() == records
-    assert len({(r["policy"], r["token_class"]) for r in map(json.loads, records.splitlines())}) == len(rows)
+    assert sorted(r["policy"] for r in map(json.loads, records.splitlines())) == ["snapkv@0.25", "streaming_llm@0.25"]
+    assert forgetting.head_map([json.loads(line) for line in records.splitlines()], "snapkv@0.25").shape[0] >= 1
     with pytest.raises(InvalidConfigError, match="frozen plan"):
         forgetting.run(*args[:-1], tmp_path / "t", split="test")

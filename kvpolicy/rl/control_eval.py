@@ -163,6 +163,10 @@ def evaluate_control(
                 "normalised": normalised(result.episode_return, references),
                 "kept_fraction": result.kept_fraction,
                 "final_kept_fraction": result.final_kept_fraction,
+                "cue_kept": result.cue_kept,
+                "cue_kept_per_layer": list(result.cue_kept_per_layer)
+                if result.cue_kept_per_layer is not None
+                else None,
             }
             store.add(row)
             log(
@@ -170,6 +174,16 @@ def evaluate_control(
                 f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}"
             )
     return summarise(store.rows.values(), variants)
+
+
+def _cue_kept(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over episodes of the cue kept at the final phase's start, overall and per layer (None
+    where no episode read it: the bare model, episodes cut short, or rows from older runs)."""
+    read = [r for r in runs if r.get("cue_kept") is not None]
+    if not read:
+        return {"cue_kept": None, "cue_kept_per_layer": None}
+    per_layer = np.mean([r["cue_kept_per_layer"] for r in read], axis=0)
+    return {"cue_kept": float(np.mean([r["cue_kept"] for r in read])), "cue_kept_per_layer": per_layer.tolist()}
 
 
 def summarise(rows: Iterable[dict[str, Any]], variants: list[ControlVariant]) -> list[dict[str, Any]]:
@@ -196,20 +210,28 @@ def summarise(rows: Iterable[dict[str, Any]], variants: list[ControlVariant]) ->
                 "kept": float(np.mean([r["kept_fraction"] for r in runs])),
                 "final_kept": float(np.mean([r["final_kept_fraction"] for r in runs])),
                 "cue_recalled": float(np.mean([r["final_return"] > 0 for r in runs])),
+                **_cue_kept(runs),
             }
         )
     return summary
 
 
-def markdown_table(summary: list[dict[str, Any]]) -> str:
+def markdown_table(summary: list[dict[str, Any]], final_start: int | None = None) -> str:
+    """The summary as a Markdown table; ``final_start`` names the step the cue kept was read at."""
+    at = f"step {final_start}" if final_start is not None else "the final phase's start"
     lines = [
-        "| policy | cache kept (time-averaged) | cache kept at the end | normalised return | final phase right |",
-        "|---|---:|---:|---:|---:|",
+        "| policy | cache kept (time-averaged) | cache kept at the end | normalised return | final phase right "
+        f"| cue kept at {at} | cue kept per layer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
+        cue = row.get("cue_kept")
+        layers = row.get("cue_kept_per_layer")
         lines.append(
             f"| {row['policy']} | {row['kept']:.1%} | {row['final_kept']:.1%} | "
-            f"{row['normalised']:.1f} ± {row['sem']:.1f} | {row['cue_recalled'] * row['episodes']:.0f}/{row['episodes']} |"
+            f"{row['normalised']:.1f} ± {row['sem']:.1f} | {row['cue_recalled'] * row['episodes']:.0f}/{row['episodes']} | "
+            f"{'–' if cue is None else f'{cue:.1%}'} | "
+            f"{'–' if layers is None else ' / '.join(f'{x:.0%}' for x in layers)} |"
         )
     return "\n".join(lines) + "\n"
 

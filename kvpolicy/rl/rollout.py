@@ -19,7 +19,7 @@ from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
 from kvpolicy.integrations.hf.parts import bare_cache
 from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig, make_env
-from kvpolicy.rl.model import DecisionTransformer
+from kvpolicy.rl.model import TOKENS_PER_STEP, DecisionTransformer
 
 
 @attrs.frozen(eq=False)
@@ -30,6 +30,12 @@ class RolloutResult:
     tokens cached after step t (mean over layers and KV heads) and seen_t the tokens fed so far —
     the share of a full cache's memory the rollout used. ``final_kept_fraction`` is the same
     ratio at the last step; ``tokens_seen`` the length of the whole token stream.
+
+    ``cue_kept`` is read from the evicting cache as the first final-phase action is taken (just
+    before that step's forward call, i.e. what its queries attend to): the share of the cue
+    steps' tokens (``R_t, s_t, a_t`` for every step the cue shows) still held, mean over the
+    evicting layers and their KV heads; ``cue_kept_per_layer`` the same per evicting layer.
+    None for the bare model (no evicting cache) or an episode cut before the final phase.
     """
 
     episode_return: float
@@ -39,11 +45,29 @@ class RolloutResult:
     kept_fraction: float
     final_kept_fraction: float
     tokens_seen: int
+    cue_kept: float | None = None
+    cue_kept_per_layer: tuple[float, ...] | None = None
 
 
 def task_config(model: DecisionTransformer) -> CueTaskConfig:
     """The task the model was trained on (from its metadata)."""
     return CueTaskConfig(**model.metadata["task"])
+
+
+def cue_positions(task: CueTaskConfig) -> tuple[int, int]:
+    """Absolute token positions ``start, stop`` of the cue steps' tokens: step t's ``R_t, s_t, a_t``
+    sit at ``3t, 3t+1, 3t+2`` (step 0 has no previous action, so ``a_{t-1}`` fed with step t is at
+    ``3t-1``)."""
+    return TOKENS_PER_STEP * task.cue_start, TOKENS_PER_STEP * (task.cue_start + task.cue_steps)
+
+
+def cue_kept_per_layer(cache: EvictingCache, task: CueTaskConfig) -> tuple[float, ...]:
+    """Per evicting layer, the share of the cue steps' tokens its KV heads still hold (mean over
+    heads), read from the cache with `EvictingLayer.held_share`."""
+    start, stop = cue_positions(task)
+    return tuple(
+        float(layer.held_share(start, stop).mean()) for layer in cache.layers if isinstance(layer, EvictingLayer)
+    )
 
 
 def _kept(cache: EvictingCache) -> float:
@@ -83,10 +107,13 @@ def rollout(
     rtg = target
     previous: torch.Tensor | None = None
     keyword = cache_keyword(model.backbone)
+    cue_layers: tuple[float, ...] | None = None
 
-    def run(step_forward) -> None:
-        nonlocal obs, rtg, previous, kept_sum, seen_sum, last_kept
-        for _ in range(horizon):
+    def run(step_forward, read_cue=None) -> None:
+        nonlocal obs, rtg, previous, kept_sum, seen_sum, last_kept, cue_layers
+        for t in range(horizon):
+            if t == task.final_start and read_cue is not None:
+                cue_layers = read_cue()
             state = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
             if hide_cue:
                 state[0, CUE_INDEX] = 0.0
@@ -122,7 +149,7 @@ def rollout(
                 hidden = handle.feed_embeds(embeds)
                 return hidden, _kept(handle.cache), handle.cache.seen
 
-            run(attached)
+            run(attached, lambda: cue_kept_per_layer(handle.cache, task))
     env.close()
     final = sum(rewards[task.final_start :])
     return RolloutResult(
@@ -133,4 +160,6 @@ def rollout(
         kept_fraction=kept_sum / seen_sum if seen_sum else 1.0,
         final_kept_fraction=last_kept,
         tokens_seen=int(seen_sum and 3 * len(actions) - 1),
+        cue_kept=float(np.mean(cue_layers)) if cue_layers else None,
+        cue_kept_per_layer=cue_layers,
     )

@@ -46,17 +46,8 @@ def _chunks(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
 
 def _kept_positions(cache: Any, layers: Sequence[int], videos: int, video_tokens: int) -> torch.Tensor:
     """``[videos, video_tokens]``: the share of (layer, KV head) pairs whose cache holds each position."""
-    counts = torch.zeros(videos, video_tokens)
-    for index in layers:
-        layer = cache.layers[index]
-        positions = layer.positions.clone()
-        if layer.valid is not None:
-            positions[~layer.valid] = -1
-        heads = positions.shape[1]
-        inside = (positions >= 0) & (positions < video_tokens)
-        for row in range(videos):
-            counts[row].index_add_(0, positions[row][inside[row]], torch.full((int(inside[row].sum()),), 1.0 / heads))
-    return counts / max(1, len(layers))
+    shares = [cache.layers[index].held_share(0, video_tokens) for index in layers]
+    return torch.stack(shares).mean(0) if shares else torch.zeros(videos, video_tokens)
 
 
 @torch.no_grad()

@@ -34,6 +34,9 @@ from kvpolicy.rl.train import normalised
 
 HIDE_CUE_SUFFIX = ":hide-cue"
 
+#: episodes per variant in a round: one of each cue
+ROUND = 2
+
 #: tokens between eviction passes for presets that evict once after the prompt (SnapKV, the shipped NAMM)
 STREAMING_EVERY = 64
 
@@ -132,6 +135,25 @@ def cue_for(seed: int) -> int:
     return 1 if seed % 2 == 0 else -1
 
 
+def _episode_row(variant: ControlVariant, seed: int, result: Any, references: dict[str, float]) -> dict[str, Any]:
+    """One line of ``results.jsonl``."""
+    return {
+        "policy": variant.label,
+        "preset": variant.preset,
+        "budget": variant.budget,
+        "hide_cue": variant.hide_cue,
+        "seed": seed,
+        "cue": result.cue,
+        "return": result.episode_return,
+        "final_return": result.final_return,
+        "normalised": normalised(result.episode_return, references),
+        "kept_fraction": result.kept_fraction,
+        "final_kept_fraction": result.final_kept_fraction,
+        "cue_kept": result.cue_kept,
+        "cue_kept_per_layer": None if result.cue_kept_per_layer is None else list(result.cue_kept_per_layer),
+    }
+
+
 def evaluate_control(
     model: DecisionTransformer,
     variants: list[ControlVariant],
@@ -142,37 +164,33 @@ def evaluate_control(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every variant on episodes ``0 .. seeds-1`` (resuming from ``out/results.jsonl``) and
-    return one summary row per variant."""
+    return one summary row per variant. Episodes run in rounds of one cue pair (seeds 2k, 2k+1)
+    for every variant, so a run stopped part-way leaves every row with the same episodes;
+    each episode is deterministic and independent of the order (policies keep no state between
+    attachments)."""
     store = EpisodeStore(Path(out) / "results.jsonl")
     references = model.metadata["reference_returns"]
-    for variant in variants:
-        policy = variant.build()
-        for seed in range(seeds):
-            if store.done(variant.label, seed):
-                continue
-            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps, hide_cue=variant.hide_cue)
-            row = {
-                "policy": variant.label,
-                "preset": variant.preset,
-                "budget": variant.budget,
-                "hide_cue": variant.hide_cue,
-                "seed": seed,
-                "cue": result.cue,
-                "return": result.episode_return,
-                "final_return": result.final_return,
-                "normalised": normalised(result.episode_return, references),
-                "kept_fraction": result.kept_fraction,
-                "final_kept_fraction": result.final_kept_fraction,
-                "cue_kept": result.cue_kept,
-                "cue_kept_per_layer": list(result.cue_kept_per_layer)
-                if result.cue_kept_per_layer is not None
-                else None,
-            }
-            store.add(row)
-            log(
-                f"{variant.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
-                f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}"
-            )
+    policies = {variant.label: variant.build() for variant in variants}
+    for first in range(0, seeds, ROUND):  # a cue pair for every variant, then the next pair
+        for variant in variants:
+            for seed in range(first, min(first + ROUND, seeds)):
+                if store.done(variant.label, seed):
+                    continue
+                result = rollout(
+                    model,
+                    seed=seed,
+                    cue=cue_for(seed),
+                    policy=policies[variant.label],
+                    steps=steps,
+                    hide_cue=variant.hide_cue,
+                )
+                row = _episode_row(variant, seed, result, references)
+                store.add(row)
+                log(
+                    f"{variant.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
+                    f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}, "
+                    f"cue kept {'-' if result.cue_kept is None else f'{result.cue_kept:.1%}'}"
+                )
     return summarise(store.rows.values(), variants)
 
 

@@ -73,12 +73,16 @@ def _make(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from kvpolicy.rl.control_eval import ControlVariant, default_variants, evaluate_control, markdown_table, plot
     from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.rollout import task_config
 
     model = DecisionTransformer.load(args.model)
     variants = [ControlVariant.parse(p) for p in args.policy] if args.policy else default_variants()
     out = Path(args.out)
-    summary = evaluate_control(model, variants, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True))
-    table = markdown_table(summary)
+    batch = {"batch": args.batch} if args.batch is not None else {}
+    summary = evaluate_control(
+        model, variants, args.seeds, out, steps=args.steps, log=lambda s: print(s, flush=True), **batch
+    )
+    table = markdown_table(summary, task_config(model).final_start)
     atomic_write_text(out / "summary.md", table)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     plot(summary, out / "return_vs_cache.png", "Decision Transformer on the cue task")
@@ -137,6 +141,7 @@ def _smoke(args: argparse.Namespace) -> int:
     args.model = str(Path(args.out) / "decision_transformer.safetensors")
     args.policy = ["full", "full:hide-cue", "h2o@16", "tova@16", "namm-bam-smollm2@25%"]
     args.seeds = 2
+    args.batch = 2
     args.steps = None
     return _evaluate(args)
 
@@ -158,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         help="preset, preset@budget (256, 25%%), either + ':hide-cue' (the model never sees the cue); repeat; "
         "default: all",
     )
-    ev.add_argument("--seeds", type=int, default=4, help="episodes per policy (cues alternate)")
+    ev.add_argument(
+        "--seeds", "--episodes", dest="seeds", type=int, default=4, help="episodes per policy (cues alternate)"
+    )
+    ev.add_argument(
+        "--batch", type=int, help="episodes run together as one batch (default: control_eval.DEFAULT_BATCH, 10)"
+    )
     ev.add_argument("--steps", type=int, help="cut episodes short (debugging)")
     ev.set_defaults(run=_evaluate)
     forget = sub.add_parser("forget", help="the expert controller with and without its memory of the cue")

@@ -27,12 +27,15 @@ import numpy as np
 
 import kvpolicy
 from kvpolicy.atomic import atomic_path, atomic_write_text
-from kvpolicy.errors import CheckpointError
+from kvpolicy.errors import CheckpointError, InvalidConfigError
 from kvpolicy.rl.model import DecisionTransformer
-from kvpolicy.rl.rollout import rollout
+from kvpolicy.rl.rollout import rollouts
 from kvpolicy.rl.train import normalised
 
 HIDE_CUE_SUFFIX = ":hide-cue"
+
+#: episodes run together as one batch (see `evaluate_control`)
+DEFAULT_BATCH = 10
 
 #: tokens between eviction passes for presets that evict once after the prompt (SnapKV, the shipped NAMM)
 STREAMING_EVERY = 64
@@ -132,51 +135,119 @@ def cue_for(seed: int) -> int:
     return 1 if seed % 2 == 0 else -1
 
 
+def _episode_row(
+    variant: ControlVariant, seed: int, result: Any, references: dict[str, float], batch: int
+) -> dict[str, Any]:
+    """One line of ``results.jsonl`` (``batch``: the size of the batch the episode ran in)."""
+    return {
+        "policy": variant.label,
+        "preset": variant.preset,
+        "budget": variant.budget,
+        "hide_cue": variant.hide_cue,
+        "seed": seed,
+        "cue": result.cue,
+        "return": result.episode_return,
+        "final_return": result.final_return,
+        "normalised": normalised(result.episode_return, references),
+        "kept_fraction": result.kept_fraction,
+        "final_kept_fraction": result.final_kept_fraction,
+        "cue_kept": result.cue_kept,
+        "cue_kept_per_layer": None if result.cue_kept_per_layer is None else list(result.cue_kept_per_layer),
+        "batch": batch,
+    }
+
+
 def evaluate_control(
     model: DecisionTransformer,
     variants: list[ControlVariant],
     seeds: int,
     out: Path,
     *,
+    batch: int = DEFAULT_BATCH,
     steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every variant on episodes ``0 .. seeds-1`` (resuming from ``out/results.jsonl``) and
-    return one summary row per variant."""
+    return one summary row per variant.
+
+    Episodes run as the rows of one batch (`rollouts`), ``batch`` consecutive seeds at a time:
+    block ``0 .. batch-1`` for every variant, then the next block, so a run stopped part-way
+    leaves every row with the same episodes. A row's result does not depend on the others in its
+    batch, but batched arithmetic differs from a batch of one in the last bits, which the task's
+    dynamics amplify: an episode is reproducible given its batch size (``batch`` in its record),
+    and a block with an episode missing is rerun whole so that the missing one gets it too.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InvalidConfigError(f"batch must be a whole number >= 1, got {batch!r}")
     store = EpisodeStore(Path(out) / "results.jsonl")
     references = model.metadata["reference_returns"]
-    for variant in variants:
-        policy = variant.build()
-        for seed in range(seeds):
-            if store.done(variant.label, seed):
+    policies = {variant.label: variant.build() for variant in variants}
+    for first in range(0, seeds, batch):
+        block = list(range(first, min(first + batch, seeds)))
+        for variant in variants:
+            if all(store.done(variant.label, seed) for seed in block):
                 continue
-            result = rollout(model, seed=seed, cue=cue_for(seed), policy=policy, steps=steps, hide_cue=variant.hide_cue)
-            row = {
-                "policy": variant.label,
-                "preset": variant.preset,
-                "budget": variant.budget,
-                "hide_cue": variant.hide_cue,
-                "seed": seed,
-                "cue": result.cue,
-                "return": result.episode_return,
-                "final_return": result.final_return,
-                "normalised": normalised(result.episode_return, references),
-                "kept_fraction": result.kept_fraction,
-                "final_kept_fraction": result.final_kept_fraction,
-            }
-            store.add(row)
-            log(
-                f"{variant.label} seed {seed} (cue {result.cue:+d}): normalised {row['normalised']:.1f}, "
-                f"final phase {result.final_return:.0f}, cache kept {result.kept_fraction:.1%}"
+            results = rollouts(
+                model,
+                seeds=block,
+                cues=[cue_for(seed) for seed in block],
+                policy=policies[variant.label],
+                steps=steps,
+                hide_cue=variant.hide_cue,
             )
+            for seed, result in zip(block, results, strict=True):
+                if not store.done(variant.label, seed):
+                    store.add(_episode_row(variant, seed, result, references, len(block)))
+            log(_block_line(variant, block, results, references))
     return summarise(store.rows.values(), variants)
 
 
+def _block_line(variant: ControlVariant, block: list[int], results: list[Any], references: dict[str, float]) -> str:
+    scores = [normalised(r.episode_return, references) for r in results]
+    cue = [r.cue_kept for r in results if r.cue_kept is not None]
+    return (
+        f"{variant.label} seeds {block[0]}-{block[-1]}: normalised {np.mean(scores):.1f}, final phase right "
+        f"{sum(r.final_return > 0 for r in results)}/{len(results)}, cache kept "
+        f"{np.mean([r.kept_fraction for r in results]):.1%}, cue kept {np.mean(cue) if cue else float('nan'):.1%}"
+    )
+
+
+def _cue_kept(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over episodes of the cue kept at the final phase's start, overall and per layer (None
+    where no episode read it: the bare model, episodes cut short, or rows from older runs)."""
+    read = [r for r in runs if r.get("cue_kept") is not None]
+    if not read:
+        return {"cue_kept": None, "cue_kept_per_layer": None}
+    per_layer = np.mean([r["cue_kept_per_layer"] for r in read], axis=0)
+    return {"cue_kept": float(np.mean([r["cue_kept"] for r in read])), "cue_kept_per_layer": per_layer.tolist()}
+
+
+def _paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
+    """Normalised return minus the full cache's on the same env seeds (same cue, same start):
+    mean ± standard error of the per-seed differences, which removes the spread the seeds share."""
+    full = {r["seed"]: r["normalised"] for r in reference}
+    differences = np.array([r["normalised"] - full[r["seed"]] for r in runs if r["seed"] in full])
+    if len(differences) == 0:
+        return {"vs_full": None, "vs_full_sem": None, "paired_episodes": 0}
+    sem = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else 0.0
+    return {"vs_full": float(differences.mean()), "vs_full_sem": sem, "paired_episodes": len(differences)}
+
+
+def _right_by_cue(runs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per cue: [episodes whose final phase went the right way, episodes]."""
+    return {
+        f"{cue:+d}": [sum(r["final_return"] > 0 for r in runs if r["cue"] == cue), sum(r["cue"] == cue for r in runs)]
+        for cue in (1, -1)
+    }
+
+
 def summarise(rows: Iterable[dict[str, Any]], variants: list[ControlVariant]) -> list[dict[str, Any]]:
-    """Per variant: mean ± standard error of the normalised return, mean cache kept, cue recalled."""
+    """Per variant: mean ± standard error of the normalised return, its paired difference to the
+    full cache, mean cache kept, final phase right (overall and per cue), cue kept."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_label.setdefault(row["policy"], []).append(row)
+    reference = by_label.get(ControlVariant("full").label, [])
     summary = []
     for variant in variants:
         runs = by_label.get(variant.label, [])
@@ -196,20 +267,35 @@ def summarise(rows: Iterable[dict[str, Any]], variants: list[ControlVariant]) ->
                 "kept": float(np.mean([r["kept_fraction"] for r in runs])),
                 "final_kept": float(np.mean([r["final_kept_fraction"] for r in runs])),
                 "cue_recalled": float(np.mean([r["final_return"] > 0 for r in runs])),
+                "right_by_cue": _right_by_cue(runs),
+                **_paired(runs, reference),
+                **_cue_kept(runs),
             }
         )
     return summary
 
 
-def markdown_table(summary: list[dict[str, Any]]) -> str:
+def _signed(value: float | None, sem: float | None) -> str:
+    return "–" if value is None or sem is None else f"{value:+.1f} ± {sem:.1f}"
+
+
+def markdown_table(summary: list[dict[str, Any]], final_start: int | None = None) -> str:
+    """The summary as a Markdown table; ``final_start`` names the step the cue kept was read at."""
+    at = f"step {final_start}" if final_start is not None else "the final phase's start"
     lines = [
-        "| policy | cache kept (time-averaged) | cache kept at the end | normalised return | final phase right |",
-        "|---|---:|---:|---:|---:|",
+        "| policy | cache kept (time-averaged) | cache kept at the end | normalised return | vs full (paired) "
+        f"| final phase right | cue kept at {at} | cue kept per layer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
+        cue = row.get("cue_kept")
+        layers = row.get("cue_kept_per_layer")
         lines.append(
             f"| {row['policy']} | {row['kept']:.1%} | {row['final_kept']:.1%} | "
-            f"{row['normalised']:.1f} ± {row['sem']:.1f} | {row['cue_recalled'] * row['episodes']:.0f}/{row['episodes']} |"
+            f"{row['normalised']:.1f} ± {row['sem']:.1f} | {_signed(row.get('vs_full'), row.get('vs_full_sem'))} | "
+            f"{row['cue_recalled'] * row['episodes']:.0f}/{row['episodes']} | "
+            f"{'–' if cue is None else f'{cue:.1%}'} | "
+            f"{'–' if layers is None else ' / '.join(f'{x:.0%}' for x in layers)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -58,6 +58,12 @@ def test_smoke_pipeline_and_keep_all_actions_are_bit_identical(tmp_path):
     assert summary[1]["kept"] == 1.0 and summary[1]["curve"] == "full:hide-cue"
     assert summary[2]["kept"] < 0.5  # 16 of up to 179 tokens
     assert (tmp_path / "return_vs_cache.png").stat().st_size > 0
+    # cue kept, read from the cache at the final phase's first step (45): per episode and summarised
+    episodes = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(episodes) == 10 and all(len(e["cue_kept_per_layer"]) == 2 for e in episodes)
+    assert [e["cue_kept"] for e in episodes if e["preset"] == "full"] == [1.0] * 4
+    assert summary[2]["cue_kept"] < 1.0  # h2o@16: 16 of up to 134 tokens cannot all be the cue's 9
+    assert "cue kept at step 45" in (tmp_path / "summary.md").read_text()
 
     model = DecisionTransformer.load(tmp_path / "decision_transformer.safetensors")
     task, _, _ = smoke_configs()

@@ -174,6 +174,25 @@ class EvictingLayer(DynamicLayer):
             return torch.full(self.positions.shape[:2], float(self.tokens))
         return self.valid.sum(-1).float()
 
+    def held_share(self, start: int, stop: int) -> torch.Tensor:
+        """``[batch, stop - start]``: for each absolute position in ``start .. stop-1``, the share
+        of this layer's KV heads whose cache still holds it — what survived eviction of a span of
+        the stream (a video frame, a cue), read from the cache itself (padded slots excluded)."""
+        if isinstance(start, bool) or isinstance(stop, bool) or not 0 <= start <= stop:
+            raise ShapeError(f"held_share needs whole numbers 0 <= start <= stop, got {start!r}, {stop!r}")
+        if self.positions is None:
+            return torch.zeros(0, stop - start)
+        positions = self.positions.detach().cpu()
+        if self.valid is not None:
+            positions = positions.masked_fill(~self.valid.cpu(), PADDED_POSITION)
+        batch, heads = positions.shape[:2]
+        inside = (positions >= start) & (positions < stop)
+        shares = torch.zeros(batch, stop - start)
+        for row in range(batch):
+            held = positions[row][inside[row]] - start
+            shares[row].index_add_(0, held, torch.full((held.numel(),), 1.0 / heads))
+        return shares
+
     @property
     def batch(self) -> int:
         return 0 if self.positions is None else self.positions.shape[0]

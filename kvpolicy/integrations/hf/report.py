@@ -99,21 +99,13 @@ def kept_share(cache: EvictingCache, tokens: int, layers: Sequence[int] | None =
     pass evicted, 0.0 for one every head dropped. Read from the stored positions, so it is what
     the cache holds, not what a policy meant to keep."""
     layers = managed_layers(cache) if layers is None or len(layers) == 0 else tuple(layers)
-    counts = torch.zeros(batch_size(cache), tokens)
+    shares = []
     for index in layers:
         layer = cache.layers[index]
-        if layer.positions is None:  # nothing evicted yet: the layer holds every token it saw, in order
-            counts[:, : min(tokens, layer.keys.shape[2])] += 1.0
+        if layer.positions is None:  # nothing stored in this layer yet
             continue
-        positions = layer.positions.clone()
-        if layer.valid is not None:
-            positions[~layer.valid] = -1
-        heads = positions.shape[1]
-        inside = (positions >= 0) & (positions < tokens)
-        for row in range(counts.shape[0]):
-            held = positions[row][inside[row]].cpu()
-            counts[row].index_add_(0, held, torch.full((held.shape[0],), 1.0 / heads))
-    return counts / max(1, len(layers))
+        shares.append(layer.held_share(0, tokens))
+    return torch.stack(shares).mean(0) if shares else torch.zeros(batch_size(cache), tokens)
 
 
 def _check_row(cache: EvictingCache, row: int) -> None:

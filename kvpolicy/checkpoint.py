@@ -132,6 +132,25 @@ def write_policy_file(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def read_tagged_metadata(path: str | os.PathLike[str], fmt: str, what: str, missing: str = "") -> dict[str, str]:
+    """The safetensors metadata of a kvpolicy model file whose ``"format"`` is ``fmt`` (the Decision
+    Transformer's, the digit-video model's), or a `CheckpointError` naming what is wrong: no file
+    (``missing`` says how to make one), an unreadable one, or another format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}{missing}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
+        ) from exc
+    if metadata.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a kvpolicy {what} (format {metadata.get('format')!r})")
+    return metadata
+
+
 def read_policy_file(
     path: str | os.PathLike[str], *, allow_unsigned: bool = False
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kvpolicy.atomic import atomic_path
-from kvpolicy.errors import CheckpointError, InvalidConfigError, ShapeError
+from kvpolicy.checkpoint import read_tagged_metadata
+from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.parts import llama_backbone
 
 FORMAT = "kvpolicy.rl.decision_transformer/1"
@@ -181,14 +182,7 @@ class DecisionTransformer(nn.Module):
     def load(cls, path: str | Path) -> DecisionTransformer:
         """A model saved by `save`; raises `CheckpointError` for a missing or foreign file."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no Decision Transformer at {path}")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a kvpolicy Decision Transformer (format {meta.get('format')!r})")
+        meta = read_tagged_metadata(path, FORMAT, "Decision Transformer")
         model = cls(DecisionTransformerConfig(**json.loads(meta["config"])), json.loads(meta["metadata"]))
         model.load_state_dict(load_file(str(path)))
         return model.eval()

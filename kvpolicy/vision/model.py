@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvpolicy.atomic import atomic_path
-from kvpolicy.errors import CheckpointError, InvalidConfigError
+from kvpolicy.checkpoint import read_tagged_metadata
+from kvpolicy.errors import InvalidConfigError
 from kvpolicy.integrations.hf.parts import llava_model
 from kvpolicy.vision import task
 
@@ -100,14 +101,7 @@ def load(path: str | Path | None = None) -> torch.nn.Module:
     """The model saved at ``path`` (default: the shipped one) in eval mode; its training metadata
     is ``model.kvpolicy_metadata``. Raises `CheckpointError` for a missing or foreign file."""
     path = Path(path) if path is not None else SHIPPED
-    if not path.is_file():
-        raise CheckpointError(f"no digit-video model at {path}; train one with python -m kvpolicy.vision train")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a kvpolicy digit-video model (format {meta.get('format')!r})")
+    meta = read_tagged_metadata(path, FORMAT, "digit-video model", "; train one with python -m kvpolicy.vision train")
     model = build(DigitVideoConfig(**json.loads(meta["config"])))
     model.load_state_dict(load_file(str(path)))
     model.kvpolicy_metadata = json.loads(meta["metadata"])

@@ -79,13 +79,22 @@ def run_point(model: torch.nn.Module, name: str, budget: float | None, videos: l
     return records
 
 
+def _accuracy(records: list[dict]) -> float | None:
+    return sum(r["correct"] for r in records) / len(records) if records else None
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per policy: accuracy ± standard error, mean cache kept, what it kept of the asked frame."""
+    """One row per policy: accuracy ± standard error, mean cache kept, what it kept of the asked frame.
+
+    Rows come grouped by preset, budgets rising (budget-free runs first), whatever order the
+    records were written in: a resumed grid reads like one run."""
     rows = []
     for label in dict.fromkeys(r["policy"] for r in records):
         mine = [r for r in records if r["policy"] == label]
         n = len(mine)
         accuracy = sum(r["correct"] for r in mine) / n
+        kept_any = [r for r in mine if r["kept_asked_frame"] > 0]
+        lost = [r for r in mine if r["kept_asked_frame"] == 0]
         rows.append(
             {
                 "policy": label,
@@ -94,28 +103,37 @@ def summarize(records: list[dict]) -> list[dict]:
                 "items": n,
                 "accuracy": accuracy,
                 "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+                # whether anything of the asked frame survived, and what each case scores: separates
+                # "the frame was evicted" from "it was kept but too little of it to read"
+                "asked_frame_survived": len(kept_any) / n,
+                "accuracy_when_survived": _accuracy(kept_any),
+                "accuracy_when_lost": _accuracy(lost),
                 **{
                     key: sum(r[key] for r in mine) / n
                     for key in ("kept", "kept_asked_frame", "frames_touched") + tuple(f"kept_{p}_third" for p in THIRDS)
                 },
             }
         )
-    return rows
+    return sorted(rows, key=lambda r: (r["preset"], -1.0 if r["budget"] is None else r["budget"]))
 
 
 def _table(rows: list[dict], unsupported: dict[str, str]) -> str:
     lines = [
         "| policy | cache kept | accuracy | kept of the asked frame | frames with a token kept | "
-        "kept: first / middle / last third |",
-        "|---|---|---|---|---|---|",
+        "kept: first / middle / last third | asked frame survived | accuracy when it survived / was lost |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         thirds = " / ".join(f"{100 * r[f'kept_{p}_third']:.0f}%" for p in THIRDS)
+        split = " / ".join(
+            "—" if r[key] is None else f"{100 * r[key]:.1f}" for key in ("accuracy_when_survived", "accuracy_when_lost")
+        )
         lines.append(
             f"| {r['policy']} | {100 * r['kept']:.1f}% | {100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f} | "
-            f"{100 * r['kept_asked_frame']:.1f}% | {r['frames_touched']:.1f} | {thirds} |"
+            f"{100 * r['kept_asked_frame']:.1f}% | {r['frames_touched']:.1f} | {thirds} | "
+            f"{100 * r['asked_frame_survived']:.1f}% | {split} |"
         )
-    lines += [f"| {name} | — | not run: {reason} | | | |" for name, reason in unsupported.items()]
+    lines += [f"| {name} | — | not run: {reason} | | | | | |" for name, reason in unsupported.items()]
     return "\n".join(lines)
 
 

@@ -97,3 +97,48 @@ def test_the_curves_command_writes_records_and_a_table(tmp_path, capsys):
     assert "KVzip" in summary["unsupported"]["kvzip"]
     assert (tmp_path / "accuracy_vs_cache.png").stat().st_size > 0
     assert "h2o@0.25" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_resumed_grid_is_summarised_by_preset_then_budget():
+    from kvpolicy.vision.curves import THIRDS, summarize
+
+    def record(preset: str, budget: float | None, asked: float = 0.5, correct: bool = True) -> dict:
+        shares = {f"kept_{p}_third": 0.5 for p in THIRDS}
+        label = preset if budget is None else f"{preset}@{budget:g}"
+        return {
+            "policy": label,
+            "preset": preset,
+            "budget": budget,
+            "correct": correct,
+            "kept": 0.5,
+            "kept_asked_frame": asked,
+            "frames_touched": 3,
+            **shares,
+        }
+
+    written = [
+        record("tova", 0.5),
+        record("h2o", 0.5),
+        record("tova", 0.05),
+        record("full", None),
+        record("h2o", 0.125),
+    ]
+    assert [r["policy"] for r in summarize(written)] == ["full", "h2o@0.125", "h2o@0.5", "tova@0.05", "tova@0.5"]
+
+
+def test_the_summary_splits_accuracy_by_whether_the_asked_frame_survived():
+    from kvpolicy.vision.curves import THIRDS, summarize
+
+    shares = {f"kept_{p}_third": 0.1 for p in THIRDS}
+    base = {"policy": "h2o@0.1", "preset": "h2o", "budget": 0.1, "kept": 0.1, "frames_touched": 2, **shares}
+    records = [
+        {**base, "kept_asked_frame": 0.25, "correct": True},
+        {**base, "kept_asked_frame": 0.25, "correct": False},
+        {**base, "kept_asked_frame": 0.0, "correct": False},
+        {**base, "kept_asked_frame": 0.0, "correct": False},
+    ]
+    (row,) = summarize(records)
+    assert row["asked_frame_survived"] == 0.5
+    assert row["accuracy_when_survived"] == 0.5 and row["accuracy_when_lost"] == 0.0
+    (all_lost,) = summarize([{**r, "kept_asked_frame": 0.0} for r in records])
+    assert all_lost["accuracy_when_survived"] is None

@@ -64,6 +64,17 @@ class RunSummary:
         return cls(data["label"], rows, tuple(data["per_layer_retention"]), Path(out), by_length)
 
 
+def _summarises_more(out: Path, items: int) -> bool:
+    """Whether ``out`` holds a readable summary of more than ``items`` items. A run folder's
+    summary files never shrink: a later report that reads only some of its records (curves at 16
+    items over a 48-item headline's folders) leaves the larger summary in place; the per-item
+    records stay the source of every table."""
+    try:
+        return RunSummary.load(out).overall.n > items
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def _summary_markdown(label: str, rows: Sequence[TaskSummary], lengths: dict[int, list[TaskSummary]]) -> str:
     """The per-task table, then score (points) and normalised score (%) by context length."""
     text = markdown_table(rows, title=label)
@@ -164,6 +175,8 @@ def run_suite(
     lengths = summarise_by_length(results, references)
     overall_by_length = tuple((length, group[-1]) for length, group in lengths.items())
     summary = RunSummary(label, rows, tuple(per_layer_retention(results)), out, overall_by_length)
+    if _summarises_more(out, summary.overall.n):
+        return summary  # a report over fewer of this run's items (e.g. curves over a headline's records)
     atomic_write_text(out / "results.csv", to_csv(results, references))
     record = {**summary.to_dict(), "policy": policy.config.to_dict(), "model": model_name, "metric": metric}
     record["chunk_size"] = chunk_size

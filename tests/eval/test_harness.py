@@ -124,3 +124,25 @@ def test_bad_harness_arguments(tiny_model, tiny_tokenizer, items) -> None:
         evaluate(kvpolicy.build("full"), items, tiny_model, tiny_tokenizer, metric="bleu")  # type: ignore[arg-type]
     with pytest.raises(InvalidConfigError, match="chunk_size"):
         evaluate(kvpolicy.build("full"), items, tiny_model, tiny_tokenizer, chunk_size=0)
+
+
+def test_a_report_over_fewer_items_leaves_the_larger_summary(tiny_model, tiny_tokenizer, items, tmp_path: Path) -> None:
+    def run(subset):
+        return run_suite(
+            kvpolicy.build("random", budget=32),
+            subset,
+            tiny_model,
+            tiny_tokenizer,
+            out=tmp_path / "run",
+            label="random@32",
+            model_name="tiny",
+            reference_dir=tmp_path / "refs",
+            progress=False,
+        )
+
+    whole = run(items)
+    csv = (tmp_path / "run" / "results.csv").read_text()
+    part = run(items[:1])
+    assert part.overall.n == 1 < len(items)  # what the caller reports on: the items it asked for
+    assert RunSummary.load(tmp_path / "run") == whole  # what the folder keeps: the larger summary
+    assert (tmp_path / "run" / "results.csv").read_text() == csv

@@ -71,12 +71,13 @@ def assistant_opening(tokenizer: Any) -> str:
     return text.split(marker, 1)[1]
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ReconstructionConfig:
     """The repeat prompt as token ids (filled by `Policy.bind_tokenizer` when empty; saved with
     the policy): ``first_ids`` before the first chunk, ``later_ids`` (+ the last ``overlap``
     tokens of the chunk before) before each later one, ``suffix_ids`` before the chunk's tokens;
-    ``chunk_size`` context tokens per repeat forward call."""
+    ``chunk_size`` context tokens per repeat forward call. Not slotted, so the config of an
+    extractor that also reads other signals can inherit these fields beside its other base's."""
 
     first_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     later_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
@@ -85,13 +86,13 @@ class ReconstructionConfig:
     overlap: int = attrs.field(default=8, validator=non_negative_int)
 
 
-class ReconstructionAttentionExtractor(ComponentBase):
-    """One feature per token: the most attention it received while the context was repeated."""
+class RepeatsContext:
+    """How a component whose config holds `ReconstructionConfig`'s fields repeats the context
+    (`Reconstructing`) and writes that repeat prompt with the model's tokenizer
+    (`TokenizerAware`): shared by every extractor reading the reconstruction attention."""
 
-    name = "reconstruction_attention"
-    Config = ReconstructionConfig
-    requirements = Requirements(token_ids=True, reconstruction=True)
-    num_features = 1
+    name: str
+    config: Any
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Write the repeat prompt with the model's tokenizer unless it was configured already
@@ -109,10 +110,19 @@ class ReconstructionAttentionExtractor(ComponentBase):
         if not self.config.first_ids:
             raise MissingTokenizerError(
                 "KVzip writes a repeat prompt with the model's tokenizer: call policy.bind_tokenizer(tokenizer) "
-                "before running it (or give reconstruction_attention first_ids / later_ids explicitly)"
+                f"before running it (or give {self.name} first_ids / later_ids explicitly)"
             )
         config = self.config
         return RepeatPrompt(config.first_ids, config.later_ids, config.suffix_ids, config.chunk_size, config.overlap)
+
+
+class ReconstructionAttentionExtractor(RepeatsContext, ComponentBase):
+    """One feature per token: the most attention it received while the context was repeated."""
+
+    name = "reconstruction_attention"
+    Config = ReconstructionConfig
+    requirements = Requirements(token_ids=True, reconstruction=True)
+    num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
         """``[batch, kv_heads, tokens, 1]`` the max attention received during the repeat."""

@@ -247,6 +247,33 @@ class StftExtractor(BufferedComponent):
         return stored.to(device=device, dtype=dtype)
 
 
+def check_kernels(field: str, value: tuple[int, ...]) -> None:
+    """Span widths to max-pool a per-token feature over: odd (centred on the token), at least 3
+    and at most `MAX_KERNEL` cached tokens; anything else is a config error naming ``field``."""
+    for kernel in value:
+        if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 3 or kernel % 2 == 0:
+            raise InvalidConfigError(f"{field} must be odd integers >= 3 (span widths in cached tokens); got {value!r}")
+        if kernel > MAX_KERNEL:
+            raise InvalidConfigError(f"{field} must be at most {MAX_KERNEL} tokens wide; got {value!r}")
+
+
+def max_pooled_columns(values: torch.Tensor, kernels: tuple[int, ...], positions: torch.Tensor) -> list[torch.Tensor]:
+    """``values [batch, kv_heads, tokens]`` max-pooled over each width of ``kernels``, one
+    ``[..., tokens, 1]`` feature column each (neighbours in cached order, as
+    `kvpolicy.selection.pool_neighbours` defines them; padded slots hold 0, a finite value the
+    selector never reads)."""
+    if not kernels:
+        return []
+    mask = padding_mask(positions)
+    columns = []
+    for kernel in kernels:
+        pooled = pool_neighbours(values, kernel, "max", mask)
+        if mask is not None:
+            pooled = pooled.masked_fill(mask, 0.0)
+        columns.append(pooled.unsqueeze(-1))
+    return columns
+
+
 @attrs.frozen
 class StftVotesConfig(StftConfig):
     """`StftConfig` plus ``votes_window``: how many of the newest queries vote (SnapKV's
@@ -260,13 +287,7 @@ class StftVotesConfig(StftConfig):
 
     @votes_kernels.validator
     def _check_kernels(self, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
-        for kernel in value:
-            if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 3 or kernel % 2 == 0:
-                raise ValueError(
-                    f"votes_kernels must be odd integers >= 3 (span widths in cached tokens); got {value!r}"
-                )
-            if kernel > MAX_KERNEL:
-                raise ValueError(f"votes_kernels must be at most {MAX_KERNEL} tokens wide; got {value!r}")
+        check_kernels(attribute.name, value)
 
     @property
     def num_features(self) -> int:
@@ -293,15 +314,8 @@ class StftVotesExtractor(StftExtractor):
         spectral = super().extract(view)
         window = view.attention[:, :, -self.config.votes_window :, :].to(torch.float32)
         votes = torch.log(window.sum(dim=2) + self.config.votes_eps).to(spectral.device)
-        columns = [spectral, votes.unsqueeze(-1)]
-        if self.config.votes_kernels:
-            mask = padding_mask(view.positions)
-            for kernel in self.config.votes_kernels:
-                pooled = pool_neighbours(votes, kernel, "max", mask)
-                if mask is not None:  # padded slots hold no token: give them a finite, ignored value
-                    pooled = pooled.masked_fill(mask, 0.0)
-                columns.append(pooled.unsqueeze(-1))
-        return torch.cat(columns, dim=-1)
+        pooled = max_pooled_columns(votes, self.config.votes_kernels, view.positions)
+        return torch.cat([spectral, votes.unsqueeze(-1), *pooled], dim=-1)
 
 
 @hookimpl

@@ -25,9 +25,10 @@ import gymnasium as gym
 import numpy as np
 
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.rl.env_specs import EnvSpec, env_spec
 
 BASE_ENV = "HalfCheetah-v5"
-#: where the cue is in the observation (after HalfCheetah's 17 values); the final-phase flag follows
+#: where the cue is in HalfCheetah's observation (after its 17 values); `CueTaskConfig.cue_index` for any body
 CUE_INDEX = 17
 
 
@@ -42,14 +43,18 @@ class CueTaskConfig:
     final phase = the last 200 steps at 4× the forward velocity, so it is worth about as much as
     the 800 steps before it; backwards 10×, because the expert runs backwards at about 0.4× its
     forward speed — measured on 16 episodes of the shipped data's controllers, both cues then
-    pay the expert about 4,000 in the final phase)."""
+    pay the expert about 4,000 in the final phase). ``env`` names the body (`ENV_SPECS`); the
+    final-phase weights default to its spec's."""
 
+    env: str = attrs.field(default="halfcheetah", validator=lambda _i, _a, value: env_spec(value))
     horizon: int = attrs.field(default=1000, validator=_positive)
     cue_start: int = attrs.field(default=20, validator=_positive)
     cue_steps: int = attrs.field(default=10, validator=_positive)
     final_steps: int = attrs.field(default=200, validator=_positive)
-    final_weight: float = 4.0
-    final_weight_backward: float = 10.0
+    final_weight: float = attrs.field(default=attrs.Factory(lambda self: self.spec.final_weight, takes_self=True))
+    final_weight_backward: float = attrs.field(
+        default=attrs.Factory(lambda self: self.spec.final_weight_backward, takes_self=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.cue_start + self.cue_steps >= self.horizon - self.final_steps:
@@ -61,6 +66,15 @@ class CueTaskConfig:
             raise InvalidConfigError(
                 f"final_weight and final_weight_backward must be > 0, got {self.final_weight}, {self.final_weight_backward}"
             )
+
+    @property
+    def spec(self) -> EnvSpec:
+        return env_spec(self.env)
+
+    @property
+    def cue_index(self) -> int:
+        """Where the cue sits in the observation; the final-phase flag follows it."""
+        return self.spec.cue_index
 
     @property
     def final_start(self) -> int:
@@ -79,7 +93,8 @@ class CuedHalfCheetah(gym.Wrapper):
 
     def __init__(self, config: CueTaskConfig | None = None) -> None:
         self.config = config or CueTaskConfig()
-        super().__init__(gym.make(BASE_ENV, max_episode_steps=self.config.horizon))
+        spec = self.config.spec
+        super().__init__(gym.make(spec.base_env, max_episode_steps=self.config.horizon, **dict(spec.task_kwargs)))
         low = np.concatenate([self.env.observation_space.low, [-1.0, 0.0]]).astype(np.float64)
         high = np.concatenate([self.env.observation_space.high, [1.0, 1.0]]).astype(np.float64)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
@@ -113,11 +128,17 @@ class CuedHalfCheetah(gym.Wrapper):
         else:
             forward = -c.final_weight_backward * velocity
         reward = forward + float(info["reward_ctrl"])
+        if c.spec.healthy:
+            reward += float(info["reward_survive"])
         self.t += 1
         info = {**info, "cue": self.cue, "phase": "final" if final else "main"}
         return self._extend(obs), reward, terminated, truncated, info
 
 
+#: the wrapper serves every body of `ENV_SPECS`; the name says which one it was made for first
+CuedEnv = CuedHalfCheetah
+
+
 def make_env(config: CueTaskConfig | None = None) -> CuedHalfCheetah:
-    """A fresh `CuedHalfCheetah`."""
+    """A fresh cue task on ``config.env``'s body (HalfCheetah by default)."""
     return CuedHalfCheetah(config)

@@ -1,0 +1,75 @@
+"""The MuJoCo bodies the cue task runs on: one `EnvSpec` per gymnasium environment.
+
+The cue task (`kvpolicy.rl.envs`) is the same on every body — a cue shown early, a final phase
+whose reward depends on it — but the body decides the sizes (observation, action), how the
+environment is made (Hopper must not end an episode when it falls, or the cue would not stay
+thousands of tokens back), which reward terms the task keeps, and the final-phase weights that
+make both cues worth about as much to the expert. Everything else reads these numbers from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from kvpolicy.errors import InvalidConfigError
+
+
+class UnknownEnvError(InvalidConfigError):
+    """A cue-task body name that `ENV_SPECS` does not hold."""
+
+
+@attrs.frozen
+class EnvSpec:
+    """One body of the cue task.
+
+    ``task_kwargs``: what `gymnasium.make` gets for the cue task itself; ``train_kwargs``: for
+    training the ARS controllers on the plain environment (Hopper ends a training episode when
+    it falls, which is what teaches a controller not to). ``healthy``: the environment pays a
+    reward for staying upright (``info["reward_survive"]``), which the task keeps in both phases.
+    ``final_weight`` / ``final_weight_backward``: the defaults of `CueTaskConfig`'s weights.
+    """
+
+    name: str
+    base_env: str
+    base_obs: int
+    actions: int
+    final_weight: float
+    final_weight_backward: float
+    healthy: bool = False
+    task_kwargs: tuple[tuple[str, Any], ...] = ()
+    train_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def cue_index(self) -> int:
+        """Where the cue sits in the task's observation (after the body's own values); the
+        final-phase flag follows it."""
+        return self.base_obs
+
+
+ENV_SPECS: dict[str, EnvSpec] = {
+    "halfcheetah": EnvSpec(
+        "halfcheetah", "HalfCheetah-v5", base_obs=17, actions=6, final_weight=4.0, final_weight_backward=10.0
+    ),
+    # Fixed-length episodes: a fall costs the healthy reward from then on, it does not end the
+    # episode (which would end it before the final phase and take the cue's distance with it).
+    "hopper": EnvSpec(
+        "hopper",
+        "Hopper-v5",
+        base_obs=11,
+        actions=3,
+        final_weight=4.0,
+        final_weight_backward=10.0,
+        healthy=True,
+        task_kwargs=(("terminate_when_unhealthy", False),),
+    ),
+}
+
+
+def env_spec(name: str) -> EnvSpec:
+    """The `EnvSpec` called ``name``; `UnknownEnvError` naming the known ones otherwise."""
+    try:
+        return ENV_SPECS[name]
+    except (KeyError, TypeError):
+        raise UnknownEnvError(f"unknown cue-task environment {name!r}; known: {', '.join(ENV_SPECS)}") from None

@@ -106,16 +106,23 @@ class ArsConfig:
 Episode = Callable[[gym.Env, LinearController, int], tuple[float, np.ndarray]]
 
 
-def forward_episode(steps: int) -> Episode:
-    """HalfCheetah's own return over ``steps`` steps (run forward)."""
+def upright_score(info: dict[str, Any], velocity_weight: float) -> float:
+    """One step's ARS score on a body with a healthy reward (Hopper): ``velocity_weight`` × x
+    velocity + the healthy reward − control cost (`EnvSpec.ars_velocity_weight` says why)."""
+    return velocity_weight * float(info["x_velocity"]) + float(info["reward_survive"]) + float(info["reward_ctrl"])
+
+
+def forward_episode(steps: int, velocity_weight: float | None = None) -> Episode:
+    """The environment's own return over ``steps`` steps (run forward; HalfCheetah), or with
+    ``velocity_weight`` the `upright_score` of every step."""
 
     def run(env: gym.Env, controller: LinearController, seed: int) -> tuple[float, np.ndarray]:
         obs, _ = env.reset(seed=seed)
         total, states = 0.0, []
         for _ in range(steps):
             states.append(obs)
-            obs, reward, terminated, truncated, _ = env.step(controller(obs))
-            total += float(reward)
+            obs, reward, terminated, truncated, info = env.step(controller(obs))
+            total += float(reward) if velocity_weight is None else upright_score(info, velocity_weight)
             if terminated or truncated:
                 break
         return total, np.asarray(states)
@@ -123,10 +130,12 @@ def forward_episode(steps: int) -> Episode:
     return run
 
 
-def backward_episode(forward: LinearController, warmup: int, steps: int, *, healthy: bool = False) -> Episode:
+def backward_episode(
+    forward: LinearController, warmup: int, steps: int, velocity_weight: float | None = None
+) -> Episode:
     """Run forward with ``forward`` for ``warmup`` steps, then score the controller being trained
-    on ``steps`` steps of backward velocity minus control cost (the cue task's turn-around), plus
-    the reward for staying upright where the body has one (``healthy``, Hopper)."""
+    on ``steps`` steps of backward velocity minus control cost (the cue task's turn-around); with
+    ``velocity_weight`` the `upright_score` of backward velocity (Hopper)."""
 
     def run(env: gym.Env, controller: LinearController, seed: int) -> tuple[float, np.ndarray]:
         obs, _ = env.reset(seed=seed)
@@ -136,9 +145,10 @@ def backward_episode(forward: LinearController, warmup: int, steps: int, *, heal
         for _ in range(steps):
             states.append(obs)
             obs, _, terminated, truncated, info = env.step(controller(obs))
-            total += -float(info["x_velocity"]) + float(info["reward_ctrl"])
-            if healthy:
-                total += float(info["reward_survive"])
+            if velocity_weight is None:
+                total += -float(info["x_velocity"]) + float(info["reward_ctrl"])
+            else:
+                total += upright_score(info, -velocity_weight)
             if terminated or truncated:
                 break
         return total, np.asarray(states)

@@ -67,7 +67,7 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
         medium_bwd = max(1, round(config.backward.iterations * config.medium_fraction))
         spec = config.task.spec
         forward, fsnap, fhist = train_ars(
-            forward_episode(config.forward.episode_steps),
+            forward_episode(config.forward.episode_steps, spec.ars_velocity_weight),
             config.forward,
             snapshot_at=(medium_fwd,),
             log=log,
@@ -75,7 +75,7 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
             checkpoint=path.with_name(path.stem + ".forward-ars.npz"),
         )
         backward, bsnap, bhist = train_ars(
-            backward_episode(forward, config.warmup, config.backward.episode_steps, healthy=spec.healthy),
+            backward_episode(forward, config.warmup, config.backward.episode_steps, spec.ars_velocity_weight),
             config.backward,
             snapshot_at=(medium_bwd,),
             log=log,

@@ -77,3 +77,24 @@ def test_ars_resumes_from_its_checkpoint_with_the_same_draws(tmp_path):
     assert whole.weights.shape == (3, 11)
     assert np.array_equal(whole.weights, resumed.weights) and np.array_equal(whole.std, resumed.std)
     assert np.array_equal(snaps[1].weights, rsnaps[1].weights) and history == rhistory
+
+
+def test_hopper_smoke_pipeline(tmp_path):
+    import json
+
+    import kvpolicy
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.rollout import rollout
+
+    assert main(["smoke", "--out", str(tmp_path), "--env", "hopper"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["policy"] for row in summary][:2] == ["full", "full:hide-cue"]
+    model = DecisionTransformer.load(tmp_path / "decision_transformer.safetensors")
+    assert model.metadata["task"]["env"] == "hopper" and model.config.state_dim == 13 and model.config.act_dim == 3
+    with np.load(tmp_path / "dataset.npz") as data:
+        assert data["states"].shape[1:] == (60, 13) and data["actions"].shape[-1] == 3
+    bare = rollout(model, seed=1, cue=-1)
+    attached = rollout(model, seed=1, cue=-1, policy=kvpolicy.build("full"))
+    assert bare.actions.shape == (60, 3) and np.array_equal(bare.actions, attached.actions)
+    hidden = rollout(model, seed=1, cue=-1, hide_cue=True)
+    assert np.array_equal(hidden.actions[:3], bare.actions[:3]) and not np.array_equal(hidden.actions, bare.actions)

@@ -26,7 +26,7 @@ from kvpolicy.rl.controllers import (
     forward_episode,
     train_ars,
 )
-from kvpolicy.rl.env_specs import env_spec
+from kvpolicy.rl.env_specs import EnvSpec, env_spec
 from kvpolicy.rl.envs import CueTaskConfig, make_env
 
 KINDS = ("random", "medium", "expert")
@@ -75,12 +75,19 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
             checkpoint=path.with_name(path.stem + ".forward-ars.npz"),
         )
         backward, bsnap, bhist = train_ars(
-            backward_episode(forward, config.warmup, config.backward.episode_steps, spec.ars_velocity_weight),
+            backward_episode(
+                forward,
+                config.warmup,
+                config.backward.episode_steps,
+                spec.ars_velocity_weight,
+                stop_healthy_weight=spec.ars_stop_healthy_weight if spec.cue_minus == "slow" else None,
+            ),
             config.backward,
             snapshot_at=(medium_bwd,),
             log=log,
             spec=spec,
             checkpoint=path.with_name(path.stem + ".backward-ars.npz"),
+            **_turn_start(spec, forward),
         )
         arrays = {
             **forward.to_arrays("expert.forward"),
@@ -100,6 +107,15 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
         )
         for kind in ("medium", "expert")
     }
+
+
+def _turn_start(spec: EnvSpec, forward: LinearController) -> dict[str, Any]:
+    """How a body's turn-around training starts (`EnvSpec.turn_from_forward`): HalfCheetah from
+    zero weights on its training environment; Hopper from the forward controller, on the task's
+    environment, where a fall does not end the episode."""
+    if not spec.turn_from_forward:
+        return {}
+    return {"init": forward, "env_kwargs": dict(spec.task_kwargs)}
 
 
 def collect(
@@ -192,6 +208,8 @@ def data_config(env: str = "halfcheetah") -> DataConfig:
         return DataConfig()
     return DataConfig(
         task=CueTaskConfig(env=spec.name),
-        forward=ArsConfig(iterations=150, directions=8, top=4, step_size=0.01, noise=0.025, seed=0),
-        backward=ArsConfig(iterations=100, directions=8, top=4, step_size=0.01, noise=0.025, episode_steps=200, seed=1),
+        forward=ArsConfig(iterations=300, directions=8, top=4, step_size=0.02, noise=0.03, seed=0),
+        backward=ArsConfig(iterations=50, directions=8, top=4, step_size=0.02, noise=0.03, episode_steps=200, seed=1),
+        medium_fraction=0.4,  # forward iteration 120, slowing iteration 20
+        warmup=400,  # the forward hopper reaches its steady ~2.3 m/s by step 400 (0.9 m/s in its first 100)
     )

@@ -125,10 +125,12 @@ class CuedHalfCheetah(gym.Wrapper):
             forward = velocity
         elif self.cue == 1:
             forward = c.final_weight * velocity
-        else:
+        elif c.spec.cue_minus == "backward":
             forward = -c.final_weight_backward * velocity
+        else:  # "slow": upright below the spec's speed pays, weighted
+            forward = c.final_weight_backward * (c.spec.slow_below * float(info["reward_survive"]) - abs(velocity))
         reward = forward + float(info["reward_ctrl"])
-        if c.spec.healthy:
+        if c.spec.healthy and not (final and self.cue == -1 and c.spec.cue_minus == "slow"):
             reward += float(info["reward_survive"])
         self.t += 1
         info = {**info, "cue": self.cue, "phase": "final" if final else "main"}

@@ -30,8 +30,11 @@ def test_hopper_cue_window_final_reward_and_fixed_length():
             shown.append(obs[11])
             flags.append(obs[12])
             obs, reward, terminated, truncated, info = env.step(np.array([1.0, -1.0, 1.0]))  # falls over
-            weight = 1.0 if t < task.final_start else (2.0 if cue == 1 else -3.0)
-            expected = weight * info["x_velocity"] + info["reward_ctrl"] + info["reward_survive"]
+            if t >= task.final_start and cue == -1:  # slow down: 3 x (2 x healthy - |velocity|)
+                expected = 3.0 * (2.0 * info["reward_survive"] - abs(info["x_velocity"])) + info["reward_ctrl"]
+            else:
+                weight = 2.0 if t >= task.final_start else 1.0
+                expected = weight * info["x_velocity"] + info["reward_ctrl"] + info["reward_survive"]
             assert reward == pytest.approx(expected)
             unhealthy += info["reward_survive"] == 0.0
             assert not terminated  # a fall costs the healthy reward, it does not end the episode

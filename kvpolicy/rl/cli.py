@@ -24,6 +24,8 @@ from kvpolicy.rl import require_rl_extra
 
 #: the Decision Transformer shipped with kvpolicy (made by ``python -m kvpolicy.rl make``)
 SHIPPED_MODEL = Path(__file__).parent / "data" / "decision_transformer.safetensors"
+#: the one trained on the cue task's Hopper (``make --env hopper``)
+SHIPPED_HOPPER_MODEL = Path(__file__).parent / "data" / "decision_transformer_hopper.safetensors"
 
 
 def model_config(env: str = "halfcheetah", **shape):
@@ -129,16 +131,18 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _references(args: argparse.Namespace, env: str) -> dict[str, float] | None:
-    """Random and expert reference returns for ``env``: those of the shipped (or ``--model``)
-    model if it was trained on ``env``, else those of ``--out``'s data set, else None."""
+    """Random and expert reference returns for ``env``: those of ``--model`` (default: the model
+    shipped for ``env``) if it was trained on ``env``, else those of ``--out``'s data set, else None."""
     import numpy as np
 
     from kvpolicy.rl.model import DecisionTransformer
     from kvpolicy.rl.train import reference_returns
 
-    metadata = DecisionTransformer.load(args.model).metadata
-    if metadata["task"].get("env", "halfcheetah") == env:
-        return metadata["reference_returns"]
+    model = args.model or (SHIPPED_HOPPER_MODEL if env == "hopper" else SHIPPED_MODEL)
+    if Path(model).is_file():
+        metadata = DecisionTransformer.load(model).metadata
+        if metadata["task"].get("env", "halfcheetah") == env:
+            return metadata["reference_returns"]
     path = Path(args.out) / "dataset.npz"
     if not path.is_file():
         return None
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(run=_evaluate)
     forget = sub.add_parser("forget", help="the expert controller with and without its memory of the cue")
     forget.add_argument("--out", required=True, help="the folder of `make` (its controllers.npz)")
-    forget.add_argument("--model", default=str(SHIPPED_MODEL), help="whose reference returns normalise")
+    forget.add_argument("--model", help="whose reference returns normalise (default: the model shipped for --env)")
     forget.add_argument("--episodes", type=int, default=8)
     _env_option(forget)
     forget.set_defaults(run=_forget)

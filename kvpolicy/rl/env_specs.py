@@ -34,7 +34,7 @@ class EnvSpec:
     ``ars_velocity_weight``: None trains the ARS controllers on the environment's own return;
     a number scores every step as that many × x velocity + healthy reward − control cost. Hopper
     needs it: on its own return (1 per upright step, 1 per m/s) ARS settled on standing still
-    (a perturbed return of ~1,100 from iteration 37 to 85), and with the healthy reward taken
+    (a perturbed return of 1,000–1,100 from iteration 23 to 86, when it was stopped), and with the healthy reward taken
     away (the ARS paper's "shift") it dived forward and fell within ~200 steps (400 iterations);
     with velocity weighted 3× it started hopping after ~70 iterations. ``turn_from_forward``:
     train the turn-around from the forward controller's weights on the task's environment (no

@@ -101,3 +101,19 @@ def test_hopper_smoke_pipeline(tmp_path):
     assert bare.actions.shape == (60, 3) and np.array_equal(bare.actions, attached.actions)
     hidden = rollout(model, seed=1, cue=-1, hide_cue=True)
     assert np.array_equal(hidden.actions[:3], bare.actions[:3]) and not np.array_equal(hidden.actions, bare.actions)
+
+
+def test_shipped_hopper_model_keep_all_is_exact_over_a_whole_rollout():
+    import kvpolicy
+    from kvpolicy.rl.cli import SHIPPED_HOPPER_MODEL
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.rollout import rollout, task_config
+
+    if not SHIPPED_HOPPER_MODEL.is_file():
+        pytest.skip("the Hopper Decision Transformer is not installed")
+    model = DecisionTransformer.load(SHIPPED_HOPPER_MODEL)
+    assert task_config(model) == data_config("hopper").task
+    bare = rollout(model, seed=0, cue=-1)
+    attached = rollout(model, seed=0, cue=-1, policy=kvpolicy.build("full"))
+    assert bare.actions.shape == (1000, 3)
+    assert np.array_equal(bare.actions, attached.actions) and bare.episode_return == attached.episode_return

@@ -136,13 +136,13 @@ def backward_episode(
     steps: int,
     velocity_weight: float | None = None,
     *,
-    stop_healthy_weight: float | None = None,
+    slow_healthy_weight: float | None = None,
 ) -> Episode:
     """Run forward with ``forward`` for ``warmup`` steps, then score the controller being trained
     on ``steps`` steps of backward velocity minus control cost (the cue task's turn-around); with
-    ``velocity_weight`` the `upright_score` of backward velocity. ``stop_healthy_weight``: score
+    ``velocity_weight`` the `upright_score` of backward velocity. ``slow_healthy_weight``: score
     stopping instead — that many × the healthy reward − |x velocity| − control cost (Hopper's
-    cue −1, slowing down, `EnvSpec.cue_minus`; `EnvSpec.ars_stop_healthy_weight` says why the weight)."""
+    cue −1, slowing down, `EnvSpec.cue_minus`; `EnvSpec.ars_slow_healthy_weight` says why the weight)."""
 
     def run(env: gym.Env, controller: LinearController, seed: int) -> tuple[float, np.ndarray]:
         obs, _ = env.reset(seed=seed)
@@ -152,8 +152,8 @@ def backward_episode(
         for _ in range(steps):
             states.append(obs)
             obs, _, terminated, truncated, info = env.step(controller(obs))
-            if stop_healthy_weight is not None:
-                upright = stop_healthy_weight * float(info["reward_survive"])
+            if slow_healthy_weight is not None:
+                upright = slow_healthy_weight * float(info["reward_survive"])
                 total += upright - abs(float(info["x_velocity"])) + float(info["reward_ctrl"])
             elif velocity_weight is None:
                 total += -float(info["x_velocity"]) + float(info["reward_ctrl"])

@@ -80,7 +80,7 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
                 config.warmup,
                 config.backward.episode_steps,
                 spec.ars_velocity_weight,
-                stop_healthy_weight=spec.ars_stop_healthy_weight if spec.cue_minus == "slow" else None,
+                slow_healthy_weight=spec.ars_slow_healthy_weight if spec.cue_minus == "slow" else None,
             ),
             config.backward,
             snapshot_at=(medium_bwd,),

@@ -34,8 +34,9 @@ class EnvSpec:
     ``ars_velocity_weight``: None trains the ARS controllers on the environment's own return;
     a number scores every step as that many × x velocity + healthy reward − control cost. Hopper
     needs it: on its own return (1 per upright step, 1 per m/s) ARS settled on standing still
-    (a perturbed return of 1,000–1,100 from iteration 23 to 86, when it was stopped), and with the healthy reward taken
-    away (the ARS paper's "shift") it dived forward and fell within ~200 steps (400 iterations);
+    (a perturbed return of 1,000–1,100 from iteration 23 to 86, when it was stopped), and with
+    the healthy reward taken away (the ARS paper's "shift") it dived forward and fell within
+    ~200 steps (400 iterations);
     with velocity weighted 3× it started hopping after ~70 iterations. ``turn_from_forward``:
     train the turn-around from the forward controller's weights on the task's environment (no
     end at a fall) — from zero weights a Hopper moving at 2 m/s falls at once, and where a fall
@@ -45,10 +46,10 @@ class EnvSpec:
     reward − |x velocity|) − control cost, positive only upright and slower than ``slow_below``
     m/s; Hopper, because ARS learnt neither to hop backwards nor to stand still from a 2.4 m/s
     hop, only to slow to about 1 m/s — the Hopper section of docs/decision_transformer.md has
-    the numbers). ``ars_stop_healthy_weight``: the slowing controller's ARS score is that many
+    the numbers). ``ars_slow_healthy_weight``: the slowing controller's ARS score is that many
     × the healthy reward − |x velocity| − control cost: at 1, where carrying on hopping at
     2.4 m/s scores below lying on the ground, ARS learnt to fall (a perturbed return of −284
-    rising only to −89 in 80 iterations); at 3 slowing down upright scores more than falling.
+    rising only to about −90 in 86 iterations); at 3 slowing down upright scores more than falling.
     """
 
     name: str
@@ -62,7 +63,7 @@ class EnvSpec:
     turn_from_forward: bool = False
     cue_minus: str = attrs.field(default="backward", validator=attrs.validators.in_(("backward", "slow")))
     slow_below: float = 0.0
-    ars_stop_healthy_weight: float = 1.0
+    ars_slow_healthy_weight: float = 1.0
     task_kwargs: tuple[tuple[str, Any], ...] = ()
     train_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -91,7 +92,7 @@ ENV_SPECS: dict[str, EnvSpec] = {
         turn_from_forward=True,
         cue_minus="slow",
         slow_below=2.0,
-        ars_stop_healthy_weight=3.0,
+        ars_slow_healthy_weight=3.0,
         task_kwargs=(("terminate_when_unhealthy", False),),
     ),
 }

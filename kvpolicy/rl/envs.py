@@ -14,6 +14,10 @@ final phase. The cue is not shown at step 0 on purpose: the first tokens of a se
 "attention sinks" several policies keep by position alone, which would keep the cue by accident.
 
 Observation: HalfCheetah's 17 values, then ``[cue or 0, final-phase flag]`` (19 in all).
+
+``CueTaskConfig.env`` puts the same task on another body of `kvpolicy.rl.env_specs` (Hopper:
+11 values + cue + flag, fixed-length episodes, and cue -1 asks it to slow down instead of
+turning round — `EnvSpec.cue_minus` says why); the wrapper keeps its HalfCheetah name.
 """
 
 from __future__ import annotations
@@ -135,10 +139,6 @@ class CuedHalfCheetah(gym.Wrapper):
         self.t += 1
         info = {**info, "cue": self.cue, "phase": "final" if final else "main"}
         return self._extend(obs), reward, terminated, truncated, info
-
-
-#: the wrapper serves every body of `ENV_SPECS`; the name says which one it was made for first
-CuedEnv = CuedHalfCheetah
 
 
 def make_env(config: CueTaskConfig | None = None) -> CuedHalfCheetah:

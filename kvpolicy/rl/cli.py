@@ -4,6 +4,7 @@ python -m kvpolicy.rl make --out runs/dt            # ARS controllers, data, tra
 python -m kvpolicy.rl evaluate --out runs/dt-eval   # every policy on the shipped model (resumable)
 python -m kvpolicy.rl probe --out runs/dt           # does the model use the cue? (teacher forced)
 python -m kvpolicy.rl smoke --out /tmp/dt-smoke     # the whole pipeline, tiny, in seconds
+(``--env hopper`` on make / forget / smoke: the cue task on Hopper instead of HalfCheetah)
 """
 
 from __future__ import annotations
@@ -23,17 +24,28 @@ from kvpolicy.rl import require_rl_extra
 
 #: the Decision Transformer shipped with kvpolicy (made by ``python -m kvpolicy.rl make``)
 SHIPPED_MODEL = Path(__file__).parent / "data" / "decision_transformer.safetensors"
+#: the one trained on the cue task's Hopper (``make --env hopper``)
+SHIPPED_HOPPER_MODEL = Path(__file__).parent / "data" / "decision_transformer_hopper.safetensors"
 
 
-def smoke_configs():
+def model_config(env: str = "halfcheetah", **shape):
+    """The Decision Transformer's shapes for body ``env``: its state (with cue and flag) and action
+    sizes, the rest `DecisionTransformerConfig`'s defaults or ``shape``."""
+    from kvpolicy.rl.env_specs import env_spec
+    from kvpolicy.rl.model import DecisionTransformerConfig
+
+    spec = env_spec(env)
+    return DecisionTransformerConfig(state_dim=spec.base_obs + 2, act_dim=spec.actions, **shape)
+
+
+def smoke_configs(env: str = "halfcheetah"):
     """Tiny task, data, model and training: the pipeline end to end in seconds (CI)."""
     from kvpolicy.rl.controllers import ArsConfig
     from kvpolicy.rl.data import DataConfig
     from kvpolicy.rl.envs import CueTaskConfig
-    from kvpolicy.rl.model import DecisionTransformerConfig
     from kvpolicy.rl.train import TrainConfig
 
-    task = CueTaskConfig(horizon=60, cue_start=3, cue_steps=3, final_steps=15)
+    task = CueTaskConfig(env=env, horizon=60, cue_start=3, cue_steps=3, final_steps=15)
     data = DataConfig(
         task=task,
         forward=ArsConfig(iterations=2, directions=2, top=1, episode_steps=60, seed=0),
@@ -43,7 +55,7 @@ def smoke_configs():
         episodes={"random": 2, "medium": 2, "expert": 2},
         min_main_return=None,  # two ARS iterations do not run yet
     )
-    model = DecisionTransformerConfig(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, max_timesteps=64)
+    model = model_config(env, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, max_timesteps=64)
     train = TrainConfig(
         updates=3, batch=2, window=8, prefix=4, full_every=2, full_batch=1, warmup=1, checkpoint_every=2
     )
@@ -51,21 +63,20 @@ def smoke_configs():
 
 
 def _make(args: argparse.Namespace) -> int:
-    from kvpolicy.rl.data import DataConfig, make_dataset
-    from kvpolicy.rl.model import DecisionTransformerConfig
+    from kvpolicy.rl.data import data_config, make_dataset
     from kvpolicy.rl.train import TrainConfig, train
 
     out = Path(args.out)
     if args.smoke:
-        data, model_config, train_config = smoke_configs()
+        data, shapes, train_config = smoke_configs(args.env)
     else:
-        data, model_config, train_config = DataConfig(), DecisionTransformerConfig(), TrainConfig()
+        data, shapes, train_config = data_config(args.env), model_config(args.env), TrainConfig()
         if args.updates is not None:
             train_config = attrs.evolve(train_config, updates=args.updates)
     began = time.perf_counter()
     dataset = make_dataset(data, out, log=print)
     print(f"data ready: {dataset} ({time.perf_counter() - began:.0f} s)", flush=True)
-    train(dataset, out, data.task, model_config, train_config, log=lambda s: print(s, flush=True))
+    train(dataset, out, data.task, shapes, train_config, log=lambda s: print(s, flush=True))
     print(f"model: {out / 'decision_transformer.safetensors'} ({time.perf_counter() - began:.0f} s in all)")
     return 0
 
@@ -95,23 +106,48 @@ def _forget(args: argparse.Namespace) -> int:
     import numpy as np
 
     from kvpolicy.rl.controllers import CueController
-    from kvpolicy.rl.data import DataConfig, collect, final_phase_returns, make_controllers
-    from kvpolicy.rl.model import DecisionTransformer
-    from kvpolicy.rl.train import normalised
+    from kvpolicy.rl.data import collect, data_config, final_phase_returns, make_controllers
 
-    config = DataConfig()
+    config = data_config(args.env)
     expert = make_controllers(config, Path(args.out) / "controllers.npz")["expert"]
-    references = DecisionTransformer.load(args.model).metadata["reference_returns"]
+    references = _references(args, config.task.env)
     for follow in (True, False):
         controller = CueController(expert.forward, expert.backward, follow_cue=follow)
         data = collect(config.task, controller, args.episodes, seed=777, min_main_return=config.min_main_return)
-        scores = np.array([normalised(r, references) for r in data["rewards"].sum(axis=1)])
-        right = int((final_phase_returns(config.task, data["rewards"]) > 0).sum())
+        returns = data["rewards"].sum(axis=1)
+        finals = final_phase_returns(config.task, data["rewards"])
+        right = int((finals > 0).sum())
+        if references is None:
+            score = f"return {returns.mean():.1f} ± {returns.std(ddof=1) / np.sqrt(len(returns)):.1f}"
+        else:
+            scores = 100.0 * (returns - references["random"]) / (references["expert"] - references["random"])
+            score = f"normalised {scores.mean():.1f} ± {scores.std(ddof=1) / np.sqrt(len(scores)):.1f}"
         print(
-            f"expert, {'remembers' if follow else 'ignores'} the cue: normalised {scores.mean():.1f} ± "
-            f"{scores.std(ddof=1) / np.sqrt(len(scores)):.1f}, final phase right {right}/{len(scores)}"
+            f"expert, {'remembers' if follow else 'ignores'} the cue: {score}, final phase right {right}/{len(returns)}"
+            + ("" if references is not None else f" (final-phase return {finals.mean():.1f})"),
+            flush=True,
         )
     return 0
+
+
+def _references(args: argparse.Namespace, env: str) -> dict[str, float] | None:
+    """Random and expert reference returns for ``env``: those of ``--model`` (default: the model
+    shipped for ``env``) if it was trained on ``env``, else those of ``--out``'s data set, else None."""
+    import numpy as np
+
+    from kvpolicy.rl.model import DecisionTransformer
+    from kvpolicy.rl.train import reference_returns
+
+    model = args.model or (SHIPPED_HOPPER_MODEL if env == "hopper" else SHIPPED_MODEL)
+    if Path(model).is_file():
+        metadata = DecisionTransformer.load(model).metadata
+        if metadata["task"].get("env", "halfcheetah") == env:
+            return metadata["reference_returns"]
+    path = Path(args.out) / "dataset.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return reference_returns(dict(data))
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -135,6 +171,10 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", default="halfcheetah", help="the cue task's body: halfcheetah (default) or hopper")
+
+
 def _smoke(args: argparse.Namespace) -> int:
     args.smoke = True
     _make(args)
@@ -153,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", required=True)
     make.add_argument("--smoke", action="store_true", help="tiny everything (seconds)")
     make.add_argument("--updates", type=int, help="training updates (default: TrainConfig's)")
+    _env_option(make)
     make.set_defaults(run=_make)
     ev = sub.add_parser("evaluate", help="normalised return against cache kept for every policy")
     ev.add_argument("--out", required=True)
@@ -173,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(run=_evaluate)
     forget = sub.add_parser("forget", help="the expert controller with and without its memory of the cue")
     forget.add_argument("--out", required=True, help="the folder of `make` (its controllers.npz)")
-    forget.add_argument("--model", default=str(SHIPPED_MODEL), help="whose reference returns normalise")
+    forget.add_argument("--model", help="whose reference returns normalise (default: the model shipped for --env)")
     forget.add_argument("--episodes", type=int, default=8)
+    _env_option(forget)
     forget.set_defaults(run=_forget)
     probe = sub.add_parser("probe", help="does the model use the cue? (teacher forced, seconds)")
     probe.add_argument("--out", required=True, help="the folder of `make` (its dataset.npz)")
@@ -183,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     probe.set_defaults(run=_probe)
     smoke = sub.add_parser("smoke", help="make + evaluate, tiny, in seconds")
     smoke.add_argument("--out", required=True)
+    _env_option(smoke)
     smoke.set_defaults(run=_smoke)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

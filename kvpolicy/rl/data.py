@@ -26,6 +26,7 @@ from kvpolicy.rl.controllers import (
     forward_episode,
     train_ars,
 )
+from kvpolicy.rl.env_specs import EnvSpec, env_spec
 from kvpolicy.rl.envs import CueTaskConfig, make_env
 
 KINDS = ("random", "medium", "expert")
@@ -64,14 +65,29 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
     if not path.is_file():
         medium_fwd = max(1, round(config.forward.iterations * config.medium_fraction))
         medium_bwd = max(1, round(config.backward.iterations * config.medium_fraction))
+        spec = config.task.spec
         forward, fsnap, fhist = train_ars(
-            forward_episode(config.forward.episode_steps), config.forward, snapshot_at=(medium_fwd,), log=log
+            forward_episode(config.forward.episode_steps, spec.ars_velocity_weight),
+            config.forward,
+            snapshot_at=(medium_fwd,),
+            log=log,
+            spec=spec,
+            checkpoint=path.with_name(path.stem + ".forward-ars.npz"),
         )
         backward, bsnap, bhist = train_ars(
-            backward_episode(forward, config.warmup, config.backward.episode_steps),
+            backward_episode(
+                forward,
+                config.warmup,
+                config.backward.episode_steps,
+                spec.ars_velocity_weight,
+                slow_healthy_weight=spec.ars_slow_healthy_weight if spec.cue_minus == "slow" else None,
+            ),
             config.backward,
             snapshot_at=(medium_bwd,),
             log=log,
+            spec=spec,
+            checkpoint=path.with_name(path.stem + ".backward-ars.npz"),
+            **_turn_start(spec, forward),
         )
         arrays = {
             **forward.to_arrays("expert.forward"),
@@ -91,6 +107,15 @@ def make_controllers(config: DataConfig, path: Path, log: Callable[[str], None] 
         )
         for kind in ("medium", "expert")
     }
+
+
+def _turn_start(spec: EnvSpec, forward: LinearController) -> dict[str, Any]:
+    """How a body's turn-around training starts (`EnvSpec.turn_from_forward`): HalfCheetah from
+    zero weights on its training environment; Hopper from the forward controller, on the task's
+    environment, where a fall does not end the episode."""
+    if not spec.turn_from_forward:
+        return {}
+    return {"init": forward, "env_kwargs": dict(spec.task_kwargs)}
 
 
 def collect(
@@ -146,7 +171,7 @@ def make_dataset(config: DataConfig, out: Path, log: Callable[[str], None] = pri
     if path.is_file():
         return path
     controllers = make_controllers(config, out / "controllers.npz", log)
-    act_dim = 6
+    act_dim = config.task.spec.actions
     parts: dict[str, dict[str, np.ndarray]] = {}
     for index, kind in enumerate(KINDS):
         controller = RandomController(act_dim, config.seed + index) if kind == "random" else controllers[kind]
@@ -172,3 +197,19 @@ def make_dataset(config: DataConfig, out: Path, log: Callable[[str], None] = pri
 def final_phase_returns(task: CueTaskConfig, rewards: np.ndarray) -> np.ndarray:
     """Per episode, the return of the final phase alone."""
     return rewards[:, task.final_start :].sum(axis=1)
+
+
+def data_config(env: str = "halfcheetah") -> DataConfig:
+    """The data set's settings for body ``env`` (`ENV_SPECS`): HalfCheetah's are `DataConfig`'s
+    defaults; other bodies get their own task and ARS settings. `UnknownEnvError` for a name
+    not in `ENV_SPECS`."""
+    spec = env_spec(env)
+    if spec.name == "halfcheetah":
+        return DataConfig()
+    return DataConfig(
+        task=CueTaskConfig(env=spec.name),
+        forward=ArsConfig(iterations=300, directions=8, top=4, step_size=0.02, noise=0.03, seed=0),
+        backward=ArsConfig(iterations=50, directions=8, top=4, step_size=0.02, noise=0.03, episode_steps=200, seed=1),
+        medium_fraction=0.4,  # forward iteration 120, slowing iteration 20
+        warmup=400,  # the forward hopper reaches its steady ~2.3 m/s by step 400 (0.9 m/s in its first 100)
+    )

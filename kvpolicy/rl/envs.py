@@ -14,6 +14,10 @@ final phase. The cue is not shown at step 0 on purpose: the first tokens of a se
 "attention sinks" several policies keep by position alone, which would keep the cue by accident.
 
 Observation: HalfCheetah's 17 values, then ``[cue or 0, final-phase flag]`` (19 in all).
+
+``CueTaskConfig.env`` puts the same task on another body of `kvpolicy.rl.env_specs` (Hopper:
+11 values + cue + flag, fixed-length episodes, and cue -1 asks it to slow down instead of
+turning round — `EnvSpec.cue_minus` says why); the wrapper keeps its HalfCheetah name.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import gymnasium as gym
 import numpy as np
 
 from kvpolicy.errors import InvalidConfigError
+from kvpolicy.rl.env_specs import EnvSpec, env_spec
 
 BASE_ENV = "HalfCheetah-v5"
-#: where the cue is in the observation (after HalfCheetah's 17 values); the final-phase flag follows
+#: where the cue is in HalfCheetah's observation (after its 17 values); `CueTaskConfig.cue_index` for any body
 CUE_INDEX = 17
 
 
@@ -42,14 +47,18 @@ class CueTaskConfig:
     final phase = the last 200 steps at 4× the forward velocity, so it is worth about as much as
     the 800 steps before it; backwards 10×, because the expert runs backwards at about 0.4× its
     forward speed — measured on 16 episodes of the shipped data's controllers, both cues then
-    pay the expert about 4,000 in the final phase)."""
+    pay the expert about 4,000 in the final phase). ``env`` names the body (`ENV_SPECS`); the
+    final-phase weights default to its spec's."""
 
+    env: str = attrs.field(default="halfcheetah", validator=lambda _i, _a, value: env_spec(value))
     horizon: int = attrs.field(default=1000, validator=_positive)
     cue_start: int = attrs.field(default=20, validator=_positive)
     cue_steps: int = attrs.field(default=10, validator=_positive)
     final_steps: int = attrs.field(default=200, validator=_positive)
-    final_weight: float = 4.0
-    final_weight_backward: float = 10.0
+    final_weight: float = attrs.field(default=attrs.Factory(lambda self: self.spec.final_weight, takes_self=True))
+    final_weight_backward: float = attrs.field(
+        default=attrs.Factory(lambda self: self.spec.final_weight_backward, takes_self=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.cue_start + self.cue_steps >= self.horizon - self.final_steps:
@@ -61,6 +70,15 @@ class CueTaskConfig:
             raise InvalidConfigError(
                 f"final_weight and final_weight_backward must be > 0, got {self.final_weight}, {self.final_weight_backward}"
             )
+
+    @property
+    def spec(self) -> EnvSpec:
+        return env_spec(self.env)
+
+    @property
+    def cue_index(self) -> int:
+        """Where the cue sits in the observation; the final-phase flag follows it."""
+        return self.spec.cue_index
 
     @property
     def final_start(self) -> int:
@@ -79,7 +97,8 @@ class CuedHalfCheetah(gym.Wrapper):
 
     def __init__(self, config: CueTaskConfig | None = None) -> None:
         self.config = config or CueTaskConfig()
-        super().__init__(gym.make(BASE_ENV, max_episode_steps=self.config.horizon))
+        spec = self.config.spec
+        super().__init__(gym.make(spec.base_env, max_episode_steps=self.config.horizon, **dict(spec.task_kwargs)))
         low = np.concatenate([self.env.observation_space.low, [-1.0, 0.0]]).astype(np.float64)
         high = np.concatenate([self.env.observation_space.high, [1.0, 1.0]]).astype(np.float64)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
@@ -110,14 +129,18 @@ class CuedHalfCheetah(gym.Wrapper):
             forward = velocity
         elif self.cue == 1:
             forward = c.final_weight * velocity
-        else:
+        elif c.spec.cue_minus == "backward":
             forward = -c.final_weight_backward * velocity
+        else:  # "slow": upright below the spec's speed pays, weighted
+            forward = c.final_weight_backward * (c.spec.slow_below * float(info["reward_survive"]) - abs(velocity))
         reward = forward + float(info["reward_ctrl"])
+        if c.spec.healthy and not (final and self.cue == -1 and c.spec.cue_minus == "slow"):
+            reward += float(info["reward_survive"])
         self.t += 1
         info = {**info, "cue": self.cue, "phase": "final" if final else "main"}
         return self._extend(obs), reward, terminated, truncated, info
 
 
 def make_env(config: CueTaskConfig | None = None) -> CuedHalfCheetah:
-    """A fresh `CuedHalfCheetah`."""
+    """A fresh cue task on ``config.env``'s body (HalfCheetah by default)."""
     return CuedHalfCheetah(config)

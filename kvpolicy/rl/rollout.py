@@ -20,7 +20,7 @@ from kvpolicy.errors import InvalidConfigError
 from kvpolicy.integrations.hf.attach import cache_keyword
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
 from kvpolicy.integrations.hf.parts import bare_cache
-from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig, make_env
+from kvpolicy.rl.envs import CueTaskConfig, make_env
 from kvpolicy.rl.model import TOKENS_PER_STEP, DecisionTransformer
 
 
@@ -134,7 +134,7 @@ def rollouts(
                 cue_layers = read_cue()
             state = torch.as_tensor(np.stack(observations), dtype=torch.float32)
             if hide_cue:
-                state[:, CUE_INDEX] = 0.0
+                state[:, task.cue_index] = 0.0
             with torch.no_grad():
                 embeds = model.embed_step(previous, torch.tensor(rtg, dtype=torch.float32), state)
                 hidden, kept, seen = step_forward(embeds)

@@ -27,7 +27,7 @@ import torch
 from kvpolicy.atomic import atomic_path, atomic_write_text
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.rl.data import KINDS
-from kvpolicy.rl.envs import CUE_INDEX, CueTaskConfig
+from kvpolicy.rl.envs import CueTaskConfig
 from kvpolicy.rl.model import DecisionTransformer, DecisionTransformerConfig
 
 
@@ -244,7 +244,7 @@ def cue_probe(
     actions = torch.as_tensor(dataset["actions"])[rows, timesteps]
     rtg = torch.as_tensor(returns_to_go(dataset["rewards"]))[rows, timesteps]
     hidden = states.clone()
-    hidden[..., CUE_INDEX] = 0.0
+    hidden[..., task.cue_index] = 0.0
     final = timesteps[0] >= task.final_start
     errors = {}
     was_training = model.training

@@ -76,18 +76,23 @@ def test_references_are_cached_on_disk(tiny_model, tiny_tokenizer, items, tmp_pa
     assert again == first and files[0].stat().st_mtime_ns == stamp  # nothing recomputed or rewritten
 
 
-def test_run_suite_writes_results_and_summary(tiny_model, tiny_tokenizer, items, tmp_path: Path) -> None:
-    summary = run_suite(
+def _random_run(items, model, tokenizer, tmp_path: Path) -> RunSummary:
+    """``random`` at 32 tokens on ``items`` into ``tmp_path / "run"``."""
+    return run_suite(
         kvpolicy.build("random", budget=32),
         items,
-        tiny_model,
-        tiny_tokenizer,
+        model,
+        tokenizer,
         out=tmp_path / "run",
         label="random@32",
         model_name="tiny",
         reference_dir=tmp_path / "refs",
         progress=False,
     )
+
+
+def test_run_suite_writes_results_and_summary(tiny_model, tiny_tokenizer, items, tmp_path: Path) -> None:
+    summary = _random_run(items, tiny_model, tiny_tokenizer, tmp_path)
     assert {p.name for p in (tmp_path / "run").iterdir()} == {
         "results.jsonl",
         "results.csv",
@@ -127,22 +132,9 @@ def test_bad_harness_arguments(tiny_model, tiny_tokenizer, items) -> None:
 
 
 def test_a_report_over_fewer_items_leaves_the_larger_summary(tiny_model, tiny_tokenizer, items, tmp_path: Path) -> None:
-    def run(subset):
-        return run_suite(
-            kvpolicy.build("random", budget=32),
-            subset,
-            tiny_model,
-            tiny_tokenizer,
-            out=tmp_path / "run",
-            label="random@32",
-            model_name="tiny",
-            reference_dir=tmp_path / "refs",
-            progress=False,
-        )
-
-    whole = run(items)
+    whole = _random_run(items, tiny_model, tiny_tokenizer, tmp_path)
     csv = (tmp_path / "run" / "results.csv").read_text()
-    part = run(items[:1])
+    part = _random_run(items[:1], tiny_model, tiny_tokenizer, tmp_path)
     assert part.overall.n == 1 < len(items)  # what the caller reports on: the items it asked for
     assert RunSummary.load(tmp_path / "run") == whole  # what the folder keeps: the larger summary
     assert (tmp_path / "run" / "results.csv").read_text() == csv

@@ -33,7 +33,11 @@ def jobs_for(args: argparse.Namespace) -> list[EvalJob]:
 def outcome(results: dict) -> dict:
     """What must not depend on the executor: each result but its times."""
     return {
-        index: [(r.uid, r.policy, r.score, r.prediction, r.kept_fraction) for r in result.results.values()]
+        index: [
+            (r.uid, r.policy, r.score, r.prediction, r.kept_fraction)
+            for per_run in result.results.values()  # one list per policy run: a job may hold a context's items
+            for r in per_run
+        ]
         for index, result in results.items()
     }
 

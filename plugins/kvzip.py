@@ -25,10 +25,16 @@ Simplified from the paper and the authors' code (and kvpress's ``KVzipPress``):
 
 Components: extractor ``reconstruction_attention`` → scorer ``feature`` → selector ``top_k``
 (``shared_across_heads``), schedule ``after_prefill``.
+
+``kvzip-threshold`` is the same score with the ``threshold`` selector (``per_head``): one bar for
+every layer and head (`GLOBAL_THRESHOLD`), so each layer and head keeps as much as KVzip's score
+says — closer to the authors' selection over the whole cache, at the price of a cache size that
+depends on the context instead of a budget.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -130,6 +136,14 @@ class ReconstructionAttentionExtractor(RepeatsContext, ComponentBase):
         return view.reconstruction_attention.float().unsqueeze(-1)
 
 
+#: ``kvzip-threshold``'s bar on the reconstruction attention: ``exp(-3.85) - 1e-6``, so that it keeps
+#: exactly what ``log(attention + 1e-6) >= -3.85`` keeps — the untrained start of the self-sized
+#: NAMM at the bias chosen on validation items to keep about as much as the evolved one
+#: (docs/learned_eviction.md). One bar for all layers and heads sizes each of them by KVzip's own
+#: score, as the authors' global selection does, where ``kvzip`` gives every layer the same share.
+GLOBAL_THRESHOLD = math.exp(-3.85) - 1e-6
+
+
 @hookimpl
 def kvpolicy_register_extractors(register) -> None:
     register("reconstruction_attention", ReconstructionAttentionExtractor)
@@ -150,4 +164,14 @@ def kvpolicy_register_presets(register) -> None:
         kvzip,
         description="KVzip: max attention received while the model repeats the context, heads share the "
         "layer's budget, once after prefill (Kim et al. 2025)",
+    )
+    register(
+        "kvzip-threshold",
+        attrs.evolve(
+            kvzip,
+            selector=ComponentRef("threshold", {"threshold": GLOBAL_THRESHOLD, "per_head": True}),
+            budget=Budget(),
+        ),
+        description="KVzip's score with one threshold for every layer and KV head (self-sized): a token stays "
+        "when some repeat query gave it >= 2.1% of its attention; ~11% of SmolLM2's cache on multikey-shared 4k",
     )

@@ -84,18 +84,37 @@ class TopKSelector(ComponentBase):
         return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
 
 
+def _wanted_per_head(wanted: torch.Tensor) -> Selection:
+    """Every head keeps exactly its ``wanted [batch, heads, tokens]`` tokens, ascending, padded to
+    the most any head keeps (at least one slot, so an empty head stays a valid shape)."""
+    tokens = wanted.shape[-1]
+    counts = wanted.sum(-1)
+    kept = max(int(counts.max()), 1)
+    order = torch.where(wanted, torch.arange(tokens, device=wanted.device).expand_as(wanted), tokens)
+    indices = order.sort(dim=-1).values[..., :kept]
+    valid = indices < tokens
+    if bool(valid.all()):
+        return Selection(indices)
+    return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
+
+
 @attrs.frozen
 class ThresholdConfig:
-    """``threshold``: tokens scoring below it are evicted (NAMM: 0)."""
+    """``threshold``: tokens scoring below it are evicted (NAMM: 0). ``per_head``: each KV head
+    keeps exactly the tokens it wants (heads keep different counts, stored padded to the layer's
+    largest with the padding masked out), so the memory's size is chosen per layer *and* head;
+    off, every head of a layer keeps the greediest head's count."""
 
     threshold: float = 0.0
+    per_head: bool = False
 
 
 class ThresholdSelector(ComponentBase):
     """NAMM's selection (Cetin et al. 2024): a token whose score is below the threshold is
-    evicted, the newest is always kept, and every head of a layer keeps the same count — the
-    largest any head wants, filled with each head's best-scored tokens — so a layer's cache stays
-    rectangular and its size is emergent rather than budgeted."""
+    evicted and the newest is always kept, so the cache's size is emergent rather than budgeted.
+    By default every head of a layer keeps the same count — the largest any head wants, filled
+    with each head's best-scored tokens — so a layer's cache stays rectangular; ``per_head`` lets
+    each head keep only what it wants."""
 
     name = "threshold"
     Config = ThresholdConfig
@@ -103,6 +122,8 @@ class ThresholdSelector(ComponentBase):
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         wanted = (scores >= self.config.threshold) | protected
+        if self.config.per_head:
+            return _wanted_per_head(wanted)
         per_row = wanted.sum(-1).amax(dim=1)  # [batch]: the count the greediest head of each row wants
         k = int(per_row.max())
         indices = rank_protected_first(scores, protected).topk(k, dim=-1).indices  # best first

@@ -22,6 +22,7 @@ and carries calibrated spectrogram statistics.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -128,6 +129,36 @@ def kvzip_equivalent(budget: Any = "12.5%", kernels: tuple[int, ...] = EVOLVED_V
         offset += size
     scorer.set_flat(flat)
     return policy
+
+
+#: the self-sized NAMM for SmolLM2 (package data: the best held-out mean of
+#: ``examples/namm-context-first/threshold.json``, generation 28 of 40)
+SELF_SIZED_SMOLLM2 = Path(__file__).parent / "data" / "namm-threshold-smollm2.safetensors"
+
+
+def self_sized_config(kernels: tuple[int, ...] = EVOLVED_VOTES_KERNELS) -> PolicyConfig:
+    """`kvzip_equivalent_config` with NAMM's ``threshold`` selector per KV head and no budget:
+    every layer and head keeps the tokens BAM scores ≥ 0, so the memory sizes itself."""
+    return attrs.evolve(
+        kvzip_equivalent_config(kernels),
+        selector=ComponentRef("threshold", {"per_head": True}),
+        budget=Budget(),
+    )
+
+
+@hookimpl
+def kvpolicy_register_presets(register) -> None:
+    register(
+        "namm-threshold-smollm2",
+        self_sized_config(),
+        description=(
+            "self-sized NAMM for SmolLM2, context-first: searched = BAM's read-out and bias over spectrogram, "
+            "pooled votes and KVzip's reconstruction attention (36 numbers, CMA-ES, 40 generations, multikey-shared "
+            "4k, fitness + cache saved); fixed = BAM's attention (zero: unused), features, per-head threshold; "
+            "keeps ~10% of the cache there"
+        ),
+        weights=SELF_SIZED_SMOLLM2,
+    )
 
 
 @hookimpl

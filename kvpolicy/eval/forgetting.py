@@ -36,6 +36,7 @@ import kvpolicy
 from kvpolicy.atomic import atomic_path, atomic_write_text
 from kvpolicy.errors import InvalidConfigError
 from kvpolicy.eval.items import VALIDATION_SEED, Item, check_split
+from kvpolicy.eval.labels import label_for_spec
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import check_tasks, make_item
 from kvpolicy.integrations.hf.report import kept_share
@@ -305,7 +306,7 @@ def run(
         for name in presets:
             policy = kvpolicy.build(name, budget=budget) if kvpolicy.build(name).needs_budget else kvpolicy.build(name)
             policy.transfer = True  # zero-shot on another model: a learned preset runs as shipped, by choice
-            label = f"{name}@{budget:g}" if policy.needs_budget else name
+            label = label_for_spec(name, f"{budget:g}" if policy.needs_budget else None)
             if (item.uid, label) in done:
                 continue
             records.append(compress_item(model, tokenizer, item, label, policy, chunk_size).as_record())
@@ -326,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="counted from 1,000 in validation")
     parser.add_argument("--split", default="validation", choices=("validation", "train"))
-    parser.add_argument("--presets", nargs="+", default=["namm-bam-smollm2", "snapkv", "kvzip"])
+    parser.add_argument(
+        "--presets", nargs="+", default=["namm-bam-smollm2", "snapkv", "kvzip"], help="preset names or saved policy files"
+    )
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--out", type=Path, required=True)

@@ -92,3 +92,25 @@ def test_top_k_dropping_few_keeps_what_ranking_all_keeps():
         expected = keyed.topk(max(capacity, 3), dim=-1).indices.sort(dim=-1).values
         assert torch.equal(selection.indices, expected), (tokens, capacity)
         assert selection.valid is None
+
+
+def test_threshold_per_head_keeps_each_heads_own_count():
+    scores = torch.tensor([[[1.0, -1.0, -2.0, 0.5], [-3.0, -1.0, -0.5, -4.0]]])
+    protected = torch.zeros(1, 2, 4, dtype=torch.bool)
+    protected[..., -1] = True
+    selector = ThresholdSelector(ThresholdSelector.Config(per_head=True))
+    selection = selector.select(scores, protected, Budget(), _view(4, 2))
+    # head 0 wants {0, 3}; head 1 only the newest {3}: it keeps 1, padded to 2 and masked out
+    assert selection.valid.tolist() == [[[True, True], [True, False]]]
+    assert selection.indices[0, 0].tolist() == [0, 3]
+    assert selection.indices[0, 1][selection.valid[0, 1]].tolist() == [3]
+
+
+def test_threshold_per_head_with_equal_wants_is_rectangular():
+    scores = torch.tensor([[[1.0, -1.0, 2.0], [-1.0, 3.0, 2.0]]])
+    protected = torch.zeros(1, 2, 3, dtype=torch.bool)
+    selection = ThresholdSelector(ThresholdSelector.Config(per_head=True)).select(
+        scores, protected, Budget(), _view(3, 2)
+    )
+    assert selection.valid is None
+    assert selection.indices.tolist() == [[[0, 2], [1, 2]]]

@@ -68,3 +68,37 @@ def test_members_forked_from_a_prefill_with_the_repeat_pass_score_as_one_by_one(
     assert shared["mean_fitness"] == pytest.approx(alone["mean_fitness"], abs=1e-6)
     assert shared["heldout_fitness"] == pytest.approx(alone["heldout_fitness"], abs=1e-6)
     assert 0.1 < shared["mean_kept_fraction"] < 0.5  # really evicts
+
+
+THRESHOLD = CONFIG.with_name("threshold.json")
+
+
+def test_the_self_sized_example_starts_at_kvzip_with_a_threshold_per_head():
+    config = EvolveConfig.from_file(THRESHOLD)
+    workload = HfWorkload(config)
+    policy = workload.policy
+    assert policy.selector.name == "threshold" and policy.selector.config.per_head
+    assert policy.budget.capacity(4096) is None and config.fitness.cache_weight > 0
+    start = kvzip_equivalent("12.5%")
+    assert policy.extractor.config == start.extractor.config and policy.protect == start.protect
+    assert workload.space.dim == 36  # the read-out and the bias
+    expected = start.get_flat().clone()  # BAM's parameters end with the read-out, then the bias
+    expected[-1] = 5.15
+    assert torch.equal(workload.space.start, expected)
+
+
+def test_self_sized_members_forked_from_a_prefill_score_as_one_by_one(tmp_path):
+    """Members whose heads keep different counts (per-head threshold) in one forked batch give
+    what each gives alone."""
+    policy = {**TINY["policy"], "selector": {"name": "threshold", "config": {"per_head": True}}, "budget": None}
+    base = {**TINY, "policy": policy, "search": ["scorer.w_s", "scorer.b_s"]}
+    base["start"] = {**TINY["start"], "scorer.b_s": 4.0}
+    records = {}
+    for name, shared in (("shared", True), ("alone", False)):
+        config = EvolveConfig.from_dict({**base, "fitness": {**TINY["fitness"], "shared_prefill": shared, "cache_weight": 1.0}})
+        Evolution(config, tmp_path / name).run()
+        lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        records[name] = next(r for r in map(json.loads, lines) if r["type"] == "generation")
+    assert records["shared"]["member_fitness"] == pytest.approx(records["alone"]["member_fitness"], abs=1e-6)
+    kept = records["shared"]["member_kept_fraction"]
+    assert 0.02 < min(kept) and max(kept) < 0.98 and len(set(kept)) > 1  # really self-sized

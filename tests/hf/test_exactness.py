@@ -57,6 +57,22 @@ def test_heads_keeping_different_tokens_and_counts(llama, shared):
     assert (masked_recompute(llama, sequence, records) - logits).abs().max() < TOLERANCE
 
 
+def test_self_sized_heads_keep_their_own_counts(llama):
+    """``threshold`` with ``per_head``: each head keeps what it wants; decoding stays exact."""
+    policy = kvpolicy.Policy(
+        "position",
+        RandomScorer(seed=7),
+        ("threshold", {"threshold": 0.5, "per_head": True}),
+        schedule=Schedule("every_n", every=8),
+        sinks=2,
+    )
+    prompt = random_ids(2, 40, seed=8)
+    sequence, logits, records, report = _run(llama, policy, prompt, 8, 8)
+    assert any(r.kept[1] is not None and r.kept[1][1] is not None for r in records), "no padded slots arose"
+    assert len(set(report.kept[1])) > 1, "every head kept the same count"
+    assert (masked_recompute(llama, sequence, records) - logits).abs().max() < TOLERANCE
+
+
 def test_layers_with_different_lengths(llama):
     """A skipped layer keeps everything while the other evicts: masks are built per layer."""
     policy = kvpolicy.build("streaming_llm", budget=8, schedule=Schedule("every_step"), skip_layers=(0,))

@@ -5,6 +5,7 @@ models, both protocols); any other read-out of the extra features changes the ke
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from kvpolicy_plugins.stft_reconstruction import (
     StftReconstructionExtractor,
     kvzip_equivalent,
     kvzip_readout,
+    self_sized_config,
 )
 
 KERNELS = (3, 7)
@@ -189,3 +191,43 @@ def test_registered_and_refuses_a_schedule_evicting_mid_prompt():
     assert "stft_reconstruction" in kvpolicy.registry.default_registry().names("extractor")
     with pytest.raises(InvalidConfigError, match="after_prefill"):
         kvpolicy.Policy("stft_reconstruction", ("bam", {"features": 27}), "top_k", budget="25%")
+
+
+def _self_sized_start(bias: float) -> kvpolicy.Policy:
+    """The self-sized NAMM's start (KVzip's read-out, threshold per head) at bias ``bias``."""
+    policy = _bound(kvpolicy.build(self_sized_config(KERNELS)))
+    flat = torch.zeros(policy.num_params)
+    layout = parameter_layout(policy)
+    flat[layout["scorer.w_s"]] = torch.tensor(kvzip_readout(policy.extractor.config))
+    flat[layout["scorer.b_s"]] = bias
+    policy.set_flat(flat)
+    return policy
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_global_threshold_preset_keeps_what_the_self_sized_start_keeps_at_its_bias(family):
+    """``kvzip-threshold`` (a hand-made rule) is the untrained self-sized NAMM at b_s = 3.85."""
+    model = _model(family)
+    ids = _prompt(7)
+    rule = kept_context_first(_bound(kvpolicy.build("kvzip-threshold")), model, ids)
+    assert rule == kept_context_first(_self_sized_start(3.85), model, ids)
+    counts = [len(head) for layer in rule for head in layer]
+    assert 0 < min(counts) and max(counts) < CONTEXT and len(set(counts)) > 1  # evicts, sized per head
+    assert rule != kept_context_first(_self_sized_start(2.0), model, ids)  # the bias matters
+
+
+def test_the_shipped_self_sized_namm_is_its_evolution_runs_best_mean():
+    shipped = kvpolicy.build("namm-threshold-smollm2")
+    result = Path(__file__).parents[2] / "docs" / "namm-context-first" / "threshold" / "result.safetensors"
+    evolved = kvpolicy.Policy.load(result)
+    assert torch.equal(shipped.get_flat(), evolved.get_flat())
+    assert _without_repeat_ids(shipped) == _without_repeat_ids(evolved)
+    assert shipped.selector.config.per_head and not shipped.needs_budget
+
+
+def _without_repeat_ids(policy: kvpolicy.Policy) -> dict:
+    """The config without the repeat prompt's token ids, which `bind_tokenizer` fills in."""
+    config = policy.config.to_dict()
+    for key in ("first_ids", "later_ids", "suffix_ids"):
+        config["extractor"]["config"].pop(key)
+    return config

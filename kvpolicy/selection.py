@@ -46,6 +46,18 @@ def sorted_selection(indices: torch.Tensor, valid: torch.Tensor | None = None) -
     return Selection(torch.where(valid, key, torch.zeros_like(key)), valid)
 
 
+def mask_selection(chosen: torch.Tensor) -> Selection:
+    """A `Selection` of the True tokens of ``chosen [batch, heads, tokens]``, ascending per head,
+    padded to the most any head keeps (at least one slot) with ``valid`` marking the real ones —
+    for selectors whose heads keep different counts."""
+    tokens = chosen.shape[-1]
+    kept = max(int(chosen.sum(-1).max()), 1)
+    order = torch.where(chosen, torch.arange(tokens, device=chosen.device).expand_as(chosen), tokens)
+    indices = order.sort(dim=-1).values[..., :kept]
+    valid = indices < tokens
+    return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
+
+
 #: the widest pooling kernel a config may ask for: twice the longest context any supported model
 #: takes (2**20 tokens), minus one; `pool_neighbours` pools no wider than its tokens need anyway
 MAX_KERNEL = 2**21 - 1

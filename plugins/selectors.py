@@ -8,7 +8,7 @@ import torch
 
 from kvpolicy import hookimpl
 from kvpolicy.errors import InvalidBudgetError
-from kvpolicy.selection import rank_protected_first, sorted_selection
+from kvpolicy.selection import mask_selection, rank_protected_first, sorted_selection
 from kvpolicy.types import Budget, ComponentBase, LayerView, Selection, non_negative
 
 _KEEP = float("inf")
@@ -75,27 +75,7 @@ class TopKSelector(ComponentBase):
             flat = chosen.reshape(batch, heads * tokens).clone()
             flat.scatter_(-1, top, True)
             chosen = flat.reshape(batch, heads, tokens)
-        counts = chosen.sum(-1)
-        kept = int(counts.max())
-        # indices of chosen tokens, padded per head to `kept`
-        order = torch.where(chosen, torch.arange(tokens).expand_as(chosen), tokens)
-        indices = order.sort(dim=-1).values[..., :kept]
-        valid = indices < tokens
-        return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
-
-
-def _wanted_per_head(wanted: torch.Tensor) -> Selection:
-    """Every head keeps exactly its ``wanted [batch, heads, tokens]`` tokens, ascending, padded to
-    the most any head keeps (at least one slot, so an empty head stays a valid shape)."""
-    tokens = wanted.shape[-1]
-    counts = wanted.sum(-1)
-    kept = max(int(counts.max()), 1)
-    order = torch.where(wanted, torch.arange(tokens, device=wanted.device).expand_as(wanted), tokens)
-    indices = order.sort(dim=-1).values[..., :kept]
-    valid = indices < tokens
-    if bool(valid.all()):
-        return Selection(indices)
-    return Selection(torch.where(valid, indices, torch.zeros_like(indices)), valid)
+        return mask_selection(chosen)
 
 
 @attrs.frozen
@@ -122,8 +102,9 @@ class ThresholdSelector(ComponentBase):
 
     def select(self, scores: torch.Tensor, protected: torch.Tensor, budget: Budget, view: LayerView) -> Selection:
         wanted = (scores >= self.config.threshold) | protected
-        if self.config.per_head:
-            return _wanted_per_head(wanted)
+        if self.config.per_head:  # each head keeps exactly what it wants
+            selection = mask_selection(wanted)
+            return Selection(selection.indices) if bool(selection.valid.all()) else selection
         per_row = wanted.sum(-1).amax(dim=1)  # [batch]: the count the greediest head of each row wants
         k = int(per_row.max())
         indices = rank_protected_first(scores, protected).topk(k, dim=-1).indices  # best first

@@ -119,13 +119,26 @@ def kvzip_readout(config: StftReconstructionConfig) -> list[float]:
 def kvzip_equivalent(budget: Any = "12.5%", kernels: tuple[int, ...] = EVOLVED_VOTES_KERNELS) -> kvpolicy.Policy:
     """The policy of `kvzip_equivalent_config` with `kvzip_readout` as BAM's read-out (all other
     BAM weights zero): the KVzip-equivalent start of a NAMM evolved over these features."""
-    policy = kvpolicy.build(kvzip_equivalent_config(kernels), budget=budget)
+    return _with_kvzip_readout(kvpolicy.build(kvzip_equivalent_config(kernels), budget=budget))
+
+
+def self_sized_start(bias: float, kernels: tuple[int, ...] = EVOLVED_VOTES_KERNELS) -> kvpolicy.Policy:
+    """The policy of `self_sized_config` with `kvzip_readout` and BAM's bias ``b_s = bias``: a
+    token stays when ``log(reconstruction attention + eps) >= -bias`` — KVzip's score with one
+    bar for every layer and head, the start of ``examples/namm-context-first/threshold.json``."""
+    return _with_kvzip_readout(kvpolicy.build(self_sized_config(kernels)), bias)
+
+
+def _with_kvzip_readout(policy: kvpolicy.Policy, bias: float = 0.0) -> kvpolicy.Policy:
+    """``policy`` with BAM's read-out `kvzip_readout`, its bias ``bias`` and every other weight zero."""
     scorer = policy.scorer
     flat = torch.zeros(scorer.num_params)
     offset = 0
     for name, size in zip(scorer.params.shapes, scorer.params.sizes, strict=True):
         if name == "w_s":
             flat[offset : offset + size] = torch.tensor(kvzip_readout(policy.extractor.config))
+        elif name == "b_s":
+            flat[offset] = bias
         offset += size
     scorer.set_flat(flat)
     return policy

@@ -21,19 +21,16 @@ preset shares a fixed budget within each layer).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 import kvpolicy
 from kvpolicy.eval.prompting import encode
 from kvpolicy.eval.tasks import make_item
+from kvpolicy.integrations.hf.transfer import model_record
 from kvpolicy.models import load_model
 from kvpolicy_plugins.selectors import TopKSelector
-from kvpolicy.integrations.hf.transfer import model_record
-from kvpolicy.types import PolicyConfig
-from kvpolicy_plugins.stft_reconstruction import kvzip_equivalent, kvzip_readout
+from kvpolicy_plugins.stft_reconstruction import kvzip_equivalent, self_sized_start
 
 QUANTILES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9)
 
@@ -51,19 +48,9 @@ class RecordingTopK(TopKSelector):
 
 
 def save_start(bias: float, path: str) -> None:
-    """`threshold.json`'s policy at its start — BAM's read-out one-hot on the log reconstruction
-    attention — with ``b_s = bias``, signed and saved for `kvpolicy compare --policy PATH`."""
-    config = json.loads((Path(__file__).parent / "threshold.json").read_text())["policy"]
-    policy = kvpolicy.build(PolicyConfig.from_dict(config))
-    start = torch.zeros(policy.num_params)
-    offset = 0
-    for name, size in zip(policy.scorer.params.shapes, policy.scorer.params.sizes, strict=True):
-        if name == "w_s":
-            start[offset : offset + size] = torch.tensor(kvzip_readout(policy.extractor.config))
-        elif name == "b_s":
-            start[offset] = bias
-        offset += size
-    policy.set_flat(start)
+    """`threshold.json`'s start (`self_sized_start`) at ``b_s = bias``, signed and saved for
+    `kvpolicy compare --policy PATH`."""
+    policy = self_sized_start(bias)
     policy.save(path, made_for=model_record(load_model("smollm2-135m-instruct")[0]))
     print(f"wrote {path}: KVzip's score, threshold per KV head at b_s = {bias}")
 
@@ -92,7 +79,9 @@ def main() -> None:
     sample = scores[torch.randperm(len(scores), generator=torch.Generator().manual_seed(0))[:1_000_000]]
     print(f"{len(scores)} scores from {len(args.seeds)} items at {args.length} tokens")
     for q in QUANTILES:
-        print(f"quantile {q:.3f}: {float(torch.quantile(sample, q)):+.3f}  (b_s = {-float(torch.quantile(sample, q)):.2f} keeps ≈ {1 - q:.1%})")
+        print(
+            f"quantile {q:.3f}: {float(torch.quantile(sample, q)):+.3f}  (b_s = {-float(torch.quantile(sample, q)):.2f} keeps ≈ {1 - q:.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def test_a_saved_self_sized_policy_is_labelled_by_its_file_name(tmp_path) -> Non
     threshold = ("threshold", {"threshold": 100.0, "per_head": True})  # keeps positions >= 100 and 4 sinks
     policy = kvpolicy.Policy("position", "feature", threshold, schedule=kvpolicy.Schedule("after_prefill"), sinks=4)
     policy.save(path)
-    rows = forgetting.run("tiny:llama", "multikey-shared", 384, [0], [str(path)], 0.25, tmp_path / "forget", chunk_size=128)
+    rows = forgetting.run(
+        "tiny:llama", "multikey-shared", 384, [0], [str(path)], 0.25, tmp_path / "forget", chunk_size=128
+    )
     assert {r["policy"] for r in rows} == {"my-memory"}  # its file's name, no budget: it sizes itself
     assert 0.5 < rows[0]["cache_kept"] < 0.95

@@ -95,7 +95,9 @@ def test_self_sized_members_forked_from_a_prefill_score_as_one_by_one(tmp_path):
     base["start"] = {**TINY["start"], "scorer.b_s": 4.0}
     records = {}
     for name, shared in (("shared", True), ("alone", False)):
-        config = EvolveConfig.from_dict({**base, "fitness": {**TINY["fitness"], "shared_prefill": shared, "cache_weight": 1.0}})
+        config = EvolveConfig.from_dict(
+            {**base, "fitness": {**TINY["fitness"], "shared_prefill": shared, "cache_weight": 1.0}}
+        )
         Evolution(config, tmp_path / name).run()
         lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
         records[name] = next(r for r in map(json.loads, lines) if r["type"] == "generation")

@@ -21,7 +21,7 @@ from kvpolicy_plugins.stft_reconstruction import (
     StftReconstructionExtractor,
     kvzip_equivalent,
     kvzip_readout,
-    self_sized_config,
+    self_sized_start,
 )
 
 KERNELS = (3, 7)
@@ -194,14 +194,7 @@ def test_registered_and_refuses_a_schedule_evicting_mid_prompt():
 
 
 def _self_sized_start(bias: float) -> kvpolicy.Policy:
-    """The self-sized NAMM's start (KVzip's read-out, threshold per head) at bias ``bias``."""
-    policy = _bound(kvpolicy.build(self_sized_config(KERNELS)))
-    flat = torch.zeros(policy.num_params)
-    layout = parameter_layout(policy)
-    flat[layout["scorer.w_s"]] = torch.tensor(kvzip_readout(policy.extractor.config))
-    flat[layout["scorer.b_s"]] = bias
-    policy.set_flat(flat)
-    return policy
+    return _bound(self_sized_start(bias, kernels=KERNELS))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

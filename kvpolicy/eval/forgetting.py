@@ -328,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="counted from 1,000 in validation")
     parser.add_argument("--split", default="validation", choices=("validation", "train"))
     parser.add_argument(
-        "--presets", nargs="+", default=["namm-bam-smollm2", "snapkv", "kvzip"], help="preset names or saved policy files"
+        "--presets",
+        nargs="+",
+        default=["namm-bam-smollm2", "snapkv", "kvzip"],
+        help="preset names or saved policy files",
     )
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--chunk-size", type=int, default=512)

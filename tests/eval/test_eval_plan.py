@@ -85,6 +85,11 @@ def test_the_committed_plan_loads_and_holds_the_published_easy_tables() -> None:
         plan.block_for(block_b, SMOL, "context-first")
     with pytest.raises(InvalidConfigError, match="not question-aware"):
         plan.block_for(block_b, SMOL, "question-aware", unseal="B")
+    # B adds 9.5 %, the self-sized memories' measured cache on validation, to 12.5 and 25 %
+    sealed_b = plan.block_for(block_b, SMOL, "context-first", unseal="B")
+    sealed_b.check_budgets(["9.5%", "12.5%", "25%", None])
+    with pytest.raises(InvalidConfigError, match="plans the budgets 0.095, 0.125, 0.25"):
+        sealed_b.check_budgets(["5%"])
 
 
 def test_a_block_with_budgets_refuses_others(tmp_path: Path) -> None:

@@ -30,6 +30,24 @@ def test_the_example_starts_at_kvzip_and_searches_only_the_read_out():
     assert [s.tasks for s in config.stages] == [("multikey-shared",), ("multikey-shared", "needle")]
 
 
+def test_the_attention_run_is_the_threshold_run_plus_a_subspace_of_bams_attention():
+    """Equal evaluations: same start, fitness, population, items and generations; only BAM's
+    attention (160 directions, ≤ 200 numbers in all) is searched beside the read-out and bias."""
+    folder = CONFIG.parent
+    attention = json.loads((folder / "attention.json").read_text())
+    threshold = json.loads((folder / "threshold.json").read_text())
+    subspace = attention.pop("subspace")
+    assert attention == threshold
+    assert subspace["groups"] == ["scorer.w_qkv", "scorer.b_qkv", "scorer.w_o", "scorer.b_o"]
+    with_attention = HfWorkload(EvolveConfig.from_file(folder / "attention.json")).space
+    linear = HfWorkload(EvolveConfig.from_file(folder / "threshold.json")).space
+    assert linear.dim == 36 and with_attention.dim == 36 + 160 <= 200
+    read_out = linear.index
+    assert torch.equal(with_attention.start[read_out], linear.start[read_out])
+    moved = with_attention.start - linear.start
+    assert moved[read_out].abs().max() == 0 and 0 < moved.abs().max() < 0.1  # only the attention's offset
+
+
 TINY = {
     "model": "tiny:llama",
     "policy": {

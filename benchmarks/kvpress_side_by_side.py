@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from proc_status import status_kib  # noqa: E402 - after the path
 
 DEFAULT_VENV = Path.home() / ".cache" / "kvpolicy" / "kvpress-venv"
+LONG_CONTEXT = Path(__file__).with_name("bench_long_context.py")
 #: kvpolicy preset (as run here) for each kvpress press
 PRESSES = {"streaming_llm": "streaming_llm", "snapkv": "snapkv/chunk", "tova": "tova"}
 KVPRESS_CLASSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
@@ -97,12 +98,22 @@ def build_venv(venv: Path) -> None:
     subprocess.run([*pip, "kvpress==0.5.5"], check=True)
 
 
-def _child(python: str, flag: str, spec: dict) -> dict | None:
-    done = subprocess.run([python, __file__, flag, json.dumps(spec)], capture_output=True, text=True, check=False)
+def _child(python: str, script: Path, flag: str, spec: dict) -> dict | None:
+    """One fresh process: ``script flag spec`` under ``python``; its last stdout line is the result."""
+    done = subprocess.run([python, str(script), flag, json.dumps(spec)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"{flag} {spec.get('press') or spec.get('variant')}: FAILED\n{done.stderr[-2000:]}", flush=True)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def kvpolicy_side(
+    model: str, tokens: int, press: str, budget: str, chunk: int, *, decode: int, threads: int
+) -> dict | None:
+    """kvpolicy's run of ``press``'s counterpart: bench_long_context's own fresh-process run."""
+    spec = {"model": model, "tokens": tokens, "variant": PRESSES[press], "budget": budget, "chunk": chunk,
+            "decode": decode, "threads": threads}  # fmt: skip
+    return _child(sys.executable, LONG_CONTEXT, "--child", spec)
 
 
 def main() -> None:
@@ -145,6 +156,7 @@ def main() -> None:
                 common = {"decode": args.decode, "threads": args.threads}
                 theirs = _child(
                     str(python),
+                    Path(__file__),
                     "--kvpress-child",
                     {
                         **common,
@@ -154,9 +166,9 @@ def main() -> None:
                         "ids_file": str(ids_file),
                     },
                 )
-                spec = {**common, "model": args.model, "tokens": args.tokens, "variant": PRESSES[press],
-                        "budget": args.budget, "chunk": args.chunk}  # fmt: skip
-                ours = _child(sys.executable, "--child", spec) if theirs is not None else None
+                ours = None
+                if theirs is not None:
+                    ours = kvpolicy_side(args.model, args.tokens, press, args.budget, args.chunk, **common)
                 if ours is not None:
                     rows.append((press, round_index, theirs, ours))
                     print(f"{press} round {round_index + 1}: kvpress prefill {theirs['prefill_s']:.1f} s, "

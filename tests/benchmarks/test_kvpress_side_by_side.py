@@ -1,0 +1,31 @@
+"""kvpolicy's side of the kvpress comparison at a tiny size (the kvpress venv is not built here):
+each press's counterpart runs in a fresh process through the long-context benchmark's child."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    spec = importlib.util.spec_from_file_location(
+        "kvpress_side_by_side", ROOT / "benchmarks" / "kvpress_side_by_side.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("press", ["tova", "snapkv"])
+def test_kvpolicys_side_runs_each_press_counterpart(side_by_side, press):
+    result = side_by_side.kvpolicy_side("tiny:llama", 320, press, "25%", 64, decode=3, threads=1)
+    assert result is not None, "the kvpolicy child failed (its stderr is printed above)"
+    assert 0 < result["kv_bytes"] < result["full_kv_bytes"]
+    assert len(result["generated"]) == 3 and result["prefill_s"] > 0 and result["peak_above_model_bytes"] >= 0
+    # SnapKV runs evicting after every chunk (/chunk), as the comparison's table says
+    assert result["schedule"] == ("every_n 64" if press == "snapkv" else "every_step")

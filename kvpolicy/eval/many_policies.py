@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,14 @@ def evaluate_many(
     evicting = [(label, policy, ResultStore(Path(out) / "results.jsonl", protocol)) for label, policy, out in runs
                 if policy.schedule.kind != "never"]  # fmt: skip
     policies = [(label, policy) for label, policy, _ in evicting]
+    stores = {label: store for label, _, store in evicting}
     union = bind_policies(policies, tokenizer, protocol)
     recorded = 0
+
+    def save(label: str, results: list[ItemResult]) -> None:  # as soon as a policy is done
+        for result in results:
+            stores[label].add(result)
+
     groups = context_groups(items, protocol)
     for group in tqdm(groups, desc="shared prefill", unit="context", dynamic_ncols=True, disable=not progress):
         pending = {label: [i for i in group if not store.done(i.uid, i.fingerprint)] for label, _, store in evicting}
@@ -79,16 +85,13 @@ def evaluate_many(
         need_reference = [i for i in group if not references.done(i.uid, i.fingerprint)]
         if not pending and not need_reference:
             continue
-        results, reference = shared_item_results(
+        _, reference = shared_item_results(
             policies, pending, union, group, model, tokenizer, metric=metric, chunk_size=chunk_size,
-            reference=need_reference, protocol=protocol,
+            reference=need_reference, protocol=protocol, deliver=save,
         )  # fmt: skip
         recorded += 1
         for result in reference:
             references.add(result)
-        for label, _, store in evicting:
-            for result in results.get(label, ()):
-                store.add(result)
     return recorded
 
 
@@ -136,16 +139,27 @@ def shared_item_results(
     chunk_size: int,
     reference: Sequence[Item] = (),
     protocol: EvalProtocol = DEFAULT_PROTOCOL,
+    deliver: Callable[[str, list[ItemResult]], None] | None = None,
 ) -> tuple[dict[str, list[ItemResult]], list[ItemResult]]:
     """One recorded prompt of ``group`` (items of one `context_groups` entry: under
     ``context-first``, questions of one context): the results of each ``(label, policy)`` of
     ``policies`` for the items ``pending[label]``, and the full-cache results of the items of
     ``reference`` (forked from the recording, nothing evicted). ``union`` is `bind_policies` of all
     ``policies``, so a result does not depend on which of them are pending. Policies not forked
-    (`forks_from_recording`) run their own chunked prefill, once per context (`ContextRows`)."""
+    (`forks_from_recording`) run their own chunked prefill, once per context (`ContextRows`).
+    ``deliver(label, results)`` is called as soon as each policy's results exist, so a caller can
+    store them before the next policy runs (a context of a long item costs an hour of policies)."""
     run = {"model": model, "tokenizer": tokenizer, "metric": metric, "chunk_size": chunk_size, "protocol": protocol}
-    results = {label: _own(policy, pending[label], label, **run) for label, policy in policies
-               if label in pending and not forks_from_recording(policy, protocol)}  # fmt: skip
+    results: dict[str, list[ItemResult]] = {}
+
+    def done(label: str, computed: list[ItemResult]) -> None:
+        results[label] = computed
+        if deliver is not None:
+            deliver(label, computed)
+
+    for label, policy in policies:
+        if label in pending and not forks_from_recording(policy, protocol):
+            done(label, _own(policy, pending[label], label, **run))
     forked = [(label, policy) for label, policy in policies if forks_from_recording(policy, protocol)]
     if not forked:
         return results, _own(build("full"), reference, "full", **run) if reference else []
@@ -166,7 +180,7 @@ def shared_item_results(
         key = _feature_key(policy) + str(due_layers(policy, model, cache))
         if key not in prepared:
             prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
-        results[label] = _forked(policy, pending[label], prepared[key], label, **run)
+        done(label, _forked(policy, pending[label], prepared[key], label, **run))
     return results, full
 
 

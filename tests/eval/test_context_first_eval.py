@@ -186,3 +186,33 @@ def test_shared_prefill_records_each_context_once(tiny_model, tiny_tokenizer, tm
     for want in full:
         _same(stored[want.uid], want)
     assert evaluate_many(runs, items, tiny_model, tiny_tokenizer, progress=False, protocol=CF, **settings) == 0
+
+
+def test_each_policys_results_are_stored_before_the_next_policy_runs(
+    tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+) -> None:
+    """A context of a long item costs an hour of policies: a run killed during the forked
+    policies keeps the streaming policies' results of that context, and the rerun does only the rest."""
+    import kvpolicy.eval.many_policies as many
+
+    items = build_suite(["needle"], "test", [384], [0])
+    policies = {"tova": kvpolicy.build("tova", budget=48), "snapkv": kvpolicy.build("snapkv", budget=48)}
+    runs = [(label, policy, tmp_path / label) for label, policy in policies.items()]
+    settings = {"model_name": "tiny", "metric": "task", "chunk_size": CHUNK, "reference_dir": tmp_path / "ref"}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(many, "_forked", killed)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_many(runs, items, tiny_model, tiny_tokenizer, progress=False, protocol=CF, **settings)
+    tova_file = tmp_path / "tova" / "results.jsonl"
+    assert len(ResultStore(tova_file, CF)) == 1
+    assert len(ResultStore(tmp_path / "snapkv" / "results.jsonl", CF)) == 0
+    before = tova_file.read_text()
+    assert evaluate_many(runs, items, tiny_model, tiny_tokenizer, progress=False, protocol=CF, **settings) == 1
+    assert tova_file.read_text() == before  # not run again
+    stored = ResultStore(tmp_path / "snapkv" / "results.jsonl", CF)
+    _same(stored.get(items[0].uid), evaluate(policies["snapkv"], items, tiny_model, tiny_tokenizer,
+                                             chunk_size=CHUNK, protocol=CF)[0])  # fmt: skip

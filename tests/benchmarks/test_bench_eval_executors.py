@@ -5,23 +5,10 @@ asserted."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_eval_executors", ROOT / "benchmarks" / "bench_eval_executors.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_outcome_lists_every_result_of_every_job():
-    bench = _bench()
+def test_the_outcome_lists_every_result_of_every_job(load_benchmark):
+    bench = load_benchmark("bench_eval_executors")
     args = argparse.Namespace(
         model="smollm2-135m-instruct", length=256, seeds=1, policies=["streaming_llm"], budget="25%", threads=1
     )

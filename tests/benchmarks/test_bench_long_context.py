@@ -3,22 +3,16 @@ resume, ratios to the full cache of the same round. Timings are never asserted."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_long_context", ROOT / "benchmarks" / "bench_long_context.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_long_context")
 
 
 def _argv(results: Path) -> list[str]:

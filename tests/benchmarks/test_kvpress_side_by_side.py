@@ -3,22 +3,12 @@ each press's counterpart runs in a fresh process through the long-context benchm
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def side_by_side():
-    spec = importlib.util.spec_from_file_location(
-        "kvpress_side_by_side", ROOT / "benchmarks" / "kvpress_side_by_side.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def side_by_side(load_benchmark):
+    return load_benchmark("kvpress_side_by_side")
 
 
 @pytest.mark.parametrize("press", ["tova", "snapkv"])

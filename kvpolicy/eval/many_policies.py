@@ -42,7 +42,7 @@ from kvpolicy.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, check_protoc
 from kvpolicy.eval.references import reference_path
 from kvpolicy.eval.results import ItemResult, ResultStore
 from kvpolicy.eval.rows import ContextRows, ForkedRows, ItemRows, Row, shared_prompt
-from kvpolicy.integrations.hf.shared_prefill import Prefill, due_layers, prepare, record_prompt
+from kvpolicy.integrations.hf.shared_prefill import Prefill, SharedRepeats, due_layers, prepare, record_prompt
 from kvpolicy.types import Requirements
 
 
@@ -174,12 +174,13 @@ def shared_item_results(
             policy, reference, prepare(policy, model, cache, last, prompt_seconds), "full", evict=False, **run
         )
     prepared: dict[str, Prefill] = {}  # budgets of one policy share its features
+    repeats: SharedRepeats = {}  # policies repeating the context alike share KVzip's repeat pass
     for label, policy in forked:
         if label not in pending:
             continue
         key = _feature_key(policy) + str(due_layers(policy, model, cache))
         if key not in prepared:
-            prepared[key] = prepare(policy, model, cache, last, prompt_seconds)
+            prepared[key] = prepare(policy, model, cache, last, prompt_seconds, repeats)
         done(label, _forked(policy, pending[label], prepared[key], label, **run))
     return results, full
 

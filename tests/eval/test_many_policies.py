@@ -23,13 +23,14 @@ def test_shared_results_equal_each_policy_run_alone(tiny_model, tiny_tokenizer, 
         "tova": kvpolicy.build("tova", budget="25%"),
         "l2": kvpolicy.build("l2", budget="50%", span=5, skip_layers=()),  # the tiny model has 2 layers
         "kvzip": kvpolicy.build("kvzip", budget="25%"),  # its repeat pass runs when the prefill is prepared
+        "kvzip-threshold": kvpolicy.build("kvzip-threshold"),  # ... once, shared with kvzip's
     }
     runs = [(label, policy, tmp_path / label) for label, policy in policies.items()]
     prompts = evaluate_many(
         runs, items, tiny_model, tiny_tokenizer, model_name="tiny", metric=metric, chunk_size=128,
         reference_dir=tmp_path / "ref", progress=False,
     )  # fmt: skip
-    assert prompts == len(items)  # one prompt per item for five policies and the reference
+    assert prompts == len(items)  # one prompt per item for six policies and the reference
     for label, policy in policies.items():
         stored = {r.uid: r for r in ResultStore(tmp_path / label / "results.jsonl")}
         # alone: the whole prompt in one forward call, so the first eviction pass comes after it

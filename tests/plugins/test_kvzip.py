@@ -14,7 +14,7 @@ from kvpolicy.errors import InvalidConfigError, MissingTokenizerError
 from kvpolicy.integrations.hf.attention import visibility
 from kvpolicy.integrations.hf.generate import cache_keyword
 from kvpolicy.integrations.hf.reconstruction import attend_recording_max, reconstruct_if_due
-from kvpolicy.integrations.hf.shared_prefill import fork, prefill
+from kvpolicy.integrations.hf.shared_prefill import fork, prefill, prepare, record_prompt
 from kvpolicy.integrations.hf.tiny import byte_tokenizer, random_ids, tiny_model
 from kvpolicy.types import Schedule
 
@@ -169,6 +169,31 @@ def test_shared_prefill_and_fork_select_as_a_direct_run():
             for i, positions in direct.items():
                 assert torch.equal(handle.cache.layers[i].positions, positions.expand(rows, -1, -1))
     assert all(shared.cache.layers[i].reconstruction is not None for i in shared.cache.managed)
+
+
+def test_policies_repeating_alike_share_one_repeat_pass():
+    """``prepare`` with one ``repeats`` dict per recording runs KVzip's repeat pass once for
+    policies that repeat the context alike, and each gets the scores (and is charged the cost)
+    it gets alone."""
+    model, ids = _model("llama"), random_ids(1, 48, seed=12)
+    threshold = kvpolicy.build("kvzip-threshold")
+    threshold.bind_tokenizer(byte_tokenizer())
+    policies = [kvzip(budget=12), threshold]
+    cache, last = record_prompt(model, ids, policies[0].requirements | threshold.requirements)
+    repeats: dict = {}
+    shared = [prepare(policy, model, cache, last, repeats=repeats) for policy in policies]
+    assert len(repeats) == 1  # one pass for both
+    (scores, cost), = repeats.values()
+    for policy, got in zip(policies, shared):
+        alone = prepare(policy, model, cache, last)
+        for i in alone.cache.managed:
+            assert torch.equal(got.cache.layers[i].reconstruction, alone.cache.layers[i].reconstruction)
+        for i, features in alone.features.items():
+            assert torch.equal(got.features[i], features)
+        assert got.cache.policy_seconds >= cost and got.seconds >= cost  # charged as if it ran the pass
+    other = kvzip(budget=12, chunk_size=16)  # another repeat prompt: its own pass
+    prepare(other, model, cache, last, repeats=repeats)
+    assert len(repeats) == 2
 
 
 def test_same_length_rows_score_as_each_row_alone():

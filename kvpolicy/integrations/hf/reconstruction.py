@@ -176,21 +176,38 @@ def due_for_reconstruction(policy: Any, cache: EvictingCache) -> tuple[int, ...]
     )
 
 
-def reconstruct_if_due(attachment: Any, cache: EvictingCache) -> None:
+#: repeat-pass scores of one recorded prompt, for the policies that repeat it the same way:
+#: ``{(prompt, layers): (scores per layer, seconds the pass took)}`` (`reconstruct_if_due`)
+SharedRepeats = dict[tuple[RepeatPrompt, tuple[int, ...]], tuple[dict[int, torch.Tensor], float]]
+
+
+def reconstruct_if_due(attachment: Any, cache: EvictingCache, shared: SharedRepeats | None = None) -> float:
     """Before ``attachment``'s eviction pass on ``cache``: run the repeat pass when a layer due
     now reads reconstruction attention, and store its scores on those layers. ``attachment`` is
-    an entered `Attachment` (duck-typed: its model, policy, route, cache and ``deferring``)."""
+    an entered `Attachment` (duck-typed: its model, policy, route, cache and ``deferring``).
+
+    ``shared`` (one dict per recorded prompt; `shared_prefill.prepare`) lets policies that
+    repeat the same context with the same prompt on the same layers run the pass once: the
+    scores depend on nothing else, so they are the ones each would compute. Each policy is still
+    charged the pass's cost (`EvictingCache.policy_seconds`), as it would pay alone. Returns the
+    seconds spent here."""
     if cache.sealed:  # no eviction pass will run: nothing to score
-        return
+        return 0.0
     due = due_for_reconstruction(attachment.policy, cache)
     if not due:
-        return
+        return 0.0
     start = time.perf_counter()
     prompt = attachment.policy.repeat_prompt()  # MissingTokenizerError before anything runs
-    scores = repeat_scores(attachment, cache, prompt, due)
+    known = None if shared is None else shared.get((prompt, due))
+    if known is None:
+        known = repeat_scores(attachment, cache, prompt, due), time.perf_counter() - start
+        if shared is not None:
+            shared[(prompt, due)] = known
+    scores, cost = known
     for index in due:
-        cache.layers[index].reconstruction = scores[index]
-    cache.policy_seconds += time.perf_counter() - start  # the policy's own cost, like its eviction passes
+        cache.layers[index].reconstruction = scores[index]  # replaced, never changed in place, by eviction
+    cache.policy_seconds += cost  # the policy's own cost, like its eviction passes
+    return time.perf_counter() - start
 
 
 def _context_ids(cache: EvictingCache, index: int) -> torch.Tensor:

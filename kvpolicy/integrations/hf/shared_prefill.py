@@ -29,7 +29,7 @@ import torch
 from kvpolicy.errors import InvalidConfigError, ShapeError
 from kvpolicy.integrations.hf.attach import Handle
 from kvpolicy.integrations.hf.cache import EvictingCache, EvictingLayer
-from kvpolicy.integrations.hf.reconstruction import due_for_reconstruction, reconstruct_if_due
+from kvpolicy.integrations.hf.reconstruction import SharedRepeats, due_for_reconstruction, reconstruct_if_due
 from kvpolicy.policy import Policy
 from kvpolicy.types import EmptyConfig, LayerView, Requirements, Schedule
 
@@ -102,10 +102,19 @@ def record_prompt(
     return cache, logits[:, -1].clone()
 
 
-def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Tensor, seconds: float = 0.0) -> Prefill:
+def prepare(
+    policy: Any,
+    model: Any,
+    cache: EvictingCache,
+    last_logits: torch.Tensor,
+    seconds: float = 0.0,
+    repeats: SharedRepeats | None = None,
+) -> Prefill:
     """``policy``'s view of a recorded prompt: a copy of ``cache`` holding only the statistics the
     policy asks for (its own attention window of the newest queries, …) and the features of every
-    layer whose first eviction pass is now due, extracted once at batch 1."""
+    layer whose first eviction pass is now due, extracted once at batch 1. ``repeats`` (one dict
+    per recording) shares KVzip's repeat pass between the policies prepared from it
+    (`reconstruct_if_due`); each is charged the pass's cost as if it had run it."""
     start = time.perf_counter()
     attachment = policy.attach(model)  # not entered: its managed layers and requirements
     wanted = attachment.requirements
@@ -128,9 +137,11 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
             layer.token_ids = None
         if not wanted.reconstruction:
             layer.reconstruction = None
+    before, spent = cache.policy_seconds, 0.0
     if due_for_reconstruction(policy, cache):  # KVzip's repeat pass needs the model attached
         with attachment:
-            reconstruct_if_due(attachment, cache)
+            spent = reconstruct_if_due(attachment, cache, repeats)
+    charged = cache.policy_seconds - before  # the repeat pass, as this policy alone pays it
     features: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         for index in cache.managed:
@@ -142,9 +153,9 @@ def prepare(policy: Any, model: Any, cache: EvictingCache, last_logits: torch.Te
                 features[index] = policy.extract(view)
             layer.state = view.state
             layer.window = None  # turned into features; not kept
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - spent  # besides the repeat pass, already charged
     cache.policy_seconds += elapsed
-    return Prefill(cache, features, last_logits, cache.seen, seconds + elapsed)
+    return Prefill(cache, features, last_logits, cache.seen, seconds + elapsed + charged)
 
 
 def prefill(policy: Any, model: Any, prompt_ids: torch.Tensor, chunk_size: int | None = None) -> Prefill:

@@ -1,11 +1,18 @@
-"""A per-step policy's decoding step before and after the cheaper eviction pass, side by side.
+"""A decoding step before and after the cheaper eviction pass and the in-place store, side by side.
 
-One process, one prompt (essays, ``--tokens``, 512-token chunks), the full cache and TOVA at
-``--budget`` twice: with the eviction pass as it is, and with the two pieces it replaced swapped
-back in (``before``: `gather` along the token dimension instead of `index_select` on whole
-token rows, and ranking + sorting every kept token instead of finding the few dropped ones).
-Prints decode ms/token (median over ``--decode`` greedy steps) per variant and round, and whether
-before and after generated the same tokens (they must: both keep exactly the same tokens).
+One process, one prompt (essays, ``--tokens``, 512-token chunks); the full cache and TOVA at
+``--budget`` in three states:
+
+- ``before``: the pieces the pass replaced swapped back in (`gather` along the token dimension
+  instead of `index_select` on whole token rows; ranking + sorting every kept token instead of
+  finding the few dropped ones), and no store (below);
+- ``copying``: today's pass, but every append and pass copies the layer into new tensors, as
+  transformers' ``torch.cat`` does (the layer's store never writable);
+- ``now``: keys and values written in place in the layer's store (`kvpolicy.integrations.hf.layer`).
+
+The full cache runs ``copying`` and ``now``. Prints decode ms/token (median over ``--decode``
+greedy steps) per variant and round, the ratios to the full cache in the same state, and
+whether every state of a policy generated the same tokens (they must: they keep the same ones).
 
     nice -n 10 python benchmarks/bench_decode_step.py --tokens 8192 --threads 1
 """
@@ -29,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_long_context import build_variant, prompt_ids  # noqa: E402
 
 AFTER = (layer.gather_tokens, selectors._top_k)
+WRITABLE = layer.EvictingLayer._writable_store
+STATES = {"full": ("copying", "now"), "tova": ("before", "copying", "now")}
 
 
 def _gather_before(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -39,10 +48,15 @@ def _top_k_before(keyed: torch.Tensor, k: int):
     return sorted_selection(keyed.topk(min(k, keyed.shape[-1]), dim=-1).indices)
 
 
-def _use(before: bool) -> None:
-    gather, top_k = (_gather_before, _top_k_before) if before else AFTER
+def _never_writable(self, *args):  # every append and pass copies into new tensors
+    return None
+
+
+def _use(state: str) -> None:
+    gather, top_k = (_gather_before, _top_k_before) if state == "before" else AFTER
     layer.gather_tokens = layer_view.gather_tokens = gather
     selectors._top_k = top_k
+    layer.EvictingLayer._writable_store = WRITABLE if state == "now" else _never_writable
 
 
 def main() -> None:
@@ -56,33 +70,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m-instruct")
     ids = prompt_ids(tokenizer, args.tokens)
-    variants = (("full", False), ("tova", True), ("tova", False))
     decode: dict[str, list[float]] = {}
     generated: dict[str, list[int]] = {}
     for round_index in range(args.rounds):
-        for name, before in variants:
-            label = f"{name} {'before' if before else 'after'}" if name != "full" else "full"
-            _use(before)
-            policy = build_variant(name, args.budget, 512)
-            with torch.inference_mode(), policy.attach(model) as handle:
-                logits = handle.feed(ids, chunk_size=512, last_only=True)
-                steps, tokens = [], []
-                for _ in range(args.decode):
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-                    tokens.append(int(token))
-                    start = time.perf_counter()
-                    logits = handle.feed(token, last_only=True)
-                    steps.append(time.perf_counter() - start)
-            decode.setdefault(label, []).append(statistics.median(steps) * 1000)
-            generated[label] = tokens
-            print(f"round {round_index + 1} {label}: decode {decode[label][-1]:.1f} ms/token", flush=True)
-    _use(False)
-    full = statistics.median(decode["full"])
+        for name, states in STATES.items():
+            for state in states:
+                label = f"{name} {state}"
+                _use(state)
+                policy = build_variant(name, args.budget, 512)
+                with torch.inference_mode(), policy.attach(model) as handle:
+                    logits = handle.feed(ids, chunk_size=512, last_only=True)
+                    steps, tokens = [], []
+                    for _ in range(args.decode):
+                        token = logits[:, -1].argmax(-1, keepdim=True)
+                        tokens.append(int(token))
+                        start = time.perf_counter()
+                        logits = handle.feed(token, last_only=True)
+                        steps.append(time.perf_counter() - start)
+                decode.setdefault(label, []).append(statistics.median(steps) * 1000)
+                generated[label] = tokens
+                print(f"round {round_index + 1} {label}: decode {decode[label][-1]:.1f} ms/token", flush=True)
+    _use("now")
     for label, values in decode.items():
-        print(
-            f"{label}: {statistics.median(values):.1f} ms/token, {full / statistics.median(values):.2f}x the full cache's speed"
-        )
-    print("before and after generated the same tokens:", generated["tova before"] == generated["tova after"])
+        state = label.split()[1]
+        full = statistics.median(decode["full " + ("now" if state == "now" else "copying")])
+        print(f"{label}: {statistics.median(values):.1f} ms/token, {full / statistics.median(values):.2f}x the speed "
+              f"of the full cache {'now' if state == 'now' else 'copying'}")  # fmt: skip
+    for name, states in STATES.items():
+        same = all(generated[f"{name} {state}"] == generated[f"{name} {states[0]}"] for state in states)
+        print(f"{name}: every state generated the same tokens: {same}")
 
 
 if __name__ == "__main__":

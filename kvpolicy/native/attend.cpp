@@ -96,7 +96,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
   rows = std::min(rows, Q);
   const bool capped = softcap > 0;
   const at::Tensor q = (capped ? query.contiguous() : query * scaling).view({B, KV, G, Q, D});
-  const at::Tensor keys = key.contiguous(), values = value.contiguous();
+  // Each (row, KV head) is read as its own [tokens, D] matrix, so a cache's keys may be the
+  // front of a larger store (kvpolicy.integrations.hf.layer): copied only if a matrix is not dense.
+  const auto dense_rows = [](const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3) ? t : t.contiguous(); };
+  const at::Tensor keys = dense_rows(key), values = dense_rows(value);
   at::Tensor out = at::empty({B, Q, H, D}, query.options());
   at::Tensor out_grouped = out.view({B, Q, KV, G, D}).permute({0, 2, 3, 1, 4});
   at::Tensor row_out = at::empty({B, KV, rows, T}, key.options());

@@ -117,6 +117,8 @@ def check_selection(
         got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
         raise InvalidSelectionError(f"{where} returned selection.valid {got}; expected bool {tuple(indices.shape)}")
     tokens = view.tokens
+    if selection.valid is None and _plainly_valid(indices, protected, padded, tokens):
+        return
     outside = ~((indices >= 0) & (indices < tokens))
     safe = indices.clamp(0, max(tokens - 1, 0)).long()
     counts = torch.zeros(protected.shape, dtype=torch.int32, device=indices.device)
@@ -152,6 +154,23 @@ def check_selection(
         f"{int(view.positions[row, head, slot])}, batch row {row}, head {head}); sinks, the recent window and the "
         "newest token must always be kept"
     )
+
+
+def _plainly_valid(indices: torch.Tensor, protected: torch.Tensor, padded: torch.Tensor | None, tokens: int) -> bool:
+    """The common case of `check_selection` in a few operations (a per-step policy runs it on
+    every layer at every token): no padding in the selection, indices strictly ascending (so none
+    twice) from >= 0 to < ``tokens``, every protected token kept. False sends the selection to the
+    full check, which names the problem."""
+    if indices.shape[-1] == 0:
+        return not bool(protected.any())
+    ascending = (indices[..., 1:] > indices[..., :-1]).all()  # strictly: no index twice
+    if not bool(ascending & (indices[..., 0] >= 0).all() & (indices[..., -1] < tokens).all()):
+        return False
+    kept = torch.zeros(protected.shape, dtype=torch.bool, device=indices.device).scatter_(-1, indices.long(), True)
+    dropped = protected.to(kept.device) & ~kept
+    if padded is not None:
+        dropped &= ~padded.to(kept.device)
+    return not bool(dropped.any())
 
 
 def check_shape(tensor: torch.Tensor, view: LayerView, what: str, extra_dims: int) -> None:

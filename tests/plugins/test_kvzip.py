@@ -183,8 +183,8 @@ def test_policies_repeating_alike_share_one_repeat_pass():
     repeats: dict = {}
     shared = [prepare(policy, model, cache, last, repeats=repeats) for policy in policies]
     assert len(repeats) == 1  # one pass for both
-    (scores, cost), = repeats.values()
-    for policy, got in zip(policies, shared):
+    ((scores, cost),) = repeats.values()
+    for policy, got in zip(policies, shared, strict=True):
         alone = prepare(policy, model, cache, last)
         for i in alone.cache.managed:
             assert torch.equal(got.cache.layers[i].reconstruction, alone.cache.layers[i].reconstruction)

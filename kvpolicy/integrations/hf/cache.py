@@ -222,8 +222,11 @@ class EvictingCache(DynamicCache):
 
     def copy(self) -> EvictingCache:
         """A copy that can be filled and evicted without touching this cache: layers and their
-        state dicts are copied; tensors are shared, since the cache only ever replaces them
-        (concatenation, gather), never writes into them."""
+        state dicts are copied; tensors are shared, and neither side writes into the keys and
+        values they share again (`EvictingLayer.release_store`), so each only ever replaces them."""
+        for layer in self.layers:
+            if isinstance(layer, EvictingLayer):
+                layer.release_store()
         copied = copy.copy(self)
         copied.layers = [copy.copy(layer) for layer in self.layers]
         for layer in copied.layers:

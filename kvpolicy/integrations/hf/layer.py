@@ -7,6 +7,14 @@ has accumulated, a ``valid`` mask for padded slots and the per-token state compo
 nothing ever goes out of step. Sliding-window layers stay transformers' own
 `DynamicSlidingWindowLayer`: they trim themselves and are never evicted.
 
+Keys and values are views of the front of a larger *store* with free slots after them, which
+the layer alone writes: a decoding step writes its token into a free slot instead of copying
+the whole cache into a new tensor (transformers' ``torch.cat``), and an eviction pass moves only
+the kept tokens after the first evicted slot, in place. On an 8k context at 25 %, a per-step
+policy (TOVA) otherwise copied every kept key and value of every layer twice per token. A layer
+gives up writing into its store when its tensors may be seen elsewhere (`release_store`, called
+by `EvictingCache.copy` on both sides), so a copy never sees a change.
+
 Left-padded batches: each row numbers its own tokens (a padded slot is stored at position -1 and
 ``valid`` False, never counted or scored) and keeps its own schedule counters
 (`EvictingLayer.row_seen`, ``row_new``, ``row_passes``). What the policy sees of a layer is
@@ -29,6 +37,11 @@ from kvpolicy.types import Selection, extend_tokens
 #: position stored for a padded (invalid) slot; such a slot is never attended
 PADDED_POSITION = -1
 
+#: free slots a store gets beyond the tokens it holds when it is (re)allocated: at least this
+#: many (a decoding step then writes in place for this many steps between copies), and as many as
+#: the call appended, up to 8× this (the next prefill chunk, too, fits without a copy)
+SPARE_SLOTS = 64
+
 
 def expand_index(indices: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """``indices [batch, kv_heads, kept]`` broadcast over the trailing dimensions of ``tensor``."""
@@ -43,14 +56,37 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     ``gather`` along dim 2, about ten times faster on the CPU, where ``gather`` reads an index per
     element. A decoding step of a per-step policy (TOVA) gathers every kept key and value of every
     layer, so this is most of what its eviction pass costs."""
-    if tensor.dim() < 4 or not tensor.is_contiguous() or indices.shape[:2] != tensor.shape[:2]:
+    store = _contiguous_store(tensor) if tensor.dim() >= 4 else None
+    if store is None or indices.shape[:2] != tensor.shape[:2]:
         return tensor.gather(2, expand_index(indices, tensor))
+    tensor = store  # the same rows, numbered within the store (indices lie in its front)
     batch, kv_heads, tokens = tensor.shape[:3]
     rest = tensor.shape[3:]
     offsets = torch.arange(batch * kv_heads, device=indices.device).view(batch, kv_heads, 1) * tokens
     rows = (indices.to(torch.long) + offsets).reshape(-1)
     picked = tensor.reshape(batch * kv_heads * tokens, -1).index_select(0, rows)
     return picked.view(batch, kv_heads, indices.shape[2], *rest)
+
+
+def _contiguous_store(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous tensor ``[batch, kv_heads, slots >= tokens, ...]`` whose front is ``tensor
+    [batch, kv_heads, tokens, ...]`` (itself when contiguous; the layer's store when ``tensor`` is
+    the store's front), or None."""
+    if tensor.is_contiguous():
+        return tensor
+    batch, kv_heads, tokens = tensor.shape[:3]
+    row = math.prod(tensor.shape[3:])
+    strides, inner = tensor.stride(), [1]  # a contiguous row's strides, built from the last dim
+    for size in reversed(tensor.shape[4:]):
+        inner.insert(0, inner[0] * size)
+    if list(strides[3:]) != inner or strides[2] != row or strides[1] % row:
+        return None
+    slots = strides[1] // row
+    if slots < tokens or (batch > 1 and strides[0] != kv_heads * strides[1]):
+        return None
+    return tensor.as_strided(
+        (batch, kv_heads, slots, *tensor.shape[3:]), (kv_heads * slots * row, slots * row, row, *strides[3:])
+    )
 
 
 def _keeps_all(indices: torch.Tensor, tokens: int) -> bool:
@@ -90,6 +126,9 @@ class EvictingLayer(DynamicLayer):
         self.reconstruction: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.window: AttentionWindow | None = None  # attention rows of the newest queries (in-pass)
+        #: ``(keys, values)`` stores whose front ``keys`` / ``values`` are views of, written in
+        #: place by this layer alone; None: the next append allocates them
+        self.store: tuple[torch.Tensor, torch.Tensor] | None = None
         #: per batch row (int64, on the CPU): tokens seen (padding excluded), tokens since the
         #: row's last eviction pass, eviction passes run; None before the first append
         self.row_seen: torch.Tensor | None = None
@@ -114,7 +153,7 @@ class EvictingLayer(DynamicLayer):
         ``token_ids [batch, tokens]`` or None; ``new_valid [batch, tokens]`` False at padding (None:
         all real) with ``counts [batch]`` real tokens per row (CPU)."""
         before = self.tokens
-        keys, values = DynamicLayer.update(self, key_states, value_states)
+        keys, values = self._append_keys_values(key_states, value_states)
         batch, kv_heads, new = key_states.shape[:3]
         shape = (batch, kv_heads, new)
         new_positions = positions.to(key_states.device).view(batch, 1, new).expand(shape)
@@ -141,6 +180,59 @@ class EvictingLayer(DynamicLayer):
         self.row_seen = self.row_seen + counts
         self.row_new = self.row_new + counts
         return keys, values
+
+    def _append_keys_values(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ``DynamicLayer.update`` (keys and values grow along tokens) writing into
+        the store's free slots when there are enough, else into a new store with `SPARE_SLOTS`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        before = self.keys.shape[2] if self.keys.dim() == 4 else 0
+        total = before + key_states.shape[2]
+        store = self._writable_store(key_states, value_states)
+        if store is None or store[0].shape[2] < total:
+            slots = total + max(SPARE_SLOTS, min(key_states.shape[2], 8 * SPARE_SLOTS))
+            store = tuple(new.new_empty((*new.shape[:2], slots, new.shape[3])) for new in (key_states, value_states))
+            if before:
+                store[0][:, :, :before].copy_(self.keys)
+                store[1][:, :, :before].copy_(self.values)
+            self.store = store
+        store[0][:, :, before:total].copy_(key_states)
+        store[1][:, :, before:total].copy_(value_states)
+        self.keys, self.values = store[0][:, :, :total], store[1][:, :, :total]
+        return self.keys, self.values
+
+    def _writable_store(
+        self, key_states: torch.Tensor | None = None, value_states: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The store, if this layer may write into it now: its keys and values are still its
+        front (nothing replaced them), new states fit its shape and dtype, and the current
+        inference mode allows writing it."""
+        store = self.store
+        if store is None or self.keys is None or self.keys.dim() != 4:
+            return None
+        for tensor, kept in zip(store, (self.keys, self.values), strict=True):
+            if (
+                kept.data_ptr() != tensor.data_ptr()
+                or kept.stride() != tensor.stride()
+                or kept.shape[:2] != tensor.shape[:2]
+            ):
+                return None
+        if store[0].is_inference() and not torch.is_inference_mode_enabled():
+            return None
+        for new, tensor in zip((key_states, value_states), store, strict=True):
+            if new is not None and (
+                new.shape[:2] != tensor.shape[:2] or new.shape[3:] != tensor.shape[3:]
+                or new.dtype != tensor.dtype or new.device != tensor.device or new.requires_grad
+            ):  # fmt: skip
+                return None
+        return store
+
+    def release_store(self) -> None:
+        """Never write into the current store again (its tensors are now seen by a copy): the
+        next append or pass allocates a new one."""
+        self.store = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
         raise UnsupportedModelError(
@@ -259,8 +351,10 @@ class EvictingLayer(DynamicLayer):
 
     def _take(self, indices: torch.Tensor) -> None:
         tokens = self.tokens
-        self.keys = gather_tokens(self.keys, indices)
-        self.values = gather_tokens(self.values, indices)
+        if not self._take_in_place(indices):
+            self.keys = gather_tokens(self.keys, indices)
+            self.values = gather_tokens(self.values, indices)
+            self.store = None  # the next append allocates one; the old is freed now
         self.positions = self.positions.gather(2, indices)
         if self.token_ids is not None:
             self.token_ids = self.token_ids.gather(2, indices)
@@ -273,6 +367,25 @@ class EvictingLayer(DynamicLayer):
             self.state[name] = gather_tokens(extend_tokens(tensor, tokens), indices.to(tensor.device))
         if self.window is not None:  # rows not yet due still need their window, re-indexed
             self.window = self.window.take(indices.to(self.window.blocks[0].device), tokens)
+
+    def _take_in_place(self, indices: torch.Tensor) -> bool:
+        """Keep the keys and values at ``indices`` in the store itself: the slots before the
+        first one that moves stay where they are, only the rest are gathered and written back
+        (a per-step pass dropping one token moves the tokens after it, not every kept one).
+        False (nothing done) without a writable store, or when the store would hold more than
+        half again the kept tokens in free slots (a new, smaller store is gathered instead)."""
+        store = self._writable_store()
+        kept = indices.shape[2]
+        if store is None or store[0].shape[2] - kept > max(2 * SPARE_SLOTS, kept // 2):
+            return False
+        moved = indices != torch.arange(kept, device=indices.device)
+        first = int(torch.where(moved.any(-1), moved.to(torch.int8).argmax(-1), kept).min()) if kept else 0
+        if first < kept:
+            rest = indices[:, :, first:]
+            for tensor in store:  # gathered first, then written: order of the indices does not matter
+                tensor[:, :, first:kept].copy_(gather_tokens(tensor, rest))
+        self.keys, self.values = store[0][:, :, :kept], store[1][:, :, :kept]
+        return True
 
     def _compact(self, valid: torch.Tensor) -> None:
         """Move each head's valid slots first (in order) and trim to the longest head, so padded
@@ -288,8 +401,7 @@ class EvictingLayer(DynamicLayer):
     # ----------------------------------------------------------------- transformers' cache API
 
     def reset(self) -> None:
-        super().reset()
-        self.__init__()
+        self.__init__()  # drops the tensors; never zeroes them in place (a copy may share them)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedModelError(
@@ -302,6 +414,7 @@ class EvictingLayer(DynamicLayer):
     )  # fmt: skip
 
     def _batch_apply(self, fn) -> None:
+        self.store = None  # keys and values become new tensors
         for name in self._BATCHED:
             tensor = getattr(self, name)
             if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.numel():

@@ -70,23 +70,19 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def _contiguous_store(tensor: torch.Tensor) -> torch.Tensor | None:
     """A contiguous tensor ``[batch, kv_heads, slots >= tokens, ...]`` whose front is ``tensor
-    [batch, kv_heads, tokens, ...]`` (itself when contiguous; the layer's store when ``tensor`` is
-    the store's front), or None."""
+    [batch, kv_heads, tokens, ...]``: itself when contiguous, the layer's store when ``tensor``
+    is 4-d keys or values at the store's front; else None."""
     if tensor.is_contiguous():
         return tensor
-    batch, kv_heads, tokens = tensor.shape[:3]
-    row = math.prod(tensor.shape[3:])
-    strides, inner = tensor.stride(), [1]  # a contiguous row's strides, built from the last dim
-    for size in reversed(tensor.shape[4:]):
-        inner.insert(0, inner[0] * size)
-    if list(strides[3:]) != inner or strides[2] != row or strides[1] % row:
+    if tensor.dim() != 4:
         return None
-    slots = strides[1] // row
-    if slots < tokens or (batch > 1 and strides[0] != kv_heads * strides[1]):
+    batch, kv_heads, tokens, width = tensor.shape
+    rows, heads, token, last = tensor.stride()
+    if last != 1 or token != width or heads % width or heads // width < tokens:
         return None
-    return tensor.as_strided(
-        (batch, kv_heads, slots, *tensor.shape[3:]), (kv_heads * slots * row, slots * row, row, *strides[3:])
-    )
+    if batch > 1 and rows != kv_heads * heads:
+        return None
+    return tensor.as_strided((batch, kv_heads, heads // width, width), (kv_heads * heads, heads, width, 1))
 
 
 def _keeps_all(indices: torch.Tensor, tokens: int) -> bool:

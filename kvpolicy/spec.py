@@ -7,8 +7,9 @@ A spec is any of
 - a `PolicyConfig`, or its dict (``{"extractor": ..., "scorer": ..., "selector": ...}``);
 - a mapping naming a preset with overrides, ``{"preset": "namm-bam", "every": 256}``
   (an evolution config's form);
-- a path: ``*.json`` holds a `PolicyConfig`; ``*.safetensors`` is a saved policy (`Policy.save`),
-  whose learned parameters and frozen buffers the policy starts with.
+- a path: ``*.json`` holds a `PolicyConfig`, or a mapping naming a preset with overrides (a
+  preset's variant kept in a file, whose name then labels its results); ``*.safetensors`` is a
+  saved policy (`Policy.save`), whose learned parameters and frozen buffers the policy starts with.
 
 `read_spec` only reads; `kvpolicy.build` merges the overrides (the spec's, then the caller's)
 into the base and builds the policy, so the API, ``kvpolicy eval``, ``compare``, ``run`` and
@@ -61,7 +62,7 @@ def read_spec(spec: PolicySpec, registry: Registry) -> PolicySource:
     if isinstance(spec, PolicyConfig):
         return PolicySource(spec)
     if is_policy_file(spec):
-        return _read_file(Path(spec))
+        return _read_file(Path(spec), registry)
     if isinstance(spec, str):
         name, colon, text = spec.partition(":")
         source = _read_preset(name, registry)
@@ -82,13 +83,20 @@ def _read_preset(name: Any, registry: Registry) -> PolicySource:
     return PolicySource(preset.config, preset.weights)
 
 
-def _read_file(path: Path) -> PolicySource:
+def _read_file(path: Path, registry: Registry) -> PolicySource:
     if not path.is_file():
         raise InvalidConfigError(f"policy file {path} does not exist")
     if path.suffix == SAVED_SUFFIX:
         saved = open_policy_file(path)
         return PolicySource(saved.config, saved)
-    return PolicySource(PolicyConfig.from_json(path.read_bytes()))
+    text = path.read_bytes()
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        data = None  # PolicyConfig.from_json names the problem
+    if isinstance(data, dict) and PRESET_KEY in data:
+        return read_spec(data, registry)
+    return PolicySource(PolicyConfig.from_json(text))
 
 
 def _json_overrides(name: str, text: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from kvpolicy.policy.policy import Policy
 from kvpolicy.registry import Registry, default_registry
 from kvpolicy.spec import PolicySpec, read_spec
 from kvpolicy.types import Budget, ComponentRef, PolicyConfig, Protection, Schedule
+from kvpolicy.types.configs import config_from_dict
 
 
 def build(
@@ -121,6 +122,8 @@ def _merged(base: PolicyConfig | None, given: Mapping[str, Any], registry: Regis
     if sinks is not None or recent is not None:
         protect = attrs.evolve(protect, **{k: v for k, v in (("sinks", sinks), ("recent", recent)) if v is not None})
     schedule = given.get("schedule")
+    if isinstance(schedule, Mapping):  # the JSON form: a spec's overrides, a variant's file
+        schedule = config_from_dict(Schedule, schedule)
     if given.get("every") is not None:
         schedule = Schedule("every_n", every=given["every"])
     skip_layers = given.get("skip_layers")

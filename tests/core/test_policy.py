@@ -44,6 +44,21 @@ def test_preset_overrides_merge_component_configs(registry):
     assert policy.budget.tokens == 32
 
 
+def test_a_json_file_may_name_a_preset_with_overrides(registry, tmp_path):
+    variant = tmp_path / "snapkv-chunk.json"
+    variant.write_text(json.dumps({"preset": "snapkv", "schedule": {"kind": "every_n", "every": 512}}))
+    policy = kvpolicy.build(str(variant), budget="25%", registry=registry)
+    assert policy.config == kvpolicy.build("snapkv", budget="25%", every=512, registry=registry).config
+    slack = kvpolicy.build('tova:{"schedule": {"kind": "every_step", "slack": 64}}', registry=registry)
+    assert slack.schedule == Schedule("every_step", slack=64)
+    with pytest.raises(InvalidConfigError, match="Schedule has no field"):
+        kvpolicy.build('tova:{"schedule": {"kind": "every_step", "slak": 64}}', registry=registry)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"preset": "snapkv",')
+    with pytest.raises(InvalidConfigError, match="not valid JSON"):
+        kvpolicy.build(str(broken), registry=registry)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

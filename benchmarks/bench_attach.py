@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proc_status import status_kib  # noqa: E402 - after the path
+from proc_status import start_peak, status_kib  # noqa: E402 - after the path
 
 
 def _prompt(tokenizer, tokens: int) -> torch.Tensor:
@@ -101,9 +101,7 @@ def memory_child(tokens: int, budget: str | None, chunk: int | None) -> None:
 
     model, tokenizer = load_model()
     ids = _prompt(tokenizer, tokens)
-    base = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark after loading
-        handle.write("5")
+    base = start_peak()  # after loading
     policy = kvpolicy.build("full") if budget is None else kvpolicy.build("streaming_llm", budget=budget)
     with policy.attach(model) as handle:
         handle.feed(ids, chunk_size=chunk)

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proc_status import status_kib  # noqa: E402 - after the path
+from proc_status import start_peak, status_kib  # noqa: E402 - after the path
 
 DEFAULT_MODELS = "qwen2.5-coder-0.5b-instruct:8192,16384,32768;smollm2-135m-instruct:4096,8192"
 POLICIES = ("streaming_llm", "snapkv", "snapkv/chunk", "snapkv-span", "snapkv-span/chunk", "tova")
@@ -54,11 +54,6 @@ DEFAULT_RESULTS = "benchmarks/results/long_context.jsonl"
 
 
 # ----------------------------------------------------------------------------- one run (child)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:  # VmHWM := VmRSS
-        handle.write("5")
 
 
 def build_variant(variant: str, budget: str, chunk: int):
@@ -158,7 +153,6 @@ def _generate(model, policy, ids, chunk: int, decode: int) -> dict:
 
 def run_child(spec: dict) -> dict:
     """One variant, one round, in this (fresh) process."""
-    import gc
 
     import torch
 
@@ -169,13 +163,12 @@ def run_child(spec: dict) -> dict:
     ids = prompt_ids(tokenizer, spec["tokens"])
     policy = build_variant(spec["variant"], spec["budget"], spec["chunk"])
     _generate(model, policy, ids[:, : min(2 * spec["chunk"], spec["tokens"])], spec["chunk"], 2)  # warm-up
-    gc.collect()
-    base = status_kib("VmRSS")
-    _reset_peak()
+    base = start_peak()
     result = _generate(model, policy, ids, spec["chunk"], spec["decode"])
     result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["schedule"] = describe_schedule(policy)
     result["threads"] = torch.get_num_threads()
+    result["heap_trimmed"] = True  # the base is measured after start_peak's trim (records before: not)
     return result
 
 

@@ -9,6 +9,9 @@ values, statistics, activations — everything the process holds) and the genera
 second (rows × decode ÷ decode seconds). A side stops growing once a batch's peak passes
 ``--cap-mib``; the table gives the most rows that fit under the cap and their throughput.
 
+Each run is appended to ``--results`` (JSONL, rewritten atomically after every run): a rerun
+skips the runs already there, so a long ladder resumes where it stopped.
+
     nice -n 10 python benchmarks/bench_rows_in_memory.py --tokens 8192 --cap-mib 4096 --rows 1,2,4,8,16
     python benchmarks/bench_rows_in_memory.py --model tiny:llama --tokens 512 --cap-mib 64 --rows 1,2,4 --decode 4  # quick
 """
@@ -22,19 +25,21 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_long_context import load_results, save_results  # noqa: E402
+
+DEFAULT_RESULTS = "benchmarks/results/rows_in_memory.jsonl"
+
 
 def child(spec: dict) -> dict:
     """One (side, rows) run in this fresh process."""
-    import gc
 
     import torch
+    from proc_status import start_peak, status_kib
 
     import kvpolicy
     from kvpolicy.models import load_named_model
     from kvpolicy.prompts import haystack
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_long_context import _reset_peak, _rss_kib
 
     torch.set_num_threads(spec["threads"])
     model, tokenizer = load_named_model(spec["model"])
@@ -51,9 +56,7 @@ def child(spec: dict) -> dict:
         tail = min(spec["chunk"], tokens)
         logits = handle.feed(ids[:, -tail:], chunk_size=spec["chunk"], last_only=True)
         handle.feed(logits[:, -1].argmax(-1, keepdim=True), last_only=True)
-    gc.collect()
-    base = _rss_kib("VmRSS")
-    _reset_peak()
+    base = start_peak()
     with torch.inference_mode(), policy.attach(model) as handle:
         start = time.perf_counter()
         logits = handle.feed(ids, chunk_size=spec["chunk"], attention_mask=mask, last_only=True, align_end=True)
@@ -67,11 +70,11 @@ def child(spec: dict) -> dict:
         "prefill_s": prefill,
         "tokens_per_s": rows * spec["decode"] / decode,
         "kv_bytes": kv,
-        "peak_above_model_bytes": (_rss_kib("VmHWM") - base) * 1024,
+        "peak_above_model_bytes": (status_kib("VmHWM") - base) * 1024,
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=8192)
@@ -82,24 +85,33 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="JSONL of runs, resumed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    path = Path(args.results)
+    records = load_results(path)
     best: dict[str, tuple[int, dict] | None] = {}
     for side in ("full", "budget"):
         best[side] = None
         for rows in (int(r) for r in args.rows.split(",")):
             spec = {"side": side, "rows": rows, **{k: getattr(args, k) for k in
                     ("model", "tokens", "policy", "budget", "decode", "chunk", "threads")}}  # fmt: skip
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
-            )
-            if done.returncode != 0:
-                print(f"{side} × {rows} rows: FAILED\n{done.stderr[-1500:]}", flush=True)
-                break
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if side == "full":
+                spec["policy"] = spec["budget"] = "-"
+            result = next((r for r in records if all(r.get(k) == v for k, v in spec.items())), None)
+            if result is None:
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+                )
+                if done.returncode != 0:
+                    print(f"{side} × {rows} rows: FAILED\n{done.stderr[-1500:]}", flush=True)
+                    break
+                result = {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+                records.append(result)
+                save_results(path, records)
             peak = result["peak_above_model_bytes"] / 2**20
             print(f"{side} × {rows} rows: peak +{peak:.0f} MiB, {result['tokens_per_s']:.1f} tokens/s", flush=True)
             if peak > args.cap_mib:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proc_status import status_kib  # noqa: E402 - after the path
+from proc_status import start_peak, status_kib  # noqa: E402 - after the path
 
 DEFAULT_VENV = Path.home() / ".cache" / "kvpolicy" / "kvpress-venv"
 LONG_CONTEXT = Path(__file__).with_name("bench_long_context.py")
@@ -41,7 +41,6 @@ KVPRESS_CLASSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress"
 
 def kvpress_child(spec: dict) -> dict:
     """Run inside the kvpress venv (no kvpolicy there): one press, one round."""
-    import gc
 
     import kvpress
     import torch
@@ -74,10 +73,7 @@ def kvpress_child(spec: dict) -> dict:
         return {"prefill_s": prefill, "decode_ms": statistics.median(steps) * 1000, "kv_bytes": kv, "generated": tokens}
 
     run(ids[:, :256], 2)  # warm-up
-    gc.collect()
-    base = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
+    base = start_peak()
     result = run(ids, spec["decode"])
     result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["versions"] = {

@@ -13,7 +13,7 @@ from hf_helpers import RandomScorer
 
 import kvpolicy
 from kvpolicy.integrations.hf import in_pass
-from kvpolicy.integrations.hf.attention import masked_attention
+from kvpolicy.integrations.hf.attention import masked_attention, valid_attention
 from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 from kvpolicy.testing import statistics
 from kvpolicy.testing.recompute import attach_with
@@ -150,6 +150,28 @@ def test_heads_with_padded_slots_see_the_same_statistics(llama):
 
     records = _assert_same_runs(llama, make, random_ids(2, 40, seed=5), prompt_chunk=7)
     assert any(bool((r["positions"] < 0).any()) for r in records), "no padded slots arose"
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_valid_attention_equals_the_masked_reference_on_older_queries(softcap):
+    """The path a layer with padded slots takes without statistics (a padded batch's full cache,
+    the queries before a policy's window): the reference's output, for queries that are not the
+    layer's newest (keys and their validity cut where the queries end), a padded new token
+    included."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, kv_heads, past, new, dim = 2, 6, 2, 13, 7, 8
+    query = torch.randn(batch, heads, new, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, past + new + 5, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, past + new + 5, dim, generator=generator)
+    valid = torch.rand(batch, kv_heads, past + new + 5, generator=generator) > 0.3
+    valid[..., past:] = True
+    valid[1, :, past] = False  # row 1's first new token is padding
+    visible = past + new
+    output = valid_attention(query, key[:, :, :visible], value[:, :, :visible], valid, 0.3, softcap)
+    expected = masked_attention(
+        torch.nn.Module(), query, key[:, :, :visible], value[:, :, :visible], valid, 0.3, softcap
+    )
+    torch.testing.assert_close(output, expected, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

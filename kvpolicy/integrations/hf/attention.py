@@ -106,6 +106,24 @@ def visibility(past: int, new: int, valid: torch.Tensor | None, device: torch.de
     return mask
 
 
+def valid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """What `masked_attention` computes, through kvpolicy's own kernel (`in_pass.attend`, no
+    statistics): each GQA group attended as one matrix per KV head, so keys and values are never
+    repeated, and no mask tensor is built (the native kernel for float32 on the CPU). Through sdpa
+    with a mask and repeated keys, a padded batch's full cache decoded several times slower."""
+    if valid is not None:
+        valid = valid[:, :, : key.shape[2]]
+    output, _, _ = in_pass.attend(query, key, value, valid=valid, scaling=scaling, softcap=softcap)
+    return output
+
+
 def masked_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -115,7 +133,8 @@ def masked_attention(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Attention over every valid cached token and the new tokens causally: ``[batch, queries, heads, head_dim]``."""
+    """Attention over every valid cached token and the new tokens causally: ``[batch, queries, heads,
+    head_dim]``, with a mask and sdpa (the reference `valid_attention` is tested against)."""
     new = query.shape[2]
     return attention_with_mask(
         query, key, value, visibility(key.shape[2] - new, new, valid, key.device), scaling, softcap
@@ -192,8 +211,8 @@ def _attend_in_pass(
                 module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], mask, **kwargs
             )
         else:
-            older = masked_attention(
-                module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
+            older = valid_attention(
+                query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
             )
         output = torch.cat([older, output], dim=1)
     cache.record_in_pass(layer_idx, row_stats, columns)
@@ -258,7 +277,7 @@ def plain_attention(
     if layer.valid is None and (attention_mask is None or attention_mask.shape[-1] == tokens):
         return original(module, query, key, value, attention_mask, **kwargs)
     scaling = scaling_of(module, query, kwargs)
-    return masked_attention(module, query, key, value, layer.valid, scaling, kwargs.get("softcap")), None
+    return valid_attention(query, key, value, layer.valid, scaling, kwargs.get("softcap")), None
 
 
 def make_attention_function(route: AttentionRoute) -> Callable[..., tuple[torch.Tensor, Any]]:

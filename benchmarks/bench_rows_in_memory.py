@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="JSONL of runs, resumed")
+    parser.add_argument("--round", type=int, default=0, help="a repeat's number (its runs are records of their own)")
+    parser.add_argument(
+        "--sides",
+        default="full,budget",
+        help="which ladders to run: full, budget or both (e.g. to rerun one rung "
+        "of each side back to back, under the same load)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -94,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.results)
     records = load_results(path)
     best: dict[str, tuple[int, dict] | None] = {}
-    for side in ("full", "budget"):
+    for side in args.sides.split(","):
+        if side not in ("full", "budget"):
+            raise SystemExit(f"--sides takes full, budget or both; got {side!r}")
         best[side] = None
         for rows in (int(r) for r in args.rows.split(",")):
             spec = {"side": side, "rows": rows, **{k: getattr(args, k) for k in
-                    ("model", "tokens", "policy", "budget", "decode", "chunk", "threads")}}  # fmt: skip
+                    ("model", "tokens", "policy", "budget", "decode", "chunk", "threads", "round")}}  # fmt: skip
             if side == "full":
                 spec["policy"] = spec["budget"] = "-"
             result = next((r for r in records if all(r.get(k) == v for k, v in spec.items())), None)

@@ -37,3 +37,9 @@ def test_ladder_records_resume_and_budget_holds_less(bench, tmp_path, capsys):
 
     bench.main(_argv(results, -1.0))  # every peak passes a negative cap: no rung fits
     assert "| full cache | 0 | – |" in capsys.readouterr().out
+
+    bench.main(_argv(results, 1e6) + ["--sides", "budget"])  # one side alone: the other is not in the table
+    out = capsys.readouterr().out
+    assert "| tova at 25% | 2 |" in out and "full cache" not in out
+    with pytest.raises(SystemExit, match="--sides takes full, budget or both"):
+        bench.main(_argv(results, 1e6) + ["--sides", "budget,bogus"])

@@ -102,6 +102,23 @@ def prompt_ids(tokenizer, tokens: int):
     return ids
 
 
+def padded_batch(tokenizer, rows: int, tokens: int):
+    """``(ids, attention_mask)`` of a left-padded batch of essay prompts: row *i* a different
+    passage, ``37 · i`` tokens shorter, so the batch is really padded."""
+    import torch
+
+    from kvpolicy.prompts import haystack
+
+    ids = torch.full((rows, tokens), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((rows, tokens), dtype=torch.long)
+    for row in range(rows):
+        length = tokens - 37 * row
+        text = haystack(tokenizer, length + length // 8 + 256, offset=row)
+        row_ids = tokenizer(text, return_tensors="pt")["input_ids"][0, :length]
+        ids[row, tokens - row_ids.shape[0] :], mask[row, tokens - row_ids.shape[0] :] = row_ids, 1
+    return ids, mask
+
+
 def _instrument(cache, totals: dict[str, float]) -> None:
     """Count the seconds inside eviction passes and the statistics held just before each pass."""
     original = cache.eviction_pass

@@ -17,31 +17,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import kvpolicy
 from kvpolicy.integrations.hf import attention
 from kvpolicy.models import load_model
-from kvpolicy.prompts import haystack
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_long_context import padded_batch  # noqa: E402
 
 NOW = attention.valid_attention
 
 
 def _before(query, key, value, valid, scaling, softcap):
     return attention.masked_attention(torch.nn.Module(), query, key, value, valid, scaling, softcap)
-
-
-def _batch(tokenizer, rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((rows, tokens), tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros((rows, tokens), dtype=torch.long)
-    for row in range(rows):
-        length = tokens - 37 * row
-        text = haystack(tokenizer, length + length // 8 + 256, offset=row)
-        row_ids = tokenizer(text, return_tensors="pt")["input_ids"][0, :length]
-        ids[row, tokens - row_ids.shape[0] :], mask[row, tokens - row_ids.shape[0] :] = row_ids, 1
-    return ids, mask
 
 
 def main() -> None:
@@ -56,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m-instruct")
-    ids, mask = _batch(tokenizer, args.rows, args.tokens)
+    ids, mask = padded_batch(tokenizer, args.rows, args.tokens)
     build = (lambda: kvpolicy.build("full")) if args.policy == "full" else (
         lambda: kvpolicy.build(args.policy, budget=args.budget))  # fmt: skip
     steps: dict[str, list[float]] = {}

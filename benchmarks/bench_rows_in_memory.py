@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_long_context import load_results, save_results  # noqa: E402
+from bench_long_context import load_results, padded_batch, save_results  # noqa: E402
 
 DEFAULT_RESULTS = "benchmarks/results/rows_in_memory.jsonl"
 
@@ -39,18 +39,11 @@ def child(spec: dict) -> dict:
 
     import kvpolicy
     from kvpolicy.models import load_named_model
-    from kvpolicy.prompts import haystack
 
     torch.set_num_threads(spec["threads"])
     model, tokenizer = load_named_model(spec["model"])
     rows, tokens = spec["rows"], spec["tokens"]
-    ids = torch.full((rows, tokens), tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros((rows, tokens), dtype=torch.long)
-    for row in range(rows):
-        length = tokens - 37 * row
-        text = haystack(tokenizer, length + length // 8 + 256, offset=row)
-        row_ids = tokenizer(text, return_tensors="pt")["input_ids"][0, :length]
-        ids[row, tokens - row_ids.shape[0] :], mask[row, tokens - row_ids.shape[0] :] = row_ids, 1
+    ids, mask = padded_batch(tokenizer, rows, tokens)
     policy = kvpolicy.build("full") if spec["side"] == "full" else kvpolicy.build(spec["policy"], budget=spec["budget"])
     with torch.inference_mode(), policy.attach(model) as handle:  # warm-up: every code path once
         tail = min(spec["chunk"], tokens)

@@ -11,7 +11,9 @@ token's logits computed, then ``--decode`` greedy tokens one at a time (default 
   NAMM) also runs as ``/chunk``, evicting after every prefill chunk (``every_n`` = chunk), since
   only that can speed the prefill up or lower its peak. ``--variants`` also takes ``name/slackN``
   (e.g. ``tova/slack64``): ``every_step`` with ``N`` tokens of slack, so a decoding step runs a
-  pass once every ``N`` steps (not the same tokens kept as per-step TOVA: a choice, not a fix).
+  pass once every ``N`` steps (not the same tokens kept as per-step TOVA: a choice, not a fix),
+  and ``name/alone``: as shipped, but every layer's eviction pass planned on its own (the path
+  before layers were planned together, `kvpolicy.integrations.hf.stacked`; the same tokens kept).
 
 Each (variant, round) runs in a fresh subprocess, so one variant's memory peak cannot hide
 another's: the peak is the resident-set high-water mark (``VmHWM``, reset after the model is
@@ -59,7 +61,8 @@ DEFAULT_RESULTS = "benchmarks/results/long_context.jsonl"
 def build_variant(variant: str, budget: str, chunk: int):
     """The policy of ``variant`` at ``budget`` of the tokens seen: ``name`` as shipped,
     ``name/chunk`` evicting after every prefill chunk, ``name/slackN`` evicting every step once
-    the cache is ``N`` tokens over budget (a pass every ``N`` decoding steps instead of every one)."""
+    the cache is ``N`` tokens over budget (a pass every ``N`` decoding steps instead of every one),
+    ``name/alone`` as shipped with each layer planned on its own (`run_child` sets that)."""
     import kvpolicy
     from kvpolicy.types import Schedule
 
@@ -69,10 +72,12 @@ def build_variant(variant: str, budget: str, chunk: int):
     overrides = {"budget": budget}
     if how == "chunk":
         overrides["schedule"] = Schedule("every_n", every=chunk)
+    elif how == "alone":
+        pass  # as shipped; `run_child` plans its layers one by one
     elif how.startswith("slack") and how[5:].isdigit():
         overrides["schedule"] = Schedule("every_step", slack=int(how[5:]))
     elif how:
-        raise SystemExit(f"unknown variant {variant!r}: a preset, preset/chunk or preset/slackN")
+        raise SystemExit(f"unknown variant {variant!r}: a preset, preset/chunk, preset/slackN or preset/alone")
     return kvpolicy.build(name, **overrides)
 
 
@@ -132,12 +137,13 @@ def _instrument(cache, totals: dict[str, float]) -> None:
     cache.eviction_pass = timed_pass
 
 
-def _generate(model, policy, ids, chunk: int, decode: int) -> dict:
+def _generate(model, policy, ids, chunk: int, decode: int, together: bool = True) -> dict:
     import torch
 
     totals = {"held": 0, "pass_s": 0.0}
     with torch.inference_mode(), policy.attach(model) as handle:
         handle.reset()
+        handle.cache.plan_layers_together = together
         _instrument(handle.cache, totals)
         start = time.perf_counter()
         logits = handle.feed(ids, chunk_size=chunk, last_only=True)
@@ -179,9 +185,10 @@ def run_child(spec: dict) -> dict:
     model, tokenizer = load_named_model(spec["model"])
     ids = prompt_ids(tokenizer, spec["tokens"])
     policy = build_variant(spec["variant"], spec["budget"], spec["chunk"])
-    _generate(model, policy, ids[:, : min(2 * spec["chunk"], spec["tokens"])], spec["chunk"], 2)  # warm-up
+    together = not spec["variant"].endswith("/alone")
+    _generate(model, policy, ids[:, : min(2 * spec["chunk"], spec["tokens"])], spec["chunk"], 2, together)  # warm-up
     base = start_peak()
-    result = _generate(model, policy, ids, spec["chunk"], spec["decode"])
+    result = _generate(model, policy, ids, spec["chunk"], spec["decode"], together)
     result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["schedule"] = describe_schedule(policy)
     result["threads"] = torch.get_num_threads()

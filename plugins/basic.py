@@ -29,6 +29,7 @@ class PositionExtractor(ComponentBase):
     """One feature per token: its absolute position (newer tokens have larger values)."""
 
     name = "position"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     num_features = 1
 
     def extract(self, view: LayerView) -> torch.Tensor:
@@ -47,6 +48,7 @@ class FeatureScorer(ComponentBase):
     """Score = ±one feature; turns any single-feature extractor into a policy."""
 
     name = "feature"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     Config = FeatureScorerConfig
 
     @property

@@ -42,6 +42,7 @@ class AccumulatedAttentionExtractor(ComponentBase):
     """One feature per token: the attention it received summed over all queries so far."""
 
     name = "accumulated_attention"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     requirements = Requirements(accumulated_attention=True)
     num_features = 1
 
@@ -70,6 +71,7 @@ class HeavyRecentSelector(ComponentBase):
     always survive and count within the budget (the window gives way to them first)."""
 
     name = "heavy_recent"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     Config = HeavyRecentConfig
     needs_budget = True
     keeps_highest_scores = False  # the recent window is kept whatever it scores

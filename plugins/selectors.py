@@ -17,15 +17,21 @@ _KEEP = float("inf")
 def _top_k(keyed: torch.Tensor, k: int) -> Selection:
     """The ``k`` highest of ``keyed [batch, heads, tokens]`` per head, ascending. A decoding step
     of a per-step policy drops a token or two of thousands: then the few lowest are found and the
-    rest kept in order, instead of ranking and sorting every kept token (most of a pass's select)."""
+    rest kept in order, instead of ranking and sorting every kept token (most of a pass's select).
+    The ``j``-th kept slot is ``j`` plus the dropped slots at or before it, counted by a search in
+    the sorted dropped ones (no mask over every token)."""
     tokens = keyed.shape[-1]
     drop = tokens - k
     if drop <= 0 or drop >= k:
         return sorted_selection(keyed.topk(min(k, tokens), dim=-1).indices)
-    keep = torch.ones_like(keyed, dtype=torch.bool)
-    keep.scatter_(-1, keyed.topk(drop, dim=-1, largest=False).indices, False)
-    order = torch.arange(tokens, device=keyed.device).expand_as(keep)
-    return Selection(order[keep].view(*keyed.shape[:-1], k))
+    dropped = keyed.topk(drop, dim=-1, largest=False).indices.sort(dim=-1).values
+    # dropped[i] - i: how many kept slots precede the i-th dropped one (non-decreasing)
+    before = (dropped - torch.arange(drop, device=keyed.device)).contiguous()
+    kept = torch.arange(k, device=keyed.device).expand(*keyed.shape[:-1], k)
+    if drop == 1:  # the usual decoding step: one comparison instead of a search
+        return Selection(kept + (kept >= before))
+    kept = kept.contiguous()
+    return Selection(kept + torch.searchsorted(before, kept, right=True))
 
 
 @attrs.frozen
@@ -42,6 +48,7 @@ class TopKSelector(ComponentBase):
     """Keep the highest-scored tokens within the budget; protected tokens always."""
 
     name = "top_k"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     Config = TopKConfig
     needs_budget = True
 

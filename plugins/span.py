@@ -63,6 +63,7 @@ class SpanPooler(ComponentBase):
     (it reads scores and positions only: no requirements)."""
 
     name = "span"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     Config = SpanPoolerConfig
 
     def pool(self, scores: torch.Tensor, view: LayerView) -> torch.Tensor:

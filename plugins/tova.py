@@ -23,6 +23,7 @@ class LastQueryAttentionExtractor(ComponentBase):
     """One feature per token: the attention the newest query gives it, per KV head."""
 
     name = "last_query_attention"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     requirements = Requirements(attention_window=1)
     num_features = 1
 
@@ -43,6 +44,7 @@ class TovaScorer(ComponentBase):
     """Score = newest query's attention, averaged over the layer's heads."""
 
     name = "tova"
+    plans_layers_together = True  # rows alone, no layer index: `Capabilities`
     Config = TovaConfig
     input_width = FeatureWidth.at_least(1)
 

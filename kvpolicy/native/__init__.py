@@ -1,13 +1,14 @@
-"""Optional compiled CPU kernels for the two costs a NAMM adds to a forward pass.
+"""Optional compiled CPU kernels for the costs a policy adds to a forward pass.
 
 On CPU, a policy that reads attention pays for it twice over in plain torch: the in-pass
 statistics (`kvpolicy.integrations.hf.in_pass`) run as a chain of small operations that two
 threads split badly, and NAMM's spectrogram (`kvpolicy_plugins.spectrogram`) spends most of its time
-in a matmul of 16 values per block. The kernels here (``attend.cpp``, ``spectrogram.cpp``) do
-the same computations with one coarse task per thread, the way a fused attention kernel does,
-and the spectrogram with half the multiplications; each is tested equal to its torch
-reference, which stays the path for every case they do not cover (GPU tensors, dtypes other
-than float32, padded new tokens).
+in a matmul of 16 values per block; and a per-step policy (TOVA) moves every layer's kept keys
+and values at every token. The kernels here (``attend.cpp``, ``spectrogram.cpp``, ``keep.cpp``)
+do the same computations with one coarse task per thread, the way a fused attention kernel does,
+the spectrogram with half the multiplications, and the moves of every layer due at a step in
+one call; each is tested equal to its torch reference, which stays the path for every case
+they do not cover (GPU tensors, dtypes other than float32, padded new tokens).
 
 They are compiled once per machine with torch's own extension builder (a C++ compiler and
 ninja are needed; ninja is a dependency) into ``$KVPOLICY_NATIVE_CACHE`` (default
@@ -38,7 +39,7 @@ from kvpolicy.native.cache import load_cached
 ENV = "KVPOLICY_NATIVE"
 CACHE_ENV = "KVPOLICY_NATIVE_CACHE"
 MODES = ("auto", "off", "require")
-SOURCES = ("attend.cpp", "spectrogram.cpp")
+SOURCES = ("attend.cpp", "spectrogram.cpp", "keep.cpp")
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -189,6 +190,18 @@ def attend(
         query, key, value, valid, float(scaling), float(softcap or 0.0), int(rows), bool(columns), int(step)
     )
     return output, (row_out if rows else None), (col_out if columns else None)
+
+
+def keep_in_place(stores: list[torch.Tensor], indices: torch.Tensor) -> None:
+    """Keep ``indices [layers, batch, kv_heads, kept]`` of every layer's two ``stores`` (keys,
+    values: contiguous CPU ``[batch, kv_heads, slots, width]``, any dtype) at the front of each,
+    in place, in one call (`kvpolicy.integrations.hf.layer.EvictingLayer._take_in_place` for many
+    layers). Each row of ``indices`` must be strictly ascending (a `Selection` in stored order);
+    a `ShapeError` otherwise, with nothing written."""
+    try:
+        torch.ops.kvpolicy_native.keep_in_place(stores, indices)
+    except RuntimeError as error:
+        raise ShapeError(str(error).splitlines()[0]) from None
 
 
 def _check_tensors(kernel: str, **tensors: torch.Tensor) -> None:

@@ -111,14 +111,16 @@ def check_selection(
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise InvalidSelectionError(f"{where} returned {indices.dtype} indices; they must be integers")
     valid = selection.valid
-    if valid is None:
-        valid = torch.ones_like(indices, dtype=torch.bool)
-    elif not isinstance(valid, torch.Tensor) or valid.shape != indices.shape or valid.dtype != torch.bool:
+    if valid is not None and (
+        not isinstance(valid, torch.Tensor) or valid.shape != indices.shape or valid.dtype != torch.bool
+    ):
         got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
         raise InvalidSelectionError(f"{where} returned selection.valid {got}; expected bool {tuple(indices.shape)}")
     tokens = view.tokens
-    if selection.valid is None and _plainly_valid(indices, protected, padded, tokens):
-        return
+    if valid is None:
+        if _plainly_valid(indices, protected, padded, tokens):
+            return
+        valid = torch.ones_like(indices, dtype=torch.bool)
     outside = ~((indices >= 0) & (indices < tokens))
     safe = indices.clamp(0, max(tokens - 1, 0)).long()
     counts = torch.zeros(protected.shape, dtype=torch.int32, device=indices.device)
@@ -166,11 +168,13 @@ def _plainly_valid(indices: torch.Tensor, protected: torch.Tensor, padded: torch
     ascending = (indices[..., 1:] > indices[..., :-1]).all()  # strictly: no index twice
     if not bool(ascending & (indices[..., 0] >= 0).all() & (indices[..., -1] < tokens).all()):
         return False
-    kept = torch.zeros(protected.shape, dtype=torch.bool, device=indices.device).scatter_(-1, indices.long(), True)
-    dropped = protected.to(kept.device) & ~kept
+    # indices ascend strictly inside the cache, so every protected token is kept exactly when
+    # as many kept slots are protected as there are protected tokens (a gather of the kept,
+    # cheaper than scattering a mask over every token)
+    needed = protected.to(indices.device)
     if padded is not None:
-        dropped &= ~padded.to(kept.device)
-    return not bool(dropped.any())
+        needed = needed & ~padded.to(indices.device)
+    return bool((needed.gather(-1, indices.long()).sum(-1) == needed.sum(-1)).all())
 
 
 def check_shape(tensor: torch.Tensor, view: LayerView, what: str, extra_dims: int) -> None:

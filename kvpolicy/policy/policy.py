@@ -123,6 +123,15 @@ class Policy(PolicyFiles):
         return capabilities(self.selector).needs_budget and self.schedule.kind != "never"
 
     @property
+    def plans_layers_together(self) -> bool:
+        """Whether the layers due at one step may be planned as one stacked pass: every component
+        declares it (`kvpolicy.types.Capabilities.plans_layers_together`) and no population is
+        loaded (a population's batch rows are its members, which stacking would misalign)."""
+        if not all(capabilities(c).plans_layers_together for c in self.components().values()):
+            return False
+        return not self.num_params or self.get_flat().dim() == 1
+
+    @property
     def config(self) -> PolicyConfig:
         """This policy as data; `Policy.from_config` rebuilds it by name."""
         return PolicyConfig(

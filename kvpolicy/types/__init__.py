@@ -71,6 +71,7 @@ from kvpolicy.types.views import (
     LayerView,
     Selection,
     extend_tokens,
+    stack_views,
 )
 
 __all__ = [
@@ -113,6 +114,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "extend_tokens",
+    "stack_views",
     "layer_indices",
     "non_negative",
     "non_negative_int",

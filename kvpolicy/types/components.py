@@ -273,11 +273,19 @@ class Capabilities:
         ``False`` for one that also keeps tokens by another rule (H2O's recent window).
     requires_aligned_heads:
         Every KV head of a layer must keep the same tokens.
+    plans_layers_together:
+        Given the views of several layers stacked along the batch (the same tokens per head, no
+        padding), it returns for each layer exactly what it returns for that layer's view
+        alone: it reads neither ``view.layer`` nor ``view.num_layers`` and treats batch rows
+        independently. When every component of a policy says so (and no population is loaded),
+        the layers due at one step are planned in one pass instead of one per layer: a per-step
+        policy (TOVA) then pays its fixed per-pass cost once per token, not once per layer.
     """
 
     needs_budget: bool = True
     keeps_highest_scores: bool = True
     requires_aligned_heads: bool = False
+    plans_layers_together: bool = False
 
 
 _DEFAULT_CAPABILITIES = Capabilities()

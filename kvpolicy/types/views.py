@@ -93,6 +93,25 @@ class LayerView:
         return self.positions.shape[2]
 
 
+def stack_views(views: list[LayerView]) -> LayerView:
+    """One view holding the rows of several layers' ``views``, layer after layer along the batch
+    (the same shapes; the first view's layer index, step and queries): what a component that
+    plans layers together (`Capabilities.plans_layers_together`) is given."""
+    first = views[0]
+    stacked = LayerView(
+        layer=first.layer,
+        num_layers=first.num_layers,
+        positions=torch.cat([view.positions for view in views]),
+        seen=first.seen,
+        query_positions=first.query_positions,
+        state={name: torch.cat([view.state[name] for view in views]) for name in first.state},
+    )
+    for name in _VIEW_FIELDS:
+        if name != "query_positions" and getattr(first, name) is not None:
+            setattr(stacked, name, torch.cat([getattr(view, name) for view in views]))
+    return stacked
+
+
 def extend_tokens(tensor: torch.Tensor, tokens: int, fill: float = 0.0) -> torch.Tensor:
     """Pad per-token state ``[batch, kv_heads, tokens', ...]`` with ``fill`` up to ``tokens``."""
     missing = tokens - tensor.shape[2]

@@ -65,6 +65,7 @@ class _Selector:
 def test_declared_capabilities_are_read_from_the_class():
     assert not capabilities(kvpolicy.build("namm-bam").selector).needs_budget
     assert not capabilities(kvpolicy.build("h2o").selector).keeps_highest_scores
-    assert capabilities(kvpolicy.build("snapkv").selector) == Capabilities()
+    assert capabilities(kvpolicy.build("snapkv").selector) == Capabilities(plans_layers_together=True)
+    assert capabilities(kvpolicy.build("snapkv").scorer) == Capabilities()  # declares nothing: the defaults
     assert str(FeatureWidth.exactly(25)) == "exactly 25" and FeatureWidth.at_least(1).admits(30)
     assert ComponentRef("h2o") != ComponentRef("feature")

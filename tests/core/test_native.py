@@ -186,3 +186,27 @@ def test_attaching_a_policy_that_reads_attention_builds_the_kernels_before_any_f
     with kvpolicy.build("l2", budget=8).attach(model) as handle:
         handle.feed(random_ids(1, 12))
     assert asked == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layers, batch, heads, slots, kept", [(3, 1, 3, 50, 40), (2, 2, 2, 9, 9), (1, 1, 1, 5, 0)])
+def test_keep_in_place_equals_gathering_each_store(dtype, layers, batch, heads, slots, kept):
+    generator = torch.Generator().manual_seed(slots + kept)
+    stores = [torch.randn(batch, heads, slots, 8, generator=generator).to(dtype) for _ in range(2 * layers)]
+    indices = torch.stack(
+        [torch.randperm(slots, generator=generator)[:kept].sort().values for _ in range(layers * batch * heads)]
+    ).view(layers, batch, heads, kept)
+    expected = [store.gather(2, indices[i // 2][..., None].expand(-1, -1, -1, 8)) for i, store in enumerate(stores)]
+    native.keep_in_place(stores, indices)
+    for store, front in zip(stores, expected, strict=True):
+        assert torch.equal(store[:, :, :kept], front)
+
+
+@pytest.mark.parametrize("bad", ["unsorted", "repeated", "beyond"])
+def test_keep_in_place_refuses_indices_out_of_stored_order_and_writes_nothing(bad):
+    stores = [torch.randn(1, 2, 10, 4) for _ in range(2)]
+    before = [store.clone() for store in stores]
+    rows = {"unsorted": [[0, 5, 3], [1, 2, 3]], "repeated": [[0, 4, 4], [1, 2, 3]], "beyond": [[0, 4, 10], [1, 2, 3]]}
+    with pytest.raises(ShapeError, match="strictly ascending"):
+        native.keep_in_place(stores, torch.tensor([[rows[bad]]]))
+    assert all(torch.equal(store, old) for store, old in zip(stores, before, strict=True))

@@ -27,6 +27,7 @@ from kvpolicy.errors import ShapeError, UnsupportedModelError, UnsupportedPaddin
 from kvpolicy.integrations.hf.eviction import due_rows, evict_rows
 from kvpolicy.integrations.hf.layer import PADDED_POSITION, EvictingLayer
 from kvpolicy.integrations.hf.layer_view import layer_view
+from kvpolicy.integrations.hf.stacked import evict_together
 from kvpolicy.types import LayerView, Requirements
 
 __all__ = ["PADDED_POSITION", "EvictingCache", "EvictingLayer", "layer_types"]
@@ -88,6 +89,9 @@ class EvictingCache(DynamicCache):
         self.prompt_end: int | None = None
         self.eviction_passes = 0
         self.policy_seconds = 0.0
+        #: plan the layers due at one step as one stacked pass where the policy allows it
+        #: (`kvpolicy.integrations.hf.stacked`); False: one pass per layer (the reference)
+        self.plan_layers_together = True
         #: no eviction pass runs any more and no statistics are recorded: what is cached stays
         #: (`Handle.seal`, the ``context-first`` protocol: the question never reaches a pass)
         self.sealed = False
@@ -206,19 +210,20 @@ class EvictingCache(DynamicCache):
     def eviction_pass(self, policy: Any) -> None:
         """Between forward calls: every managed layer runs extract → score → select (`Policy.plan`)
         for the rows whose schedule is due, and keeps the selected tokens with everything aligned
-        to them. A sealed cache runs none."""
+        to them; layers that can be are planned together, as one stacked pass. A sealed cache
+        runs none."""
         if self.sealed:
             return
         start = time.perf_counter()
-        ran = False
         with torch.no_grad():
-            for index in self.managed:
-                groups = self.due_rows(policy, index)
-                if groups:
-                    evict_rows(self.layers[index], policy, index, self.num_layers, self.requirements, groups)
-                    ran = True
+            due = [(index, groups) for index in self.managed if (groups := self.due_rows(policy, index))]
+            left = due
+            if self.plan_layers_together and len(due) > 1 and policy.plans_layers_together:
+                left = evict_together(self.layers, policy, self.num_layers, self.requirements, due)
+            for index, groups in left:
+                evict_rows(self.layers[index], policy, index, self.num_layers, self.requirements, groups)
         self.policy_seconds += time.perf_counter() - start
-        self.eviction_passes += int(ran)
+        self.eviction_passes += int(bool(due))
 
     def copy(self) -> EvictingCache:
         """A copy that can be filled and evicted without touching this cache: layers and their

@@ -351,6 +351,11 @@ class EvictingLayer(DynamicLayer):
             self.keys = gather_tokens(self.keys, indices)
             self.values = gather_tokens(self.values, indices)
             self.store = None  # the next append allocates one; the old is freed now
+        self.take_aligned(indices, tokens)
+
+    def take_aligned(self, indices: torch.Tensor, tokens: int) -> None:
+        """Keep ``indices`` of everything aligned with the keys (positions, ids, statistics,
+        state, the attention window) once the keys and values themselves have been taken."""
         self.positions = self.positions.gather(2, indices)
         if self.token_ids is not None:
             self.token_ids = self.token_ids.gather(2, indices)
@@ -364,15 +369,23 @@ class EvictingLayer(DynamicLayer):
         if self.window is not None:  # rows not yet due still need their window, re-indexed
             self.window = self.window.take(indices.to(self.window.blocks[0].device), tokens)
 
+    def store_keeping(self, kept: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The store, if ``kept`` tokens may be kept in it in place: it is writable, and it
+        would not hold more than half again the kept tokens in free slots (else a new, smaller
+        store is gathered instead)."""
+        store = self._writable_store()
+        if store is None or store[0].shape[2] - kept > max(2 * SPARE_SLOTS, kept // 2):
+            return None
+        return store
+
     def _take_in_place(self, indices: torch.Tensor) -> bool:
         """Keep the keys and values at ``indices`` in the store itself: the slots before the
         first one that moves stay where they are, only the rest are gathered and written back
         (a per-step pass dropping one token moves the tokens after it, not every kept one).
-        False (nothing done) without a writable store, or when the store would hold more than
-        half again the kept tokens in free slots (a new, smaller store is gathered instead)."""
-        store = self._writable_store()
+        False (nothing done) without a store that may keep them (`store_keeping`)."""
         kept = indices.shape[2]
-        if store is None or store[0].shape[2] - kept > max(2 * SPARE_SLOTS, kept // 2):
+        store = self.store_keeping(kept)
+        if store is None:
             return False
         moved = indices != torch.arange(kept, device=indices.device)
         first = int(torch.where(moved.any(-1), moved.to(torch.int8).argmax(-1), kept).min()) if kept else 0

@@ -86,6 +86,7 @@ CHECKS: dict[TargetKind, tuple[Check, ...]] = {
         Check("deterministic", _extractor_behaviour("deterministic")),
         Check("leaves_inputs_alone", _extractor_behaviour("leaves_inputs_alone")),
         Check("batch_permutation", _extractor_behaviour("batch_permutation")),
+        Check("layers_together", _extractor_behaviour("layers_together")),
     ),
     "scorer": (
         Check("protocol", check_protocol),
@@ -95,6 +96,7 @@ CHECKS: dict[TargetKind, tuple[Check, ...]] = {
         Check("deterministic", _scorer_behaviour("deterministic")),
         Check("leaves_inputs_alone", _scorer_behaviour("leaves_inputs_alone")),
         Check("batch_permutation", _scorer_behaviour("batch_permutation")),
+        Check("layers_together", _scorer_behaviour("layers_together")),
         Check("population_rows", check_population_rows),
     ),
     "pooler": (
@@ -106,6 +108,7 @@ CHECKS: dict[TargetKind, tuple[Check, ...]] = {
         Check("deterministic", _pooler_behaviour("deterministic")),
         Check("leaves_inputs_alone", _pooler_behaviour("leaves_inputs_alone")),
         Check("batch_permutation", _pooler_behaviour("batch_permutation")),
+        Check("layers_together", _pooler_behaviour("layers_together")),
     ),
     "selector": (
         Check("protocol", check_protocol),

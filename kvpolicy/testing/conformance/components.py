@@ -24,6 +24,7 @@ from kvpolicy.types import (
     capabilities,
     config_from_dict,
     config_to_dict,
+    stack_views,
 )
 
 # --------------------------------------------------------------------------- shared component checks
@@ -124,10 +125,36 @@ def _batch_permutation(target: Target, run: Callable[[LayerView], torch.Tensor],
         _fail(target, "batch_permutation", f"reordering the batch rows {order.tolist()} changed the rows' outputs")
 
 
+def another_layer(view: LayerView) -> LayerView:
+    """``view``'s rows reversed, as the next layer's view: what a component that declares
+    `plans_layers_together` may be given stacked after ``view`` (`stack_views`)."""
+    other = index_view(view, torch.arange(view.batch).flip(0))
+    other.layer = (view.layer + 1) % max(view.num_layers, 1)
+    return other
+
+
+def _layers_together(target: Target, run: Callable[[LayerView], torch.Tensor], view: LayerView) -> None:
+    """A component declaring `plans_layers_together` gives each of two stacked layers' views
+    what that view gives alone."""
+    if not capabilities(target.make()).plans_layers_together:
+        return
+    other = another_layer(view)
+    together = run(stack_views([copy_view(view), copy_view(other)]))
+    alone = torch.cat([run(copy_view(view)), run(copy_view(other))])
+    if not _same(together, alone):
+        _fail(
+            target,
+            "layers_together",
+            "declares plans_layers_together, but two layers' views stacked along the batch gave other "
+            "outputs than each view alone (it reads view.layer or mixes batch rows)",
+        )
+
+
 _BEHAVIOURS = {
     "deterministic": _deterministic,
     "leaves_inputs_alone": _leaves_inputs_alone,
     "batch_permutation": _batch_permutation,
+    "layers_together": _layers_together,
 }
 
 

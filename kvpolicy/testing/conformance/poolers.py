@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.conformance.base import Target, _fail, _for_all, _same
-from kvpolicy.testing.conformance.components import _aligned
+from kvpolicy.testing.conformance.components import _aligned, another_layer
 from kvpolicy.testing.views import copy_view, index_view, snapshot
+from kvpolicy.types import capabilities, stack_views
 
 # --------------------------------------------------------------------------- poolers
 
@@ -81,10 +82,26 @@ def _pooler_batch_permutation(target: Target, inputs: kst.PoolerInputs) -> None:
         _fail(target, "batch_permutation", f"reordering the batch rows {order.tolist()} changed the rows' scores")
 
 
+def _pooler_layers_together(target: Target, inputs: kst.PoolerInputs) -> None:
+    """Declared `plans_layers_together`: two layers' views stacked give each its own scores."""
+    if not capabilities(target.make()).plans_layers_together:
+        return
+    view, order = inputs.view, torch.arange(inputs.view.batch).flip(0)
+    other, other_scores = another_layer(view), inputs.scores.index_select(0, order)
+    stacked = stack_views([copy_view(view), copy_view(other)])
+    together = target.make().pool(torch.cat([inputs.scores, other_scores]), stacked)
+    alone = torch.cat(
+        [target.make().pool(inputs.scores.clone(), copy_view(view)), target.make().pool(other_scores, copy_view(other))]
+    )
+    if not _same(together, alone):
+        _fail(target, "layers_together", "declares plans_layers_together, but stacked views gave other scores")
+
+
 _POOLER_BEHAVIOURS = {
     "deterministic": _pooler_deterministic,
     "leaves_inputs_alone": _pooler_leaves_inputs_alone,
     "batch_permutation": _pooler_batch_permutation,
+    "layers_together": _pooler_layers_together,
 }
 
 

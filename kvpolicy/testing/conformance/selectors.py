@@ -8,12 +8,14 @@ import torch
 
 from kvpolicy.testing import strategies as kst
 from kvpolicy.testing.conformance.base import Target, _fail, _for_all
+from kvpolicy.testing.conformance.components import another_layer
 from kvpolicy.testing.invariants import keeps_highest_scores, selection_violations
 from kvpolicy.testing.views import copy_view, index_view
 from kvpolicy.types import (
     Budget,
     LayerView,
     capabilities,
+    stack_views,
 )
 
 # --------------------------------------------------------------------------- selectors
@@ -77,5 +79,35 @@ def check_selector_behaviour(target: Target) -> None:
             permuted = run(index_view(inputs.view, order), order)
             if not (torch.equal(permuted[0], first[0][order]) and torch.equal(permuted[1], first[1][order])):
                 _fail(target, "behaviour", "reordering the batch rows changed which tokens each row keeps")
+        if capabilities(target.make()).plans_layers_together:
+            _check_layers_together(target, inputs)
 
     _for_all(kst.selector_inputs(needs_budget=needs_budget), body)
+
+
+def _check_layers_together(target: Target, inputs: kst.SelectorInputs) -> None:
+    """Declared `plans_layers_together`: two layers' views stacked (the second with its rows
+    reversed) keep for each what it keeps alone."""
+    order = torch.arange(inputs.view.batch).flip(0)
+    other = another_layer(inputs.view)
+    pairs = [(inputs.scores, inputs.protected), (inputs.scores[order], inputs.protected[order])]
+
+    def select(view: LayerView, scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+        selection = target.make().select(scores.clone(), protected.clone(), inputs.budget, view)
+        valid = selection.valid if selection.valid is not None else torch.ones_like(selection.indices, dtype=bool)
+        return torch.where(valid, selection.indices, -1)  # what is kept, padding aside
+
+    together = select(
+        stack_views([copy_view(inputs.view), copy_view(other)]),
+        torch.cat([pairs[0][0], pairs[1][0]]),
+        torch.cat([pairs[0][1], pairs[1][1]]),
+    )
+    alone = [select(copy_view(view), *pair) for view, pair in zip((inputs.view, other), pairs, strict=True)]
+    width = max(part.shape[-1] for part in (together, *alone))
+    widened = [torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1) for part in (together, *alone)]
+    if not torch.equal(widened[0], torch.cat(widened[1:])):
+        _fail(
+            target,
+            "behaviour",
+            "declares plans_layers_together, but two layers' views stacked kept other tokens than each alone",
+        )

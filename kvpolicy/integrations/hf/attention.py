@@ -184,13 +184,15 @@ def _attend_in_pass(
     """The call's output ``[batch, queries, heads, head_dim]``, recording the statistics the
     policy declared in the same pass: queries whose probabilities are needed (all of them for
     received attention, the newest ``attention_window`` for rows) are attended explicitly
-    (`in_pass.attend`); the older ones by the model's own kernel."""
+    (`in_pass.attend`); the older ones by the model's own kernel where its mask fits the cache,
+    else explicitly too (padded slots, heads keeping different tokens: one call for all)."""
     requirements = cache.requirements
     layer = cache.layers[layer_idx]
     new, tokens = query.shape[2], key.shape[2]
     past = tokens - new
     rows = min(new, requirements.attention_window)
-    explicit = new if requirements.accumulated_attention else rows
+    own_kernel = layer.valid is None and mask_fits
+    explicit = new if requirements.accumulated_attention or not own_kernel else rows
     prefix = new - explicit
     query, key, value = query.detach(), key.detach(), value.detach()
     output, row_stats, columns = in_pass.attend(
@@ -203,17 +205,10 @@ def _attend_in_pass(
         rows=rows,
         columns=requirements.accumulated_attention,
     )
-    if prefix:
+    if prefix:  # only where the model's own kernel attends them
         visible = past + prefix
-        if layer.valid is None and mask_fits:
-            mask = None if attention_mask is None else attention_mask[..., :prefix, :visible]
-            older, _ = original(
-                module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], mask, **kwargs
-            )
-        else:
-            older = valid_attention(
-                query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], layer.valid, scaling, softcap
-            )
+        mask = None if attention_mask is None else attention_mask[..., :prefix, :visible]
+        older, _ = original(module, query[:, :, :prefix], key[:, :, :visible], value[:, :, :visible], mask, **kwargs)
         output = torch.cat([older, output], dim=1)
     cache.record_in_pass(layer_idx, row_stats, columns)
     return output

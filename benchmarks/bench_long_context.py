@@ -13,7 +13,7 @@ token's logits computed, then ``--decode`` greedy tokens one at a time (default 
   (e.g. ``tova/slack64``): ``every_step`` with ``N`` tokens of slack, so a decoding step runs a
   pass once every ``N`` steps (not the same tokens kept as per-step TOVA: a choice, not a fix),
   and ``name/alone``: as shipped, but every layer's eviction pass planned on its own (the path
-  before layers were planned together, `kvpolicy.integrations.hf.stacked`; the same tokens kept).
+  before layers were planned together, `kvpolicy.integrations.hf.stacked_pass`; the same tokens kept).
 
 Each (variant, round) runs in a fresh subprocess, so one variant's memory peak cannot hide
 another's: the peak is the resident-set high-water mark (``VmHWM``, reset after the model is

@@ -93,6 +93,10 @@ class LayerView:
         return self.positions.shape[2]
 
 
+#: `LayerView` fields holding a tensor ``[batch, ...]``, which `stack_views` concatenates
+STACKED_FIELDS = ("positions", *(name for name in _VIEW_FIELDS if name != "query_positions"))
+
+
 def stack_views(views: list[LayerView]) -> LayerView:
     """One view holding the rows of several layers' ``views``, layer after layer along the batch
     (the same shapes; the first view's layer index, step and queries): what a component that
@@ -106,8 +110,8 @@ def stack_views(views: list[LayerView]) -> LayerView:
         query_positions=first.query_positions,
         state={name: torch.cat([view.state[name] for view in views]) for name in first.state},
     )
-    for name in _VIEW_FIELDS:
-        if name != "query_positions" and getattr(first, name) is not None:
+    for name in STACKED_FIELDS[1:]:
+        if getattr(first, name) is not None:
             setattr(stacked, name, torch.cat([getattr(view, name) for view in views]))
     return stacked
 

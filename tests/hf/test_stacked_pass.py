@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvpolicy
-import kvpolicy.integrations.hf.stacked as stacked
+import kvpolicy.integrations.hf.stacked_pass as stacked
 from kvpolicy import Budget, ComponentRef, PolicyConfig, Schedule
 from kvpolicy.errors import InvalidSelectionError
 from kvpolicy.integrations.hf.layer import EvictingLayer

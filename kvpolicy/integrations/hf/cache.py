@@ -27,7 +27,7 @@ from kvpolicy.errors import ShapeError, UnsupportedModelError, UnsupportedPaddin
 from kvpolicy.integrations.hf.eviction import due_rows, evict_rows
 from kvpolicy.integrations.hf.layer import PADDED_POSITION, EvictingLayer
 from kvpolicy.integrations.hf.layer_view import layer_view
-from kvpolicy.integrations.hf.stacked import evict_together
+from kvpolicy.integrations.hf.stacked_pass import evict_together
 from kvpolicy.types import LayerView, Requirements
 
 __all__ = ["PADDED_POSITION", "EvictingCache", "EvictingLayer", "layer_types"]
@@ -90,7 +90,7 @@ class EvictingCache(DynamicCache):
         self.eviction_passes = 0
         self.policy_seconds = 0.0
         #: plan the layers due at one step as one stacked pass where the policy allows it
-        #: (`kvpolicy.integrations.hf.stacked`); False: one pass per layer (the reference)
+        #: (`kvpolicy.integrations.hf.stacked_pass`); False: one pass per layer (the reference)
         self.plan_layers_together = True
         #: no eviction pass runs any more and no statistics are recorded: what is cached stays
         #: (`Handle.seal`, the ``context-first`` protocol: the question never reaches a pass)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpolicy import native
 from kvpolicy.errors import ShapeError, UnsupportedModelError
 from kvpolicy.integrations.hf.window import AttentionWindow
 from kvpolicy.types import Selection, extend_tokens
@@ -351,9 +352,9 @@ class EvictingLayer(DynamicLayer):
             self.keys = gather_tokens(self.keys, indices)
             self.values = gather_tokens(self.values, indices)
             self.store = None  # the next append allocates one; the old is freed now
-        self.take_aligned(indices, tokens)
+        self._take_aligned(indices, tokens)
 
-    def take_aligned(self, indices: torch.Tensor, tokens: int) -> None:
+    def _take_aligned(self, indices: torch.Tensor, tokens: int) -> None:
         """Keep ``indices`` of everything aligned with the keys (positions, ids, statistics,
         state, the attention window) once the keys and values themselves have been taken."""
         self.positions = self.positions.gather(2, indices)
@@ -369,7 +370,7 @@ class EvictingLayer(DynamicLayer):
         if self.window is not None:  # rows not yet due still need their window, re-indexed
             self.window = self.window.take(indices.to(self.window.blocks[0].device), tokens)
 
-    def store_keeping(self, kept: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _store_keeping(self, kept: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The store, if ``kept`` tokens may be kept in it in place: it is writable, and it
         would not hold more than half again the kept tokens in free slots (else a new, smaller
         store is gathered instead)."""
@@ -382,9 +383,9 @@ class EvictingLayer(DynamicLayer):
         """Keep the keys and values at ``indices`` in the store itself: the slots before the
         first one that moves stay where they are, only the rest are gathered and written back
         (a per-step pass dropping one token moves the tokens after it, not every kept one).
-        False (nothing done) without a store that may keep them (`store_keeping`)."""
+        False (nothing done) without a store that may keep them (`_store_keeping`)."""
         kept = indices.shape[2]
-        store = self.store_keeping(kept)
+        store = self._store_keeping(kept)
         if store is None:
             return False
         moved = indices != torch.arange(kept, device=indices.device)
@@ -441,3 +442,29 @@ class EvictingLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+def keep_layers_in_place(layers: list[EvictingLayer], indices: torch.Tensor) -> bool:
+    """Keep ``indices [layers, batch, kv_heads, kept]`` of every layer (each layer's pass already
+    counted): keys and values in their stores by one native call (`kvpolicy.native.keep_in_place`:
+    `EvictingLayer._take_in_place` for many layers at once), then what is aligned with them.
+    False (nothing changed) where that does not apply: no native kernels, a layer holding padding
+    or a store that may not keep them in place, indices out of stored order."""
+    kept, tokens = indices.shape[-1], layers[0].tokens
+    if any(layer.valid is not None or layer.tokens != tokens for layer in layers):
+        return False
+    stores = [layer._store_keeping(kept) for layer in layers]
+    if any(store is None or not all(t.is_contiguous() for t in store) for store in stores):
+        return False
+    if not (indices.device.type == "cpu" and native.available()):
+        return False
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= tokens):
+        raise ShapeError(f"selection indices must lie in [0, {tokens}); got {int(indices.min())}..{int(indices.max())}")
+    try:
+        native.keep_in_place([tensor for store in stores for tensor in store], indices)
+    except ShapeError:  # a selection not in stored order: each layer gathers it itself
+        return False
+    for layer, store, layer_indices in zip(layers, stores, indices, strict=True):
+        layer.keys, layer.values = store[0][:, :, :kept], store[1][:, :, :kept]
+        layer._take_aligned(layer_indices, tokens)
+    return True

@@ -7,7 +7,7 @@ of a 102 ms step, and it made per-step TOVA decode no faster than the full cache
 component declares that it treats batch rows alone and ignores the layer's index
 (`kvpolicy.types.Capabilities.plans_layers_together`), the due layers whose views have the same
 shapes are stacked into one `LayerView` and planned once (`Policy.choose`), and their keys and
-values are kept in place by one native call (`kvpolicy.native.keep_in_place`). Each layer ends
+values are kept in place by one native call (`kvpolicy.integrations.hf.layer.keep_layers_in_place`). Each layer ends
 with exactly the tokens, state and counters its own pass would have left (tested equal).
 
 What is not stacked runs layer by layer as before (`kvpolicy.integrations.hf.eviction`): padded
@@ -21,14 +21,11 @@ from typing import Any
 
 import torch
 
-from kvpolicy import native
-from kvpolicy.errors import KVPolicyError, ShapeError
-from kvpolicy.integrations.hf.layer import EvictingLayer
+from kvpolicy.errors import KVPolicyError
+from kvpolicy.integrations.hf.layer import EvictingLayer, keep_layers_in_place
 from kvpolicy.integrations.hf.layer_view import layer_view, store_state
 from kvpolicy.types import LayerView, Requirements, Selection, stack_views
-
-#: the `LayerView` fields whose shapes must agree for views to stack
-_STACKED_FIELDS = ("positions", "keys", "attention", "accumulated_attention", "token_ids", "reconstruction_attention")
+from kvpolicy.types.views import STACKED_FIELDS
 
 
 def evict_together(
@@ -69,7 +66,7 @@ def _stackable(layer: Any, index: int, groups: list[list[int]], policy: Any) -> 
 
 def _signature(view: LayerView) -> tuple:
     """What must agree for views to stack: every tensor's shape and dtype, and the step."""
-    fields = [(name, _described(getattr(view, name))) for name in _STACKED_FIELDS]
+    fields = [(name, _described(getattr(view, name))) for name in STACKED_FIELDS]
     state = [(name, _described(tensor)) for name, tensor in sorted(view.state.items())]
     queries = None if view.query_positions is None else tuple(view.query_positions.tolist())
     return view.seen, queries, tuple(fields), tuple(state)
@@ -96,30 +93,7 @@ def _run_stack(layers: list[EvictingLayer], views: list[LayerView], policy: Any)
         state = {name: tensor[number * batch : (number + 1) * batch] for name, tensor in stacked.state.items()}
         store_state(layer, list(range(batch)), state, given, None)
         layer.finish_pass(policy=policy)
-    if valid is not None or not _keep_in_place(layers, indices):
+    if valid is not None or not keep_layers_in_place(layers, indices):
         for number, layer in enumerate(layers):
             layer.gather(Selection(indices[number], None if valid is None else valid[number]))
-    return True
-
-
-def _keep_in_place(layers: list[EvictingLayer], indices: torch.Tensor) -> bool:
-    """Keep ``indices [layers, batch, kv_heads, kept]`` of every layer: keys and values in their
-    stores by one native call, then what is aligned with them. False (nothing changed) where
-    that does not apply: no native kernels, a store that may not keep them in place, indices
-    out of stored order."""
-    kept, tokens = indices.shape[-1], layers[0].tokens
-    stores = [layer.store_keeping(kept) for layer in layers]
-    if any(store is None or not all(t.is_contiguous() for t in store) for store in stores):
-        return False
-    if not (indices.device.type == "cpu" and native.available()):
-        return False
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= tokens):
-        raise ShapeError(f"selection indices must lie in [0, {tokens}); got {int(indices.min())}..{int(indices.max())}")
-    try:
-        native.keep_in_place([tensor for store in stores for tensor in store], indices)
-    except ShapeError:  # a selection not in stored order: the layers gather it themselves
-        return False
-    for number, (layer, store) in enumerate(zip(layers, stores, strict=True)):
-        layer.keys, layer.values = store[0][:, :, :kept], store[1][:, :, :kept]
-        layer.take_aligned(indices[number], tokens)
     return True

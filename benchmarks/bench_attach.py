@@ -101,7 +101,7 @@ def memory_child(tokens: int, budget: str | None, chunk: int | None) -> None:
 
     model, tokenizer = load_model()
     ids = _prompt(tokenizer, tokens)
-    base = start_peak()  # after loading
+    base = start_peak(model)  # after loading
     policy = kvpolicy.build("full") if budget is None else kvpolicy.build("streaming_llm", budget=budget)
     with policy.attach(model) as handle:
         handle.feed(ids, chunk_size=chunk)

@@ -150,6 +150,7 @@ def _generate(model, policy, ids, chunk: int, decode: int, together: bool = True
         prefill = time.perf_counter() - start
         prefill_passes = totals["pass_s"]
         kv_prefill = handle.report().kv_bytes
+        resident_prefill = status_kib("VmRSS")
         tokens, steps = [], []
         for _ in range(decode):
             token = logits[:, -1].argmax(-1, keepdim=True)
@@ -159,6 +160,7 @@ def _generate(model, policy, ids, chunk: int, decode: int, together: bool = True
             steps.append(time.perf_counter() - start)
         totals["held"] = max(totals["held"], statistics_bytes(handle.cache))
         report = handle.report()
+        resident_end = status_kib("VmRSS")
     return {
         "prefill_s": prefill,
         "decode_ms": statistics.median(steps) * 1000 if steps else None,
@@ -170,7 +172,10 @@ def _generate(model, policy, ids, chunk: int, decode: int, together: bool = True
         "pass_s": totals["pass_s"],
         "pass_prefill_s": prefill_passes,
         "eviction_passes": handle.cache.eviction_passes,
+        "release_memory": getattr(handle.cache, "release_memory", False),
         "generated": tokens,
+        "resident_prefill_kib": resident_prefill,  # VmRSS after the prefill (absolute; run_child subtracts the base)
+        "resident_end_kib": resident_end,
     }
 
 
@@ -187,12 +192,16 @@ def run_child(spec: dict) -> dict:
     policy = build_variant(spec["variant"], spec["budget"], spec["chunk"])
     together = not spec["variant"].endswith("/alone")
     _generate(model, policy, ids[:, : min(2 * spec["chunk"], spec["tokens"])], spec["chunk"], 2, together)  # warm-up
-    base = start_peak()
+    base = start_peak(model)
     result = _generate(model, policy, ids, spec["chunk"], spec["decode"], together)
     result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
+    # what stays resident once the prompt is in (and after decoding): the cache, plus what the allocator kept
+    result["resident_after_prefill_bytes"] = (result.pop("resident_prefill_kib") - base) * 1024
+    result["resident_after_decode_bytes"] = (result.pop("resident_end_kib") - base) * 1024
     result["schedule"] = describe_schedule(policy)
     result["threads"] = torch.get_num_threads()
     result["heap_trimmed"] = True  # the base is measured after start_peak's trim (records before: not)
+    result["weights_resident"] = True  # ... and with every weight page read first (records before: not)
     return result
 
 
@@ -299,6 +308,10 @@ def summarize(records: list[dict], model: str, tokens: int, decode: int) -> list
         for field in ("prefill_s", "decode_ms", "kv_bytes", "statistics_bytes", "peak_above_model_bytes", "pass_s"):
             values = [r[field] for r in runs if r[field] is not None]
             row[field], row[field + "_spread"] = _median_spread(values) if values else (None, None)
+        resident = [
+            r["resident_after_prefill_bytes"] for r in runs if r.get("resident_after_prefill_bytes") is not None
+        ]
+        row["resident_after_prefill_bytes"] = statistics.median(resident) if resident else None
         row["prefill_speedup"] = ratio("prefill_s", True)
         row["decode_speedup"] = ratio("decode_ms", True)
         row["kv_ratio"] = ratio("kv_bytes", False)
@@ -318,8 +331,9 @@ def format_table(rows: list[dict], model: str, tokens: int, decode: int) -> str:
         f"\n{model}, {tokens:,} tokens, {decode} greedy tokens decoded; medians over rounds "
         "(± half the range); speed ratios full ÷ variant, size ratios variant ÷ full\n",
         "| variant | budget | schedule | prefill s | prefill speed-up | decode ms/token | decode speed-up "
-        "| KV MiB | KV × | statistics held MiB | peak above model MiB | peak × | eviction passes s | greedy agreement |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| KV MiB | KV × | statistics held MiB | peak above model MiB | peak × | eviction passes s | greedy agreement "
+        "| resident after prefill MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [
@@ -337,6 +351,7 @@ def format_table(rows: list[dict], model: str, tokens: int, decode: int) -> str:
             _fmt(r["peak_ratio"], ".2f"),
             _fmt(r["pass_s"], ".2f"),
             f"{_fmt(r['agree'], '.0f')}/{decode}",
+            _fmt(None if r["resident_after_prefill_bytes"] is None else r["resident_after_prefill_bytes"] / mib, ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

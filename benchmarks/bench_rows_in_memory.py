@@ -49,7 +49,7 @@ def child(spec: dict) -> dict:
         tail = min(spec["chunk"], tokens)
         logits = handle.feed(ids[:, -tail:], chunk_size=spec["chunk"], last_only=True)
         handle.feed(logits[:, -1].argmax(-1, keepdim=True), last_only=True)
-    base = start_peak()
+    base = start_peak(model)
     with torch.inference_mode(), policy.attach(model) as handle:
         start = time.perf_counter()
         logits = handle.feed(ids, chunk_size=spec["chunk"], attention_mask=mask, last_only=True, align_end=True)

@@ -73,7 +73,7 @@ def kvpress_child(spec: dict) -> dict:
         return {"prefill_s": prefill, "decode_ms": statistics.median(steps) * 1000, "kv_bytes": kv, "generated": tokens}
 
     run(ids[:, :256], 2)  # warm-up
-    base = start_peak()
+    base = start_peak(model)
     result = run(ids, spec["decode"])
     result["peak_above_model_bytes"] = (status_kib("VmHWM") - base) * 1024
     result["versions"] = {

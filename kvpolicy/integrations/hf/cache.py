@@ -27,6 +27,8 @@ from kvpolicy.errors import ShapeError, UnsupportedModelError, UnsupportedPaddin
 from kvpolicy.integrations.hf.eviction import due_rows, evict_rows
 from kvpolicy.integrations.hf.layer import PADDED_POSITION, EvictingLayer
 from kvpolicy.integrations.hf.layer_view import layer_view
+from kvpolicy.integrations.hf.memory import enabled as release_enabled
+from kvpolicy.integrations.hf.memory import release_freed_memory
 from kvpolicy.integrations.hf.stacked_pass import evict_together
 from kvpolicy.types import LayerView, Requirements
 
@@ -92,6 +94,9 @@ class EvictingCache(DynamicCache):
         #: plan the layers due at one step as one stacked pass where the policy allows it
         #: (`kvpolicy.integrations.hf.stacked_pass`); False: one pass per layer (the reference)
         self.plan_layers_together = True
+        #: after each forward call of more than one token (a prefill chunk), hand the memory freed
+        #: since back to the operating system (`kvpolicy.integrations.hf.memory`)
+        self.release_memory = release_enabled()
         #: no eviction pass runs any more and no statistics are recorded: what is cached stays
         #: (`Handle.seal`, the ``context-first`` protocol: the question never reaches a pass)
         self.sealed = False
@@ -210,8 +215,9 @@ class EvictingCache(DynamicCache):
     def eviction_pass(self, policy: Any) -> None:
         """Between forward calls: every managed layer runs extract → score → select (`Policy.plan`)
         for the rows whose schedule is due, and keeps the selected tokens with everything aligned
-        to them; layers that can be are planned together, as one stacked pass. A sealed cache
-        runs none."""
+        to them; layers that can be are planned together, as one stacked pass. After a forward
+        call of more than one token, the memory freed is handed back to the operating system
+        (`release_memory`). A sealed cache runs none."""
         if self.sealed:
             return
         start = time.perf_counter()
@@ -222,6 +228,8 @@ class EvictingCache(DynamicCache):
                 left = evict_together(self.layers, policy, self.num_layers, self.requirements, due)
             for index, groups in left:
                 evict_rows(self.layers[index], policy, index, self.num_layers, self.requirements, groups)
+            if self.release_memory and self._pending_positions is not None and self._pending_positions.shape[1] > 1:
+                release_freed_memory()
         self.policy_seconds += time.perf_counter() - start
         self.eviction_passes += int(bool(due))
 

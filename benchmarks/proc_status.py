@@ -43,7 +43,7 @@ def start_peak(model=None) -> int:
     if model is not None:
         make_resident(model)
     gc.collect()
-    try:
+    try:  # not kvpolicy's release_freed_memory: this file also runs in the kvpress venv, without kvpolicy
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass

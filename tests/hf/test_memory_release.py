@@ -10,7 +10,7 @@ import torch
 
 import kvpolicy
 import kvpolicy.integrations.hf.cache as cache_module
-from kvpolicy.integrations.hf import memory
+from kvpolicy.integrations.hf import memory_release as memory
 from kvpolicy.integrations.hf.tiny import random_ids, tiny_model
 
 glibc = pytest.mark.skipif(

@@ -27,8 +27,8 @@ from kvpolicy.errors import ShapeError, UnsupportedModelError, UnsupportedPaddin
 from kvpolicy.integrations.hf.eviction import due_rows, evict_rows
 from kvpolicy.integrations.hf.layer import PADDED_POSITION, EvictingLayer
 from kvpolicy.integrations.hf.layer_view import layer_view
-from kvpolicy.integrations.hf.memory import enabled as release_enabled
-from kvpolicy.integrations.hf.memory import release_freed_memory
+from kvpolicy.integrations.hf.memory_release import enabled as release_enabled
+from kvpolicy.integrations.hf.memory_release import release_freed_memory
 from kvpolicy.integrations.hf.stacked_pass import evict_together
 from kvpolicy.types import LayerView, Requirements
 
@@ -95,7 +95,7 @@ class EvictingCache(DynamicCache):
         #: (`kvpolicy.integrations.hf.stacked_pass`); False: one pass per layer (the reference)
         self.plan_layers_together = True
         #: after each forward call of more than one token (a prefill chunk), hand the memory freed
-        #: since back to the operating system (`kvpolicy.integrations.hf.memory`)
+        #: since back to the operating system (`kvpolicy.integrations.hf.memory_release`)
         self.release_memory = release_enabled()
         #: no eviction pass runs any more and no statistics are recorded: what is cached stays
         #: (`Handle.seal`, the ``context-first`` protocol: the question never reaches a pass)
